@@ -1,0 +1,338 @@
+"""Model configuration: one frozen dataclass, YAML presets, validation, and the layer pattern.
+
+Field names follow the Hugging Face `Qwen3NextConfig` so that `config.json` maps one to one
+(see `qnext_jax/hf_config.py` for reading and writing that file). Only the fields that change
+the maths live here; training settings live with the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+LINEAR_ATTENTION = "linear_attention"
+FULL_ATTENTION = "full_attention"
+LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote is not valid; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (the only rope scaling Qwen3-Next's model card uses)."""
+
+    rope_type: Literal["yarn"] = "yarn"
+    factor: float = 4.0
+    original_max_position_embeddings: int = 262144
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # Vocabulary and trunk.
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    num_hidden_layers: int = 48
+    # Layer pattern: explicit `layer_types`, or every `full_attention_interval`-th layer is attention.
+    layer_types: tuple[str, ...] | None = None
+    full_attention_interval: int = 4
+    # Gated (full) attention.
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: int = 256
+    partial_rotary_factor: float = 0.25
+    rope_theta: float = 1.0e7
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 262144
+    # Gated DeltaNet (linear attention).
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_conv_kernel_dim: int = 4
+    # Feed-forward: sparse MoE with a shared expert, dense SwiGLU where the pattern asks for it.
+    num_experts: int = 512
+    num_experts_per_tok: int = 10
+    moe_intermediate_size: int = 512
+    shared_expert_intermediate_size: int = 512
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    intermediate_size: int = 5120
+    router_aux_loss_coef: float = 0.001
+    # Multi-token prediction: decoder layers inside the one MTP module, and how many tokens ahead
+    # it is applied (depth > 1 reuses the module recursively, as speculative decoding does).
+    mtp_num_hidden_layers: int = 1
+    mtp_depth: int = 1
+    # Misc architecture.
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = 151643
+    eos_token_id: int | None = 151645
+    pad_token_id: int | None = None
+    # Numerics and implementation choices (not part of the architecture).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    delta_rule_impl: Literal["auto", "reference", "chunked", "pallas"] = "auto"
+    moe_impl: Literal["ragged", "dense"] = "ragged"
+    remat_policy: Literal["none", "full", "dots"] = "none"
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            if self.full_attention_interval < 1:
+                raise ConfigError(
+                    f"full_attention_interval must be >= 1, got {self.full_attention_interval}"
+                )
+            derived = tuple(
+                FULL_ATTENTION if (i + 1) % self.full_attention_interval == 0 else LINEAR_ATTENTION
+                for i in range(self.num_hidden_layers)
+            )
+            object.__setattr__(self, "layer_types", derived)
+        else:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _rope_scaling_from_dict(self.rope_scaling))
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        positive = [
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "linear_num_key_heads", "linear_num_value_heads",
+            "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
+            "max_position_embeddings", "mtp_depth", "decoder_sparse_step",
+        ]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ConfigError(
+                f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                f"linear_num_key_heads ({self.linear_num_key_heads})"
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
+                f"{self.num_hidden_layers}"
+            )
+        for i, kind in enumerate(self.layer_types):
+            if kind not in LAYER_TYPES:
+                raise ConfigError(f"layer_types[{i}] is {kind!r}; expected one of {LAYER_TYPES}")
+        for i in self.mlp_only_layers:
+            if not 0 <= i < self.num_hidden_layers:
+                raise ConfigError(
+                    f"mlp_only_layers holds {i}, outside 0..{self.num_hidden_layers - 1}"
+                )
+        if self.num_experts < 0 or self.mtp_num_hidden_layers < 0:
+            raise ConfigError("num_experts and mtp_num_hidden_layers must be >= 0")
+        if self.num_experts > 0:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                    f"1..num_experts ({self.num_experts})"
+                )
+            if self.moe_intermediate_size < 1:
+                raise ConfigError("moe_intermediate_size must be >= 1 when num_experts > 0")
+        if any(not self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
+            if self.intermediate_size < 1:
+                raise ConfigError("intermediate_size must be >= 1: some layers use a dense MLP")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ConfigError(
+                f"partial_rotary_factor {self.partial_rotary_factor} x head_dim {self.head_dim} "
+                f"gives rotary dim {self.rotary_dim}; it must be even and in 2..head_dim"
+            )
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; Qwen3-Next uses 'silu'")
+        if self.attention_bias:
+            raise ConfigError("attention_bias=True is not supported; Qwen3-Next has no biases")
+        _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
+        _check_choice(self, "param_dtype", ("float32", "bfloat16"))
+        _check_choice(self, "delta_rule_impl", ("auto", "reference", "chunked", "pallas"))
+        _check_choice(self, "moe_impl", ("ragged", "dense"))
+        _check_choice(self, "remat_policy", ("none", "full", "dots"))
+        if self.rope_scaling is not None and self.rope_scaling.rope_type != "yarn":
+            raise ConfigError(
+                f"rope_scaling.rope_type {self.rope_scaling.rope_type!r} is not supported; "
+                "expected 'yarn' (or no rope_scaling)"
+            )
+
+    # ------------------------------------------------------------------ derived structure
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, index: int) -> bool:
+        return (
+            index not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (index + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def layer_pattern(self) -> tuple[tuple[str, bool], ...]:
+        """Per layer: (mixer type, uses MoE)."""
+        return tuple((t, self.is_moe_layer(i)) for i, t in enumerate(self.layer_types))
+
+    @property
+    def block_size(self) -> int:
+        """Smallest period of the layer pattern; layers are stacked and scanned in such blocks.
+
+        The 80B model is 12 repeats of (3 DeltaNet + 1 attention). A pattern with no shorter
+        period is one block of all layers, which is correct, only not compile-time friendly.
+        """
+        pattern = self.layer_pattern
+        n = len(pattern)
+        for period in range(1, n + 1):
+            if n % period == 0 and all(pattern[i] == pattern[i % period] for i in range(n)):
+                return period
+        return n
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_hidden_layers // self.block_size
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    @property
+    def mtp_uses_moe(self) -> bool:
+        # The MTP decoder layer is built with layer index 0, so the sparse-step rule applies to it.
+        return self.num_experts > 0 and 1 % self.decoder_sparse_step == 0
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "model config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown key {key!r} in {where}{_did_you_mean(key, known)}")
+        values = dict(values)
+        for key in ("layer_types", "mlp_only_layers"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        if isinstance(values.get("rope_scaling"), dict):
+            values["rope_scaling"] = _rope_scaling_from_dict(values["rope_scaling"])
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        """Reads the `model:` section of a preset in `configs/` (or a file of only model keys)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping, got {type(data).__name__}")
+        section = data.get("model", data)
+        return cls.from_dict(section, where=f"{path} (model section)")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["layer_types"] = list(self.layer_types)
+        out["mlp_only_layers"] = list(self.mlp_only_layers)
+        return out
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | Path | dict, **overrides) -> "ModelConfig":
+        from qnext_jax.hf_config import config_from_hf
+
+        return config_from_hf(path_or_dict, **overrides)
+
+    def to_hf(self, fmt: Literal["v4", "v5"] = "v5") -> dict[str, Any]:
+        from qnext_jax.hf_config import config_to_hf
+
+        return config_to_hf(self, fmt)
+
+    # ------------------------------------------------------------------ accounting
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts from the tensor shapes (spec section 7)."""
+        h = self.hidden_size
+        dk, dv = self.linear_key_head_dim, self.linear_value_head_dim
+        hk, hv = self.linear_num_key_heads, self.linear_num_value_heads
+        key_dim, value_dim = hk * dk, hv * dv
+        deltanet = (
+            h * (2 * key_dim + 2 * value_dim) + h * 2 * hv
+            + (2 * key_dim + value_dim) * self.linear_conv_kernel_dim
+            + 2 * hv + dv + value_dim * h
+        )
+        q_heads, kv_heads, d = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        attention = h * q_heads * d * 2 + 2 * h * kv_heads * d + q_heads * d * h + 2 * d
+        moe = (
+            h * self.num_experts
+            + self.num_experts * 3 * h * self.moe_intermediate_size
+            + 3 * h * self.shared_expert_intermediate_size + h
+        )
+        dense_mlp = 3 * h * self.intermediate_size
+        trunk = 0
+        for i, kind in enumerate(self.layer_types):
+            trunk += deltanet if kind == LINEAR_ATTENTION else attention
+            trunk += moe if self.is_moe_layer(i) else dense_mlp
+            trunk += 2 * h
+        embed = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        mtp_layer = attention + (moe if self.mtp_uses_moe else dense_mlp) + 2 * h
+        mtp = 0
+        if self.mtp_num_hidden_layers:
+            mtp = 2 * h * h + 3 * h + self.mtp_num_hidden_layers * mtp_layer
+        main = embed + trunk + h + head
+        return {"main": main, "mtp": mtp, "total": main + mtp}
+
+    def active_params_per_token(self) -> int:
+        """Parameters touched per token by the main model (top-k experts, no MTP, no embedding)."""
+        c = self.param_counts()
+        inactive_experts = self.num_experts - self.num_experts_per_tok
+        per_expert = 3 * self.hidden_size * self.moe_intermediate_size
+        return (
+            c["main"] - self.vocab_size * self.hidden_size
+            - self.num_moe_layers * inactive_experts * per_expert
+        )
+
+
+def _check_choice(config: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, name) not in choices:
+        raise ConfigError(f"{name} is {getattr(config, name)!r}; expected one of {choices}")
+
+
+def _did_you_mean(key: str, known) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _rope_scaling_from_dict(values: dict[str, Any]) -> RopeScaling:
+    values = dict(values)
+    if "type" in values and "rope_type" not in values:
+        values["rope_type"] = values.pop("type")
+    values.pop("type", None)
+    known = {f.name for f in dataclasses.fields(RopeScaling)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} in rope_scaling{_did_you_mean(key, known)}")
+    scaling = RopeScaling(**values)
+    if not (scaling.factor and math.isfinite(scaling.factor) and scaling.factor >= 1.0):
+        raise ConfigError(f"rope_scaling.factor must be >= 1, got {scaling.factor}")
+    return scaling

@@ -1,0 +1,69 @@
+"""The Gated DeltaNet mixer (spec section 2): projections, causal short conv + SiLU, gates,
+the gated delta rule, gated RMSNorm and the output projection.
+
+HF fuses q/k/v/z into `in_proj_qkvz` grouped per key head and b/a into `in_proj_ba`; we keep one
+kernel per tensor with explicit head axes, so every weight shards by heads and the conversion
+(qnext_jax/convert) is a pure re-indexing. The short conv is per channel, so splitting its
+weight into q / k / v parts changes nothing numerically.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qnext_jax.config import ModelConfig
+from qnext_jax.model.norms import GatedRMSNorm
+from qnext_jax.model.params import cast, compute_dtype, normal_param, param_dtype
+from qnext_jax.ops import gated_delta_rule
+from qnext_jax.ops.causal_conv import causal_conv_silu
+
+
+class GatedDeltaNet(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        hidden = config.hidden_size
+        key_heads, value_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        key_dim, value_dim = config.linear_key_head_dim, config.linear_value_head_dim
+        width = config.linear_conv_kernel_dim
+        # Axis codes: E embed, K key heads, H value heads, D head dim, W conv width.
+        self.q_proj = normal_param(rngs, (hidden, key_heads, key_dim), config)  # EKD
+        self.k_proj = normal_param(rngs, (hidden, key_heads, key_dim), config)  # EKD
+        self.v_proj = normal_param(rngs, (hidden, value_heads, value_dim), config)  # EHD
+        self.z_proj = normal_param(rngs, (hidden, value_heads, value_dim), config)  # EHD
+        self.b_proj = normal_param(rngs, (hidden, value_heads), config)  # EH
+        self.a_proj = normal_param(rngs, (hidden, value_heads), config)  # EH
+        self.conv_q = normal_param(rngs, (width, key_heads, key_dim), config)  # WKD
+        self.conv_k = normal_param(rngs, (width, key_heads, key_dim), config)  # WKD
+        self.conv_v = normal_param(rngs, (width, value_heads, value_dim), config)  # WHD
+        self.dt_bias = nnx.Param(jnp.ones((value_heads,), param_dtype(config)))
+        decay_rates = jax.random.uniform(rngs.params(), (value_heads,), jnp.float32, 0.01, 16.0)
+        self.A_log = nnx.Param(jnp.log(decay_rates).astype(param_dtype(config)))
+        self.norm = GatedRMSNorm(value_dim, config)
+        self.out_proj = normal_param(rngs, (value_heads, value_dim, hidden), config)  # HDE
+
+    def __call__(self, x, *, segment_ids):
+        """x: [B, T, E] -> [B, T, E]. segment_ids [B, T] (or None) restart conv and state."""
+        config = self.config
+        dtype = compute_dtype(config)
+        x = x.astype(dtype)
+        project = lambda spec, kernel: jnp.einsum(spec, x, cast(kernel, dtype))
+        query = project("BTE,EKD->BTKD", self.q_proj)
+        key = project("BTE,EKD->BTKD", self.k_proj)
+        value = project("BTE,EHD->BTHD", self.v_proj)
+        z = project("BTE,EHD->BTHD", self.z_proj)
+        b = project("BTE,EH->BTH", self.b_proj)
+        a = project("BTE,EH->BTH", self.a_proj)
+
+        query = causal_conv_silu(query, cast(self.conv_q, dtype), segment_ids=segment_ids)
+        key = causal_conv_silu(key, cast(self.conv_k, dtype), segment_ids=segment_ids)
+        value = causal_conv_silu(value, cast(self.conv_v, dtype), segment_ids=segment_ids)
+
+        beta = jax.nn.sigmoid(b)  # in the activation dtype, as HF
+        decay_rate = jnp.exp(self.A_log[...].astype(jnp.float32))
+        g = -decay_rate * jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        out, _ = gated_delta_rule(
+            query, key, value, g, beta,
+            segment_ids=segment_ids, impl=config.delta_rule_impl, normalize_qk=True,
+        )  # [B, T, H, D]
+        out = self.norm(out, z)
+        return jnp.einsum("BTHD,HDE->BTE", out, cast(self.out_proj, dtype))

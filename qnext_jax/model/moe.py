@@ -1,0 +1,119 @@
+"""The sparse MoE block (spec section 5): fp32 softmax router -> top-k -> renormalise, SwiGLU
+experts computed dropless, plus one always-on shared expert behind a sigmoid gate.
+
+Two implementations of the routed experts compute the same thing:
+  "ragged": tokens sorted by expert and multiplied with `jax.lax.ragged_dot` (grouped matmul),
+            work proportional to k, not to the number of experts;
+  "dense":  every expert on every token, combined with the routing weights (the test reference).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qnext_jax.config import ModelConfig
+from qnext_jax.model.mlp import SwiGLU
+from qnext_jax.model.params import cast, compute_dtype, normal_param, param_dtype
+
+
+class RouterStats(NamedTuple):
+    """Per MoE layer, over the valid tokens of the local batch (for load-balancing losses)."""
+
+    expert_counts: jnp.ndarray  # [E] how many top-k selections chose each expert (no gradient)
+    mean_probs: jnp.ndarray  # [E] mean router probability (carries the gradient)
+    num_tokens: jnp.ndarray  # [] number of valid tokens counted
+
+
+def normalized_router_init(key, hidden: int, num_experts: int, std: float) -> jnp.ndarray:
+    """[E_in=hidden, experts] kernel whose every expert column has the same L2 norm.
+
+    Drawn normal(0, std) and rescaled to the expected norm std * sqrt(hidden): at step 0 no
+    expert is favoured by a larger weight vector, only by its direction.
+    """
+    kernel = std * jax.random.normal(key, (hidden, num_experts), jnp.float32)
+    norms = jnp.linalg.norm(kernel, axis=0, keepdims=True)
+    return kernel * (std * jnp.sqrt(hidden) / norms)
+
+
+def route(logits: jnp.ndarray, top_k: int, normalize: bool):
+    """logits [N, E] -> (probs fp32 [N, E], weights fp32 [N, k], experts int32 [N, k])."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return probs, weights, experts
+
+
+class SparseMoE(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        hidden, experts, width = config.hidden_size, config.num_experts, config.moe_intermediate_size
+        router = normalized_router_init(rngs.params(), hidden, experts, config.initializer_range)
+        self.router = nnx.Param(router.astype(param_dtype(config)))  # EX (embed, experts)
+        self.gate_proj = normal_param(rngs, (experts, hidden, width), config)  # XEF
+        self.up_proj = normal_param(rngs, (experts, hidden, width), config)  # XEF
+        self.down_proj = normal_param(rngs, (experts, width, hidden), config)  # XFE
+        self.shared_expert = SwiGLU(config, config.shared_expert_intermediate_size, rngs=rngs)
+        self.shared_expert_gate = normal_param(rngs, (hidden,), config)  # E
+
+    def __call__(self, x, *, valid=None):
+        """x: [B, T, E] -> ([B, T, E], RouterStats). valid: [B, T] mask of counted tokens."""
+        config = self.config
+        dtype = compute_dtype(config)
+        batch, length, hidden = x.shape
+        tokens = x.astype(dtype).reshape(batch * length, hidden)
+        logits = tokens @ cast(self.router, dtype)  # [N, X], activation dtype as HF
+        probs, weights, experts = route(logits, config.num_experts_per_tok, config.norm_topk_prob)
+        weights = weights.astype(dtype)
+        if config.moe_impl == "dense":
+            routed = self.experts_dense(tokens, weights, experts)
+        else:
+            routed = self.experts_ragged(tokens, weights, experts)
+        shared_gate = jax.nn.sigmoid(tokens @ cast(self.shared_expert_gate, dtype))  # [N]
+        out = routed + shared_gate[:, None] * self.shared_expert(tokens)
+        stats = router_stats(probs, experts, config.num_experts, valid)
+        return out.reshape(batch, length, hidden), stats
+
+    def _expert_weights(self, dtype):
+        return cast(self.gate_proj, dtype), cast(self.up_proj, dtype), cast(self.down_proj, dtype)
+
+    def experts_ragged(self, tokens, weights, experts):
+        """Dropless grouped matmul: each (token, choice) row sorted by expert, one ragged_dot
+        per projection, then unsorted and summed with the routing weights."""
+        num_tokens, top_k = experts.shape
+        gate_w, up_w, down_w = self._expert_weights(tokens.dtype)
+        flat_experts = experts.reshape(-1)  # [N*k]
+        order = jnp.argsort(flat_experts, stable=True)
+        rows = tokens[order // top_k]  # [N*k, E] grouped by expert
+        group_sizes = jnp.bincount(flat_experts, length=self.config.num_experts).astype(jnp.int32)
+        gate = jax.lax.ragged_dot(rows, gate_w, group_sizes)  # [N*k, F]
+        up = jax.lax.ragged_dot(rows, up_w, group_sizes)
+        out_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_w, group_sizes)  # [N*k, E]
+        out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+        out = out.reshape(num_tokens, top_k, -1)
+        return jnp.einsum("NKE,NK->NE", out, weights)
+
+    def experts_dense(self, tokens, weights, experts):
+        """Every expert on every token; the reference the ragged path is tested against."""
+        gate_w, up_w, down_w = self._expert_weights(tokens.dtype)
+        gate = jnp.einsum("NE,XEF->NXF", tokens, gate_w)
+        up = jnp.einsum("NE,XEF->NXF", tokens, up_w)
+        out = jnp.einsum("NXF,XFE->NXE", jax.nn.silu(gate) * up, down_w)  # [N, X, E]
+        combine = jnp.zeros(out.shape[:2], weights.dtype)
+        combine = combine.at[jnp.arange(tokens.shape[0])[:, None], experts].add(weights)  # [N, X]
+        return jnp.einsum("NXE,NX->NE", out, combine)
+
+
+def router_stats(probs, experts, num_experts, valid) -> RouterStats:
+    """Counts and mean probabilities over valid tokens; `valid` [B, T] or None (all valid)."""
+    if valid is None:
+        mask = jnp.ones(probs.shape[:1], jnp.float32)
+    else:
+        mask = valid.reshape(-1).astype(jnp.float32)
+    selected = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(axis=1)  # [N, X]
+    counts = jax.lax.stop_gradient(jnp.einsum("NX,N->X", selected, mask))
+    num_tokens = jnp.sum(mask)
+    mean_probs = jnp.einsum("NX,N->X", probs, mask) / jnp.maximum(num_tokens, 1.0)
+    return RouterStats(counts, mean_probs, num_tokens)

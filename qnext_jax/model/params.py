@@ -1,0 +1,31 @@
+"""Parameter creation and dtype helpers shared by the blocks."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qnext_jax.config import ModelConfig
+
+
+def compute_dtype(config: ModelConfig):
+    return jnp.dtype(config.dtype)
+
+
+def param_dtype(config: ModelConfig):
+    return jnp.dtype(config.param_dtype)
+
+
+def normal_param(rngs: nnx.Rngs, shape, config: ModelConfig, std: float | None = None) -> nnx.Param:
+    """normal(0, initializer_range), HF's init for every linear, conv and embedding weight."""
+    std = config.initializer_range if std is None else std
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(param_dtype(config)))
+
+
+def constant_param(value, shape, config: ModelConfig) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, value, param_dtype(config)))
+
+
+def cast(param: nnx.Param, dtype) -> jnp.ndarray:
+    """A weight in the compute dtype (parameters are stored in param_dtype, fp32 by default)."""
+    return param[...].astype(dtype)

@@ -1,0 +1,104 @@
+"""The Qwen3-Next causal LM: embedding, scanned decoder blocks, final norm, head, and MTP.
+
+Layers are stacked in blocks of one pattern period (`config.block_size`; 4 for the 80B model)
+and the block runs under `lax.scan`, so compile time does not grow with depth.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qnext_jax.config import ModelConfig
+from qnext_jax.model.decoder_layer import DecoderBlock
+from qnext_jax.model.moe import RouterStats
+from qnext_jax.model.mtp import MultiTokenPredictor
+from qnext_jax.model.norms import RMSNorm
+from qnext_jax.model.params import cast, compute_dtype, normal_param
+from qnext_jax.model.rope import rotary_tables
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class ModelOutput(NamedTuple):
+    logits: jnp.ndarray  # [B, T, V] fp32
+    hidden: jnp.ndarray  # [B, T, E] after the final norm (what the head reads)
+    router_stats: RouterStats | None  # fields [num_moe_layers, E] in layer order
+    mtp_logits: tuple[jnp.ndarray, ...]  # depth k = 1..D: [B, T, V] fp32, position i predicts i+k+1
+    mtp_router_stats: RouterStats | None  # fields [D * mtp MoE layers, E]
+
+
+class Qwen3NextModel(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = normal_param(rngs, (config.vocab_size, config.hidden_size), config)  # VE
+        block_keys = jax.random.split(rngs.params(), config.num_blocks)
+        # Parameters of every block stacked on a leading `layers` axis of size num_blocks.
+        self.blocks = nnx.vmap(lambda key: DecoderBlock(config, rngs=nnx.Rngs(params=key)))(block_keys)
+        self.final_norm = RMSNorm(config.hidden_size, config)
+        if not config.tie_word_embeddings:
+            self.lm_head = normal_param(rngs, (config.hidden_size, config.vocab_size), config)  # EV
+        self.mtp = MultiTokenPredictor(config, rngs=rngs) if config.mtp_num_hidden_layers else None
+
+    def embed_tokens(self, input_ids):
+        return jnp.take(cast(self.embed, compute_dtype(self.config)), input_ids, axis=0)
+
+    def head(self, hidden):
+        """Shared output head: [B, T, E] -> fp32 logits [B, T, V]."""
+        dtype = compute_dtype(self.config)
+        if self.config.tie_word_embeddings:
+            return jnp.einsum("BTE,VE->BTV", hidden.astype(dtype), cast(self.embed, dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("BTE,EV->BTV", hidden.astype(dtype), cast(self.lm_head, dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, valid=None, mtp=True):
+        """input_ids [B, T] int. positions [B, T] (default 0..T-1), segment_ids [B, T] for
+        packed rows, valid [B, T] marks tokens counted in the router statistics (not padding).
+        `mtp=False` skips the MTP module (evaluation, generation)."""
+        config = self.config
+        batch, length = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        rotary = rotary_tables(positions, config, compute_dtype(config))
+        h = self.embed_tokens(input_ids)
+
+        block_graph, block_state = nnx.split(self.blocks)
+
+        def run_block(h, state):
+            block = nnx.merge(block_graph, state)
+            return block(h, rotary=rotary, segment_ids=segment_ids, valid=valid)
+
+        if config.remat_policy != "none":
+            run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[config.remat_policy])
+        h, stats = jax.lax.scan(run_block, h, block_state)
+        hidden = self.final_norm(h)
+        logits = self.head(hidden)
+        router_stats = None if stats is None else _flatten_layers(stats)
+
+        mtp_logits, mtp_stats = [], []
+        if mtp and self.mtp is not None:
+            previous = hidden
+            for depth in range(1, config.mtp_depth + 1):
+                # Token i+depth, padded past the end (those positions are masked in the loss).
+                ahead_ids = jnp.pad(input_ids[:, depth:], [(0, 0), (0, min(depth, length))])
+                previous, depth_stats = self.mtp(
+                    previous, self.embed_tokens(ahead_ids),
+                    rotary=rotary, segment_ids=segment_ids, valid=valid,
+                )
+                mtp_logits.append(self.head(previous))
+                if depth_stats is not None:
+                    mtp_stats.append(depth_stats)
+        mtp_router_stats = None
+        if mtp_stats:
+            mtp_router_stats = RouterStats(*(jnp.concatenate(p) for p in zip(*mtp_stats)))
+        return ModelOutput(logits, hidden, router_stats, tuple(mtp_logits), mtp_router_stats)
+
+
+def _flatten_layers(stats: RouterStats) -> RouterStats:
+    """[blocks, MoE layers per block, ...] -> [blocks * per block, ...], i.e. layer order."""
+    return RouterStats(*(x.reshape(-1, *x.shape[2:]) for x in stats))
