@@ -1,0 +1,189 @@
+"""The whole model against transformers' Qwen3NextForCausalLM (CPU, fp32), through the
+converter in both directions."""
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from hf_reference import SHAPES, hf_logits, random_hf_model, relative_error
+from qnext_jax.convert import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+
+SEQ_LEN = 80  # > 64: the chunked delta rule crosses a chunk boundary
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def hf_checkpoint(request, tmp_path_factory):
+    model = random_hf_model(request.param, seed=3)
+    directory = tmp_path_factory.mktemp(f"hf_{request.param}")
+    model.save_pretrained(directory)
+    input_ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, SEQ_LEN))
+    return model, directory, input_ids, hf_logits(model, input_ids)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_logits_match_transformers(hf_checkpoint, impl):
+    _, directory, input_ids, expected = hf_checkpoint
+    model = load_hf_checkpoint(directory, delta_rule_impl=impl)
+    assert model.config.mtp_num_hidden_layers == 0  # transformers writes no mtp.* tensors
+    logits = jax.jit(lambda ids: model(ids).logits)(jnp.asarray(input_ids))
+    assert relative_error(logits, expected) <= 1e-4
+    # Far from trivially small: the stressed weights give logits of order one.
+    assert np.abs(expected).max() > 0.5
+
+
+def test_router_statistics_give_transformers_aux_loss(hf_checkpoint):
+    """HF's pooled load-balancing loss, recomputed from our per-layer router statistics."""
+    hf_model, directory, input_ids, _ = hf_checkpoint
+    with torch.no_grad():
+        aux = float(hf_model(torch.as_tensor(input_ids)).aux_loss)
+    model = load_hf_checkpoint(directory)
+    stats = model(jnp.asarray(input_ids)).router_stats
+    tokens = stats.num_tokens.sum()
+    fraction = stats.expert_counts.sum(0) / tokens  # pooled over layers, not normalised by k
+    probability = (stats.mean_probs * stats.num_tokens[:, None]).sum(0) / tokens
+    ours = float(model.config.num_experts * jnp.sum(fraction * probability))
+    assert ours == pytest.approx(aux, rel=1e-5)
+
+
+def test_export_loads_in_transformers_with_same_logits(hf_checkpoint, tmp_path):
+    hf_model, directory, input_ids, expected = hf_checkpoint
+    model = load_hf_checkpoint(directory)
+    save_hf_checkpoint(model, tmp_path / "export", max_shard_bytes=200_000)  # several shards
+    assert len(list((tmp_path / "export").glob("*.safetensors"))) > 1
+    from transformers import Qwen3NextForCausalLM
+
+    reloaded = Qwen3NextForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    reloaded.set_experts_implementation("eager")
+    reloaded.set_attn_implementation("eager")
+    assert reloaded.config.layer_types == hf_model.config.layer_types
+    np.testing.assert_array_equal(hf_logits(reloaded, input_ids), expected)
+
+
+def test_round_trip_is_bit_exact(hf_checkpoint, tmp_path):
+    _, directory, _, _ = hf_checkpoint
+    original = load_file(str(directory / "model.safetensors"))
+    model = load_hf_checkpoint(directory)
+    save_hf_checkpoint(model, tmp_path / "export")
+    exported = {}
+    for path in (tmp_path / "export").glob("*.safetensors"):
+        exported.update(load_file(str(path)))
+    assert set(exported) == set(original)
+    for name, array in original.items():
+        assert exported[name].dtype == array.dtype, name
+        np.testing.assert_array_equal(exported[name], array, err_msg=name)
+
+
+def test_mtp_weights_round_trip(tmp_path):
+    """A checkpoint with mtp.* tensors (as the released one) loads them into the MTP module
+    and writes them back unchanged."""
+    from qnext_jax.config import ModelConfig
+    from qnext_jax.model import Qwen3NextModel
+
+    config = ModelConfig.from_yaml("configs/tiny.yaml").replace(mtp_num_hidden_layers=2, mtp_depth=2)
+    model = Qwen3NextModel(config, rngs=nnx.Rngs(0))
+    save_hf_checkpoint(model, tmp_path / "a")
+    loaded = load_hf_checkpoint(tmp_path / "a", mtp_depth=2)
+    assert loaded.config.mtp_num_hidden_layers == 2
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (1, 20)))
+    out_a, out_b = model(ids), loaded(ids)
+    assert len(out_b.mtp_logits) == 2
+    for a, b in zip(out_a.mtp_logits, out_b.mtp_logits):
+        np.testing.assert_array_equal(a, b)
+    save_hf_checkpoint(loaded, tmp_path / "b")
+    first = load_file(str(next((tmp_path / "a").glob("*.safetensors"))))
+    second = load_file(str(next((tmp_path / "b").glob("*.safetensors"))))
+    assert any(name.startswith("mtp.layers.1.mlp.experts.") for name in first)
+    assert set(first) == set(second)
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_fused_expert_layout_loads_the_same(hf_checkpoint, tmp_path):
+    """transformers>=5's in-memory fused experts, stored fused on disk, load identically."""
+    hf_model, directory, input_ids, expected = hf_checkpoint
+    tensors = load_file(str(directory / "model.safetensors"))
+    config = hf_model.config
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}.mlp.experts."
+        if f"{prefix}0.gate_proj.weight" not in tensors:
+            continue
+        per_expert = lambda proj: [tensors.pop(f"{prefix}{e}.{proj}.weight") for e in range(config.num_experts)]
+        gate, up, down = per_expert("gate_proj"), per_expert("up_proj"), per_expert("down_proj")
+        tensors[f"{prefix}gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
+        tensors[f"{prefix}down_proj"] = np.stack(down)
+    (tmp_path / "fused").mkdir()
+    save_file(tensors, str(tmp_path / "fused" / "model.safetensors"))
+    (tmp_path / "fused" / "config.json").write_text((directory / "config.json").read_text())
+    model = load_hf_checkpoint(tmp_path / "fused")
+    assert relative_error(model(jnp.asarray(input_ids)).logits, expected) <= 1e-4
+
+
+def _copy_with(directory, target, edit):
+    tensors = load_file(str(directory / "model.safetensors"))
+    edit(tensors)
+    target.mkdir()
+    save_file(tensors, str(target / "model.safetensors"))
+    (target / "config.json").write_text((directory / "config.json").read_text())
+    return target
+
+
+def test_missing_tensor_is_named(hf_checkpoint, tmp_path):
+    _, directory, _, _ = hf_checkpoint
+    name = "model.layers.2.linear_attn.in_proj_ba.weight"
+    broken = _copy_with(directory, tmp_path / "missing", lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor.*in_proj_ba"):
+        load_hf_checkpoint(broken)
+
+
+def test_wrong_shape_is_named_with_both_shapes(hf_checkpoint, tmp_path):
+    _, directory, _, _ = hf_checkpoint
+    name = "model.layers.3.self_attn.k_proj.weight"
+
+    def edit(tensors):
+        tensors[name] = tensors[name][:-1]
+
+    broken = _copy_with(directory, tmp_path / "shape", edit)
+    with pytest.raises(CheckpointError, match=r"k_proj.weight has shape \[\d+, \d+\]; the config expects"):
+        load_hf_checkpoint(broken)
+
+
+def test_unexpected_tensor_and_missing_directory(hf_checkpoint, tmp_path):
+    _, directory, _, _ = hf_checkpoint
+    broken = _copy_with(directory, tmp_path / "extra",
+                        lambda t: t.__setitem__("model.layers.0.extra.weight", np.zeros(3, np.float32)))
+    with pytest.raises(CheckpointError, match="does not describe.*extra.weight"):
+        load_hf_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_hf_checkpoint(tmp_path / "nowhere")
+
+
+def test_bfloat16_checkpoint_dtypes_come_from_headers(hf_checkpoint, tmp_path):
+    """A bf16 checkpoint (as released) loads into fp32 parameters, A_log and dt_bias in fp32,
+    and into bf16 parameters on request."""
+    hf_model, directory, input_ids, _ = hf_checkpoint
+    copy.deepcopy(hf_model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    from transformers import Qwen3NextForCausalLM
+
+    # The bf16-rounded weights run in fp32 by transformers (a fresh load: a model cast to bf16
+    # and back would also carry bf16-rounded rotary frequencies).
+    rounded = Qwen3NextForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    rounded.set_experts_implementation("eager")
+    rounded.set_attn_implementation("eager")
+    expected = hf_logits(rounded, input_ids)
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    model = load_hf_checkpoint(tmp_path / "bf16")
+    assert model.embed[...].dtype == jnp.float32
+    assert relative_error(model(jnp.asarray(input_ids)).logits, expected) <= 1e-4
+    model16 = load_hf_checkpoint(tmp_path / "bf16", dtype=jnp.bfloat16)
+    assert model16.embed[...].dtype == jnp.bfloat16
+    state = nnx.state(model16, nnx.Param)
+    a_log = [v for p, v in nnx.to_flat_state(state) if p[-1] == "A_log"]
+    assert a_log and all(v.value.dtype == jnp.float32 for v in a_log)
