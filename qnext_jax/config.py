@@ -45,7 +45,8 @@ class ModelConfig:
     vocab_size: int = 151936
     hidden_size: int = 2048
     num_hidden_layers: int = 48
-    # Layer pattern: explicit `layer_types`, or every `full_attention_interval`-th layer is attention.
+    # Layer pattern: explicit `layer_types`, or every `full_attention_interval`-th layer is
+    # attention (left None then, so that changing num_hidden_layers re-derives it).
     layer_types: tuple[str, ...] | None = None
     full_attention_interval: int = 4
     # Gated (full) attention.
@@ -93,17 +94,7 @@ class ModelConfig:
     remat_policy: Literal["none", "full", "dots"] = "none"
 
     def __post_init__(self):
-        if self.layer_types is None:
-            if self.full_attention_interval < 1:
-                raise ConfigError(
-                    f"full_attention_interval must be >= 1, got {self.full_attention_interval}"
-                )
-            derived = tuple(
-                FULL_ATTENTION if (i + 1) % self.full_attention_interval == 0 else LINEAR_ATTENTION
-                for i in range(self.num_hidden_layers)
-            )
-            object.__setattr__(self, "layer_types", derived)
-        else:
+        if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
         if isinstance(self.rope_scaling, dict):
@@ -131,12 +122,16 @@ class ModelConfig:
                 f"linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
                 f"linear_num_key_heads ({self.linear_num_key_heads})"
             )
-        if len(self.layer_types) != self.num_hidden_layers:
+        if self.full_attention_interval < 1:
+            raise ConfigError(
+                f"full_attention_interval must be >= 1, got {self.full_attention_interval}"
+            )
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
                 f"{self.num_hidden_layers}"
             )
-        for i, kind in enumerate(self.layer_types):
+        for i, kind in enumerate(self.mixer_types):
             if kind not in LAYER_TYPES:
                 raise ConfigError(f"layer_types[{i}] is {kind!r}; expected one of {LAYER_TYPES}")
         for i in self.mlp_only_layers:
@@ -179,6 +174,17 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ derived structure
     @property
+    def mixer_types(self) -> tuple[str, ...]:
+        """Per layer: explicit `layer_types`, else every `full_attention_interval`-th layer is
+        full attention (HF's rule; the 80B model: layers 3, 7, ..., 47)."""
+        if self.layer_types is not None:
+            return self.layer_types
+        return tuple(
+            FULL_ATTENTION if (i + 1) % self.full_attention_interval == 0 else LINEAR_ATTENTION
+            for i in range(self.num_hidden_layers)
+        )
+
+    @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
@@ -192,7 +198,7 @@ class ModelConfig:
     @property
     def layer_pattern(self) -> tuple[tuple[str, bool], ...]:
         """Per layer: (mixer type, uses MoE)."""
-        return tuple((t, self.is_moe_layer(i)) for i, t in enumerate(self.layer_types))
+        return tuple((t, self.is_moe_layer(i)) for i, t in enumerate(self.mixer_types))
 
     @property
     def block_size(self) -> int:
@@ -250,7 +256,7 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["layer_types"] = list(self.layer_types)
+        out["layer_types"] = None if self.layer_types is None else list(self.layer_types)
         out["mlp_only_layers"] = list(self.mlp_only_layers)
         return out
 
@@ -289,7 +295,7 @@ class ModelConfig:
         )
         dense_mlp = 3 * h * self.intermediate_size
         trunk = 0
-        for i, kind in enumerate(self.layer_types):
+        for i, kind in enumerate(self.mixer_types):
             trunk += deltanet if kind == LINEAR_ATTENTION else attention
             trunk += moe if self.is_moe_layer(i) else dense_mlp
             trunk += 2 * h

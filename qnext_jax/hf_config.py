@@ -85,6 +85,9 @@ def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
 
     if hf.get("layer_types") is not None:
         values["layer_types"] = tuple(hf["layer_types"])
+        derived = ModelConfig.from_dict({**values, "layer_types": None}).mixer_types
+        if values["layer_types"] == derived:
+            values["layer_types"] = None  # v5 writes them out; keep the interval as the source
     values["mlp_only_layers"] = tuple(hf.get("mlp_only_layers") or ())
     # Qwen3-Next's config.json names no MTP field although the checkpoint holds one MTP layer
     # (vLLM reads num_nextn_predict_layers with default 1; Qwen3.5 writes mtp_num_hidden_layers).
@@ -112,7 +115,7 @@ def config_to_hf(config: ModelConfig, fmt: Literal["v4", "v5"] = "v5") -> dict[s
     if config.rope_scaling is not None:
         scaling = {k: v for k, v in dataclasses.asdict(config.rope_scaling).items() if v is not None}
     if fmt == "v5":
-        out["layer_types"] = list(config.layer_types)
+        out["layer_types"] = list(config.mixer_types)
         rope = {
             "rope_type": "default",
             "rope_theta": config.rope_theta,
@@ -126,7 +129,6 @@ def config_to_hf(config: ModelConfig, fmt: Literal["v4", "v5"] = "v5") -> dict[s
         out["partial_rotary_factor"] = config.partial_rotary_factor
         out["rope_scaling"] = scaling
         # v4 files carry no layer_types; write them only when the interval cannot express them.
-        derived = ModelConfig.replace(config, layer_types=None).layer_types
-        if derived != config.layer_types:
+        if config.layer_types is not None:
             out["layer_types"] = list(config.layer_types)
     return out
