@@ -182,8 +182,21 @@ def test_bfloat16_checkpoint_dtypes_come_from_headers(hf_checkpoint, tmp_path):
     model = load_hf_checkpoint(tmp_path / "bf16")
     assert model.embed[...].dtype == jnp.float32
     assert relative_error(model(jnp.asarray(input_ids)).logits, expected) <= 1e-4
-    model16 = load_hf_checkpoint(tmp_path / "bf16", dtype=jnp.bfloat16)
-    assert model16.embed[...].dtype == jnp.bfloat16
+    model16 = load_hf_checkpoint(tmp_path / "bf16", dtype=jnp.bfloat16, compute_dtype="bfloat16")
+    assert model16.embed[...].dtype == jnp.bfloat16 and model16.config.dtype == "bfloat16"
+    assert model16(jnp.asarray(input_ids)).hidden.dtype == jnp.bfloat16
     state = nnx.state(model16, nnx.Param)
     a_log = [v for p, v in nnx.to_flat_state(state) if p[-1] == "A_log"]
     assert a_log and all(v.value.dtype == jnp.float32 for v in a_log)
+
+
+def test_command_line_check_and_reshard(hf_checkpoint, tmp_path, capsys):
+    from qnext_jax.convert.__main__ import main
+
+    _, directory, _, _ = hf_checkpoint
+    assert main(["check", str(directory)]) == 0
+    assert "tensors match the config" in capsys.readouterr().out
+    assert main(["reshard", str(directory), str(tmp_path / "out")]) == 0
+    assert main(["check", str(tmp_path / "out")]) == 0
+    assert main(["check", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -78,16 +78,20 @@ def load_hf_checkpoint(
     directory,
     dtype=jnp.float32,
     *,
+    compute_dtype: str | None = None,
     shardings: Callable[[tuple], jax.sharding.Sharding | None] | None = None,
     **config_overrides,
 ) -> Qwen3NextModel:
     """Loads a HF Qwen3-Next directory (config.json + safetensors, single file or indexed).
 
-    dtype: parameter dtype (float32 or bfloat16). shardings: optional function from a parameter
+    dtype: parameter dtype (float32 or bfloat16). compute_dtype: activation dtype (the
+    config's `dtype`; default float32). shardings: optional function from a parameter
     path to the sharding its array is placed on. config_overrides: ModelConfig fields that are
-    not in config.json (e.g. dtype="bfloat16" for the compute dtype, delta_rule_impl=...).
+    not in config.json (e.g. delta_rule_impl="reference", mtp_depth=2).
     """
     files = SafetensorsDir(directory)
+    if compute_dtype is not None:
+        config_overrides["dtype"] = jnp.dtype(compute_dtype).name
     config = read_hf_config(directory, files, dtype, **config_overrides)
     rules = match_rules(config, files)
     graphdef, abstract_state = nnx.split(abstract_model(config))

@@ -1,0 +1,57 @@
+"""Command line: convert between Hugging Face Qwen3-Next checkpoints and qnext_jax.
+
+    python -m qnext_jax.convert check  HF_DIR            # validate every tensor name and shape
+    python -m qnext_jax.convert reshard HF_DIR OUT_DIR   # load into qnext_jax, write back (HF layout)
+"""
+
+import argparse
+import sys
+
+import jax.numpy as jnp
+
+from qnext_jax.config import ConfigError
+from qnext_jax.convert.load import match_rules, read_hf_config
+from qnext_jax.convert.safetensors_dir import CheckpointError, SafetensorsDir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m qnext_jax.convert",
+        description="Hugging Face Qwen3-Next safetensors <-> qnext_jax parameters (streaming).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate a HF directory against its config.json "
+                                "(every tensor present, no extra ones, shapes right); loads nothing")
+    check.add_argument("hf_dir")
+    reshard = commands.add_parser("reshard", help="load a HF directory into the qnext_jax model and "
+                                  "write it back as a HF directory (per-expert layout, new shards)")
+    reshard.add_argument("hf_dir")
+    reshard.add_argument("out_dir")
+    reshard.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                         help="parameter dtype of the loaded model and of the written tensors")
+    reshard.add_argument("--max-shard-gb", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    try:
+        files = SafetensorsDir(args.hf_dir)
+        if args.command == "check":
+            config = read_hf_config(args.hf_dir, files, jnp.float32)
+            rules = match_rules(config, files)
+            counts = config.param_counts()
+            print(f"{args.hf_dir}: {len(rules)} tensors match the config; "
+                  f"{counts['main'] / 1e9:.2f}B parameters + {counts['mtp'] / 1e9:.2f}B MTP")
+            return 0
+        from qnext_jax.convert.load import load_hf_checkpoint
+        from qnext_jax.convert.save import save_hf_checkpoint
+
+        model = load_hf_checkpoint(args.hf_dir, dtype=getattr(jnp, args.dtype))
+        save_hf_checkpoint(model, args.out_dir, dtype=args.dtype,
+                           max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+        print(f"wrote {args.out_dir}")
+        return 0
+    except (CheckpointError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
