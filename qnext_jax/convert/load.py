@@ -33,14 +33,14 @@ def abstract_model(config: ModelConfig) -> Qwen3NextModel:
     return nnx.eval_shape(lambda: Qwen3NextModel(config, rngs=nnx.Rngs(0)))
 
 
-def read_hf_config(directory, files: SafetensorsDir, dtype, **overrides) -> ModelConfig:
+def read_hf_config(directory, files: SafetensorsDir, param_dtype, **overrides) -> ModelConfig:
     config = ModelConfig.from_hf(Path(directory), **overrides)
     has_mtp = any(name.startswith("mtp.") for name in files.names())
     if config.mtp_num_hidden_layers and not has_mtp and "mtp_num_hidden_layers" not in overrides:
         # transformers drops mtp.* on save; such a checkpoint simply has no MTP module.
         log.info("%s holds no mtp.* tensors: loading without the MTP module", directory)
         config = config.replace(mtp_num_hidden_layers=0)
-    param_dtype = jnp.dtype(dtype).name
+    param_dtype = jnp.dtype(param_dtype).name
     if param_dtype not in ("float32", "bfloat16"):
         raise CheckpointError(f"dtype must be float32 or bfloat16, got {param_dtype}")
     return config.replace(param_dtype=param_dtype)
