@@ -195,7 +195,7 @@ def test_command_line_check_and_reshard(hf_checkpoint, tmp_path, capsys):
 
     _, directory, _, _ = hf_checkpoint
     assert main(["check", str(directory)]) == 0
-    assert "tensors match the config" in capsys.readouterr().out
+    assert "tensors (F32) match the config" in capsys.readouterr().out
     assert main(["reshard", str(directory), str(tmp_path / "out")]) == 0
     assert main(["check", str(tmp_path / "out")]) == 0
     assert main(["check", str(tmp_path / "nowhere")]) == 2

@@ -37,7 +37,8 @@ def main(argv=None) -> int:
             config = read_hf_config(args.hf_dir, files, jnp.float32)
             rules = match_rules(config, files)
             counts = config.param_counts()
-            print(f"{args.hf_dir}: {len(rules)} tensors match the config; "
+            dtypes = sorted({files.dtype(rule.hf_name) for rule in rules})
+            print(f"{args.hf_dir}: {len(rules)} tensors ({', '.join(dtypes)}) match the config; "
                   f"{counts['main'] / 1e9:.2f}B parameters + {counts['mtp'] / 1e9:.2f}B MTP")
             return 0
         from qnext_jax.convert.load import load_hf_checkpoint
