@@ -151,3 +151,14 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="impl"):
         gated_delta_rule(q, q, jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 8, 2)), jnp.zeros((1, 8, 2)),
                          impl="fast")
+
+
+def test_unit_lower_inverse_matches_numpy():
+    from qnext_jax.ops.delta_rule_chunked import unit_lower_inverse
+
+    rng = np.random.default_rng(5)
+    lower = np.tril(rng.uniform(-1, 1, size=(3, 64, 64)), -1)
+    inverse = np.asarray(unit_lower_inverse(jnp.asarray(lower, jnp.float32)), np.float64)
+    expected = np.linalg.inv(np.eye(64) + lower)
+    np.testing.assert_allclose(inverse, expected, atol=1e-5 * np.abs(expected).max())
+    assert np.all(np.triu(inverse, 1) == 0)

@@ -19,6 +19,7 @@ Q K^T are computed once per key head and shared by its r value heads.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -27,12 +28,42 @@ def _einsum(spec, *operands):
     return jnp.einsum(spec, *operands, precision=HIGHEST)
 
 
+def unit_lower_inverse(lower: jnp.ndarray) -> jnp.ndarray:
+    """(I + L)^-1 for strictly lower-triangular L [..., C, C], C a power of two.
+
+    Recursive block inversion, inv([[A, 0], [X, D]]) = [[A^-1, 0], [-D^-1 X A^-1, D^-1]],
+    from 1x1 blocks up in log2(C) levels of batched matmuls. Only matmuls: no LAPACK call
+    (on XLA:CPU, triangular_solve goes to OpenBLAS' trsm, which we saw deadlock inside XLA's
+    thread pool), and the same shape of work a GPU/TPU wants.
+    """
+    size = lower.shape[-1]
+    batch_shape = lower.shape[:-2]
+    inverse = jnp.ones(batch_shape + (size, 1, 1), lower.dtype)  # the 1x1 diagonal blocks
+    block = 1
+    while block < size:
+        pairs = size // (2 * block)
+        inverse = inverse.reshape(batch_shape + (pairs, 2, block, block))
+        upper_inv, lower_inv = inverse[..., 0, :, :], inverse[..., 1, :, :]
+        starts = np.arange(pairs) * 2 * block
+        rows = (starts[:, None] + block + np.arange(block))[:, :, None]  # [pairs, block, 1]
+        cols = (starts[:, None] + np.arange(block))[:, None, :]  # [pairs, 1, block]
+        coupling = lower[..., rows, cols]  # [..., pairs, block, block]
+        off = -_einsum("...ij,...jk,...kl->...il", lower_inv, coupling, upper_inv)
+        top = jnp.concatenate([upper_inv, jnp.zeros_like(upper_inv)], axis=-1)
+        bottom = jnp.concatenate([off, lower_inv], axis=-1)
+        inverse = jnp.concatenate([top, bottom], axis=-2)  # [..., pairs, 2 block, 2 block]
+        block *= 2
+    return inverse.reshape(batch_shape + (size, size))
+
+
 def delta_rule_chunked(q, k, v, g, beta, docs, initial_state, *, chunk_size=64):
     """All inputs fp32; docs [B, T] monotone document indices. Returns (o, final_state)."""
     batch, length, key_heads, key_dim = q.shape
     value_heads, value_dim = v.shape[2:]
     group = value_heads // key_heads
     size = chunk_size
+    if size & (size - 1):
+        raise ValueError(f"chunk_size must be a power of two, got {size}")
     num_chunks = -(-length // size)
     pad = num_chunks * size - length
     if pad:
@@ -65,16 +96,11 @@ def delta_rule_chunked(q, k, v, g, beta, docs, initial_state, *, chunk_size=64):
 
     key_gram = _einsum("bhncd,bhnsd->bhncs", k, k)[:, :, None]  # [B, Hk, 1, N, C, C]
     lower = jnp.where(strictly_causal, beta[..., None] * key_gram * decay, 0.0)
-    system = lower + jnp.eye(size, dtype=lower.dtype)  # I + L, unit lower-triangular
+    transform = unit_lower_inverse(lower)  # T = (I + L)^-1, [B, Hk, r, N, C, C]
 
-    def solve(rhs):
-        return jax.lax.linalg.triangular_solve(
-            system, rhs, left_side=True, lower=True, unit_diagonal=True
-        )
-
-    values_pre = solve(beta[..., None] * v)  # U_pre [B, Hk, r, N, C, dv]
+    values_pre = _einsum("...cs,...sv->...cv", transform, beta[..., None] * v)  # U_pre
     keys_decayed = (beta * start_decay)[..., None] * k[:, :, None]
-    state_weights = solve(keys_decayed)  # W [B, Hk, r, N, C, dk]
+    state_weights = _einsum("...cs,...sk->...ck", transform, keys_decayed)  # W [.., C, dk]
 
     scores = _einsum("bhncd,bhnsd->bhncs", q, k)[:, :, None] * decay  # [B, Hk, r, N, C, C]
     queries_decayed = start_decay[..., None] * q[:, :, None]  # [B, Hk, r, N, C, dk]
