@@ -94,8 +94,8 @@ def main():
     flops = chunked_flops(b, t, h, d, d)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"shape: B={b} T={t} H={h} dk=dv={d}, fp32, {args.repeats} repeats (best)")
-    print(f"| implementation | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | fwd GFLOP/s |")
-    print(f"| --- | --- | --- | --- | --- |")
+    print("| implementation | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | fwd GFLOP/s |")
+    print("| --- | --- | --- | --- | --- |")
     for name, fwd, bwd in rows:
         print(f"| {name} | {fwd * 1e3:.1f} | {bwd * 1e3:.1f} | {b * t / bwd:,.0f} | {flops / fwd / 1e9:.2f} |")
     if len(rows) == 2:

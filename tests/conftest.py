@@ -2,8 +2,8 @@
 
 import os
 
-# The second flag avoids a known wedge of XLA:CPU's multi-threaded Eigen pool (seen here:
-# a forward that never returns, every worker parked).
+# The second flag sidesteps a reported wedge of XLA:CPU's multi-threaded Eigen pool (we saw
+# forwards hang with every thread parked; the cause we found was OpenBLAS trsm, now unused).
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false"
 )
