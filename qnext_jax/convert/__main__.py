@@ -10,8 +10,9 @@ import sys
 import jax.numpy as jnp
 
 from qnext_jax.config import ConfigError
-from qnext_jax.convert.load import match_rules, read_hf_config
+from qnext_jax.convert.load import load_hf_checkpoint, match_rules, read_hf_config
 from qnext_jax.convert.safetensors_dir import CheckpointError, SafetensorsDir
+from qnext_jax.convert.save import save_hf_checkpoint
 
 
 def main(argv=None) -> int:
@@ -41,9 +42,6 @@ def main(argv=None) -> int:
             print(f"{args.hf_dir}: {len(rules)} tensors ({', '.join(dtypes)}) match the config; "
                   f"{counts['main'] / 1e9:.2f}B parameters + {counts['mtp'] / 1e9:.2f}B MTP")
             return 0
-        from qnext_jax.convert.load import load_hf_checkpoint
-        from qnext_jax.convert.save import save_hf_checkpoint
-
         model = load_hf_checkpoint(args.hf_dir, dtype=getattr(jnp, args.dtype))
         save_hf_checkpoint(model, args.out_dir, dtype=args.dtype,
                            max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
