@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             counts = config.param_counts()
             dtypes = sorted({files.dtype(rule.hf_name) for rule in rules})
             print(f"{args.hf_dir}: {len(rules)} tensors ({', '.join(dtypes)}) match the config; "
-                  f"{counts['main'] / 1e9:.2f}B parameters + {counts['mtp'] / 1e9:.2f}B MTP")
+                  f"{counts['main']:,} parameters + {counts['mtp']:,} in MTP")
             return 0
         model = load_hf_checkpoint(args.hf_dir, dtype=getattr(jnp, args.dtype))
         save_hf_checkpoint(model, args.out_dir, dtype=args.dtype,
