@@ -1,0 +1,123 @@
+"""The gated delta rule as Pallas kernels, with a custom VJP that recomputes inside each chunk.
+
+Forward: `prepare` (U, W per chunk, parallel) -> `state_pass` (sequential over chunks; keeps
+one state per chunk) -> `output` (parallel). Backward: `prepare` again for W ->
+`state_pass_backward` (sequential, reverse) -> `chunk_backward` (parallel; recomputes A, U, W,
+V_new from the stored chunk-start state). Nothing per token is stored beyond the inputs.
+
+Decays and document masks are per-token vectors computed here by XLA (cheap, elementwise), and
+the custom VJP is taken with respect to them, so the chain rule back to g runs in XLA too:
+    gamma = in-chunk cumulative sum of g,
+    start = e^gamma on tokens in the document the chunk started in (else 0),
+    end   = e^(gamma_last - gamma) on tokens in the chunk's last document (else 0).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qnext_jax.ops.delta_pallas import kernels
+from qnext_jax.ops.delta_pallas.kernels import BACKENDS, KernelConfig
+
+F32 = jnp.float32
+
+
+def default_backend() -> str:
+    """The kernel backend for the platform jax computes on: Mosaic on TPU, Triton on GPU,
+    interpret mode elsewhere (CPU)."""
+    platform = jax.default_backend()
+    return {"tpu": "mosaic", "gpu": "triton", "cuda": "triton", "rocm": "triton"}.get(
+        platform, "interpret"
+    )
+
+
+def delta_rule_pallas(
+    q, k, v, g, beta, docs, initial_state, *, chunk_size=64, backend=None, value_block=64
+):
+    """Same contract as `delta_rule_chunked`, except q, k, v keep their dtype (bf16 or fp32):
+    it becomes the matmul operand dtype; state and accumulation stay fp32."""
+    backend = backend or default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"pallas backend must be one of {BACKENDS}, got {backend!r}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"pallas chunk_size must be a power of two >= 16, got {chunk_size}")
+    batch, length, key_heads, key_dim = q.shape
+    value_heads, value_dim = v.shape[2:]
+    compute_dtype = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
+    cfg = KernelConfig(
+        chunk=chunk_size, group=value_heads // key_heads, compute_dtype=compute_dtype,
+        backend=backend, value_block=min(value_block, value_dim),
+    )
+    if value_dim % cfg.value_block:
+        raise ValueError(f"value head dim {value_dim} must be a multiple of {cfg.value_block}")
+
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+    if pad:
+        # Padded steps: beta = 0, g = 0, still in the last document: no write, no decay.
+        zero_pad = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        q, k, v, g, beta = map(zero_pad, (q, k, v, g, beta))
+        docs = jnp.pad(docs, [(0, 0), (0, pad)], mode="edge")
+
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
+    qh, kh, vh = (heads_first(x).astype(compute_dtype) for x in (q, k, v))
+    gamma, start, end = _decays(heads_first(g.astype(F32)), docs, chunk_size)
+    out, final_state = _core(
+        cfg, qh, kh, vh, heads_first(beta.astype(F32)), gamma, start, end,
+        docs.astype(jnp.int32), initial_state.astype(F32),
+    )
+    return heads_first(out)[:, :length], final_state
+
+
+def _decays(g, docs, chunk):
+    """g [B, Hv, T] -> (gamma, start, end) [B, Hv, T] fp32 (see the module docstring)."""
+    batch, heads, length = g.shape
+    n = length // chunk
+    gamma = jnp.cumsum(g.reshape(batch, heads, n, chunk), axis=-1)
+    chunk_docs = docs.reshape(batch, 1, n, chunk)
+    state_doc = jnp.concatenate([chunk_docs[:, :, :1, :1], chunk_docs[:, :, :-1, -1:]], axis=2)
+    in_start_doc = chunk_docs == state_doc  # the chunk-start state belongs to this document
+    in_last_doc = chunk_docs == chunk_docs[..., -1:]
+    start = jnp.where(in_start_doc, jnp.exp(gamma), 0.0)
+    end = jnp.where(in_last_doc, jnp.exp(gamma[..., -1:] - gamma), 0.0)
+    flat = lambda x: x.reshape(batch, heads, length)
+    return flat(gamma), flat(start), flat(end)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg, q, k, v, beta, gamma, start, end, docs, initial_state):
+    out, final_state, _ = _forward(cfg, q, k, v, beta, gamma, start, end, docs, initial_state)
+    return out, final_state
+
+
+def _forward(cfg, q, k, v, beta, gamma, start, end, docs, initial_state):
+    u, w = kernels.prepare(cfg, k, v, beta, gamma, start, docs)
+    v_new, states, final_state = kernels.state_pass(cfg, u, w, k, start, end, initial_state)
+    out = kernels.output(cfg, q, k, states, v_new, gamma, start, docs, v.dtype)
+    return out, final_state, states
+
+
+def _core_fwd(cfg, q, k, v, beta, gamma, start, end, docs, initial_state):
+    out, final_state, states = _forward(cfg, q, k, v, beta, gamma, start, end, docs, initial_state)
+    return (out, final_state), (q, k, v, beta, gamma, start, end, docs, states)
+
+
+def _core_bwd(cfg, residuals, cotangents):
+    q, k, v, beta, gamma, start, end, docs, states = residuals
+    d_out, d_final = cotangents
+    _, w = kernels.prepare(cfg, k, v, beta, gamma, start, docs)
+    d_v_new, d_states_end, d_initial = kernels.state_pass_backward(
+        cfg, d_final.astype(F32), d_out.astype(cfg.compute_dtype), w, q, k, gamma, start, end, docs
+    )
+    dq, dk, dv, d_beta, d_start, d_end, d_gamma = kernels.chunk_backward(
+        cfg, q, k, v, beta, gamma, start, end, docs, states, d_states_end,
+        d_out.astype(cfg.compute_dtype), d_v_new,
+    )
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_beta, d_gamma,
+            d_start, d_end, None, d_initial)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
