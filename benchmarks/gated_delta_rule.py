@@ -11,8 +11,6 @@ import argparse
 import os
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -50,6 +48,7 @@ def main():
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=64)
     args = parser.parse_args()
     b, t, h, d = args.batch, args.length, args.heads, args.dim
     rng = np.random.default_rng(0)
@@ -61,8 +60,8 @@ def main():
 
     args_jax = [jnp.asarray(x) for x in (q, k, v, g, beta)]
     for impl in ("chunked",):
-        forward = jax.jit(lambda *a: gated_delta_rule(*a, impl=impl, normalize_qk=True)[0])
-        loss = lambda *a: jnp.sum(gated_delta_rule(*a, impl=impl, normalize_qk=True)[0])
+        forward = jax.jit(lambda *a: gated_delta_rule(*a, impl=impl, normalize_qk=True, chunk_size=args.chunk)[0])
+        loss = lambda *a: jnp.sum(gated_delta_rule(*a, impl=impl, normalize_qk=True, chunk_size=args.chunk)[0])
         backward = jax.jit(jax.grad(loss, argnums=range(5)))
         fwd = time_call(lambda: forward(*args_jax).block_until_ready(), args.repeats)
         bwd = time_call(lambda: jax.block_until_ready(backward(*args_jax)), args.repeats)

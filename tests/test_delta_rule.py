@@ -1,6 +1,7 @@
-"""gated_delta_rule: chunked == recurrent reference == float64 numpy recurrence, with packed
-segments, an initial state, a length that is not a multiple of the chunk, and Hv = 2 Hk;
-forward outputs, final state and gradients."""
+"""gated_delta_rule: chunked == Pallas kernels (interpret mode, both sequential drivers) ==
+recurrent reference == float64 numpy recurrence, with packed segments, an initial state, a
+length that is not a multiple of the chunk, and Hv = 2 Hk; forward outputs, final state and
+gradients, fp32 and bf16."""
 
 import jax
 import jax.numpy as jnp
@@ -54,16 +55,25 @@ def _normalised(q, k):
     return qn, kn
 
 
+# Implementations under test; the Pallas ones use 16-token chunks so T = 150 spans 10 chunks.
+IMPLS = {
+    "reference": dict(impl="reference"),
+    "chunked": dict(impl="chunked"),
+    "pallas": dict(impl="pallas", pallas_backend="interpret", chunk_size=16),
+    "pallas-loop": dict(impl="pallas", pallas_backend="interpret_loop", chunk_size=16),
+}
+
+
 def run(impl, q, k, v, g, beta, segments, state0, dtype=jnp.float32):
     cast = lambda x: jnp.asarray(x, dtype)
     return gated_delta_rule(
         cast(q), cast(k), cast(v), jnp.asarray(g, jnp.float32), cast(beta),
         segment_ids=jnp.asarray(segments), initial_state=jnp.asarray(state0, jnp.float32),
-        impl=impl, normalize_qk=True,
+        normalize_qk=True, **IMPLS[impl],
     )
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", list(IMPLS))
 def test_matches_float64_recurrence(inputs, impl):
     q, k, v, g, beta, segments, state0 = inputs
     qn, kn = _normalised(q, k)
@@ -93,34 +103,56 @@ def test_without_segments_and_state_equals_explicit_zeros(inputs):
     np.testing.assert_allclose(state, explicit_state, atol=1e-6)
 
 
-def test_gradients_chunked_equal_reference(inputs):
+@pytest.fixture(scope="module")
+def reference_gradients(inputs):
+    return _gradients(inputs, "reference")
+
+
+def _gradients(inputs, impl, dtype=jnp.float32):
     q, k, v, g, beta, segments, state0 = inputs
     rng = np.random.default_rng(1)
     out_weights = jnp.asarray(rng.normal(size=(B, T, HV, DV)), jnp.float32)
     state_weights = jnp.asarray(rng.normal(size=(B, HV, DK, DV)), jnp.float32)
 
-    def loss(impl, q, k, v, g, beta, state0):
+    def loss(q, k, v, g, beta, state0):
         out, state = gated_delta_rule(q, k, v, g, beta, segment_ids=jnp.asarray(segments),
-                                      initial_state=state0, impl=impl, normalize_qk=True)
-        return jnp.sum(out * out_weights) + jnp.sum(state * state_weights)
+                                      initial_state=state0, normalize_qk=True, **IMPLS[impl])
+        return jnp.sum(out.astype(jnp.float32) * out_weights) + jnp.sum(state * state_weights)
 
-    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, beta, state0)]
-    grads = {
-        impl: jax.jit(jax.grad(lambda *a, impl=impl: loss(impl, *a), argnums=range(6)))(*args)
-        for impl in ("reference", "chunked")
-    }
-    for name, ref, chunked in zip("q k v g beta state0".split(), grads["reference"], grads["chunked"]):
-        scale = float(jnp.max(jnp.abs(ref)))
+    args = [jnp.asarray(x, dtype) for x in (q, k, v, g, beta)] + [jnp.asarray(state0, jnp.float32)]
+    grads = jax.jit(jax.grad(loss, argnums=range(6)))(*args)
+    return [np.asarray(x, np.float64) for x in grads]
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas", "pallas-loop"])
+def test_gradients_equal_reference(inputs, reference_gradients, impl):
+    """d/d q, k, v, g, beta and the initial state, through the fused q/k normalisation."""
+    for name, ref, got in zip("q k v g beta state0".split(), reference_gradients,
+                              _gradients(inputs, impl)):
+        scale = float(np.max(np.abs(ref)))
         assert scale > 0, name
-        np.testing.assert_allclose(chunked, ref, atol=5e-5 * scale, rtol=0, err_msg=name)
+        np.testing.assert_allclose(got, ref, atol=5e-5 * scale, rtol=0, err_msg=name)
 
 
-def test_bfloat16_inputs_close_to_fp32(inputs):
-    out32, state32 = run("chunked", *inputs)
-    out16, state16 = run("chunked", *inputs, dtype=jnp.bfloat16)
+def test_pallas_bfloat16_gradients_close_to_reference(inputs, reference_gradients):
+    for name, ref, got in zip("q k v g beta state0".split(), reference_gradients,
+                              _gradients(inputs, "pallas", jnp.bfloat16)):
+        err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+        assert err < 4e-2, (name, err)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas"])
+def test_bfloat16_inputs_close_to_float64(inputs, impl):
+    """bf16 inputs (bf16 matmul operands in the kernels), fp32 state: close to the exact
+    recurrence of the fp32 inputs."""
+    q, k, v, g, beta, segments, state0 = inputs
+    qn, kn = _normalised(q, k)
+    expected_out, expected_state = numpy_recurrence(qn, kn, v, g, beta, segments, state0)
+    out16, state16 = run(impl, *inputs, dtype=jnp.bfloat16)
     assert out16.dtype == jnp.bfloat16 and state16.dtype == jnp.float32
-    err = float(jnp.max(jnp.abs(out16.astype(jnp.float32) - out32)) / jnp.max(jnp.abs(out32)))
-    assert err < 3e-2
+    out_err = np.max(np.abs(np.asarray(out16, np.float64) - expected_out)) / np.abs(expected_out).max()
+    state_err = np.max(np.abs(np.asarray(state16) - expected_state)) / np.abs(expected_state).max()
+    assert out_err < 3e-2 and state_err < 3e-2, (out_err, state_err)
 
 
 def test_matches_transformers_chunked_function(inputs):
@@ -153,12 +185,24 @@ def test_rejects_bad_shapes():
                          impl="fast")
 
 
-def test_unit_lower_inverse_matches_numpy():
-    from qnext_jax.ops.delta_rule_chunked import unit_lower_inverse
+@pytest.mark.parametrize("variant", ["unit_lower_inverse", "unit_lower_inverse_blocked"])
+def test_unit_lower_inverse_matches_numpy(variant):
+    from qnext_jax.ops.chunked_delta import chunk_math
 
     rng = np.random.default_rng(5)
     lower = np.tril(rng.uniform(-1, 1, size=(3, 64, 64)), -1)
-    inverse = np.asarray(unit_lower_inverse(jnp.asarray(lower, jnp.float32)), np.float64)
+    invert = getattr(chunk_math, variant)
+    numerics = chunk_math.Numerics(jnp.float32)
+    inverse = np.asarray(invert(jnp.asarray(lower, jnp.float32), numerics), np.float64)
     expected = np.linalg.inv(np.eye(64) + lower)
     np.testing.assert_allclose(inverse, expected, atol=1e-5 * np.abs(expected).max())
     assert np.all(np.triu(inverse, 1) == 0)
+
+
+def test_pallas_rejects_bad_chunk_and_backend():
+    x = jnp.zeros((1, 32, 1, 16))
+    args = (x, x, x, jnp.zeros((1, 32, 1)), jnp.zeros((1, 32, 1)))
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        gated_delta_rule(*args, impl="pallas", chunk_size=8)
+    with pytest.raises(ValueError, match="pallas backend"):
+        gated_delta_rule(*args, impl="pallas", pallas_backend="cuda")

@@ -12,17 +12,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qnext_jax.ops.delta_rule_chunked import delta_rule_chunked
+from qnext_jax.ops.chunked_delta.chunk_math import l2_normalize
+from qnext_jax.ops.chunked_delta.pallas import default_backend, delta_rule_pallas
+from qnext_jax.ops.chunked_delta.xla import delta_rule_chunked
 from qnext_jax.ops.delta_rule_reference import delta_rule_reference
 from qnext_jax.ops.segments import document_index
 
 IMPLEMENTATIONS = ("auto", "reference", "chunked", "pallas")
-
-
-def l2_normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
-    """x / sqrt(sum(x^2) + eps) over the last axis, in fp32 (eps inside the sum, as FLA/HF)."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
 def gated_delta_rule(
@@ -36,7 +32,8 @@ def gated_delta_rule(
     initial_state: jnp.ndarray | None = None,
     impl: str = "auto",
     normalize_qk: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
+    pallas_backend: str | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Runs the gated delta rule over a batch of (possibly packed) sequences.
 
@@ -45,14 +42,21 @@ def gated_delta_rule(
     v: [B, T, Hv, dv] with Hv a multiple of Hk.  g (log-decay, <= 0), beta: [B, T, Hv].
     segment_ids: [B, T]; the state restarts from zero where the id changes.
     initial_state: [B, Hv, dk, dv], the state before the first token of each row.
+    impl: "auto" is "pallas" on GPU and TPU and "chunked" elsewhere (on CPU the kernels would
+        run in Pallas' interpret mode, which is for testing).
+    chunk_size: tokens per chunk (power of two); None picks 64, or 32 for "chunked" with
+        dk <= 64, where the C^2 d and C d^2 terms of the chunked work balance at C = d / 2.
+    pallas_backend: "mosaic", "triton", "interpret" or "interpret_loop"; None follows the
+        default jax backend.
     Returns (o [B, T, Hv, dv] in v's dtype, final_state [B, Hv, dk, dv] fp32).
     """
     _check_shapes(q, k, v, g, beta, segment_ids, initial_state)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"gated_delta_rule impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-    if normalize_qk:
-        q = l2_normalize(q) * (q.shape[-1] ** -0.5)
-        k = l2_normalize(k)
+    if impl == "auto":
+        impl = "pallas" if default_backend() in ("mosaic", "triton") else "chunked"
+    if chunk_size is None:
+        chunk_size = 32 if impl == "chunked" and q.shape[-1] <= 64 else 64
     batch, length = q.shape[:2]
     if segment_ids is None:
         docs = jnp.zeros((batch, length), jnp.int32)
@@ -61,13 +65,16 @@ def gated_delta_rule(
     if initial_state is None:
         initial_state = jnp.zeros((batch, v.shape[2], q.shape[3], v.shape[3]), jnp.float32)
     f32 = lambda x: x.astype(jnp.float32)
-    args = (f32(q), f32(k), f32(v), f32(g), f32(beta), docs, f32(initial_state))
-    if impl == "auto":
-        impl = "chunked"
     if impl == "pallas":
-        raise ValueError(
-            "gated_delta_rule impl='pallas' is not available in this build; use 'chunked' or 'auto'"
+        out, state = delta_rule_pallas(
+            q, k, v, f32(g), beta, docs, f32(initial_state), chunk_size=chunk_size,
+            backend=pallas_backend, normalize_qk=normalize_qk,
         )
+        return out.astype(v.dtype), state
+    if normalize_qk:
+        q = l2_normalize(q, q.shape[-1] ** -0.5)
+        k = l2_normalize(k)
+    args = (f32(q), f32(k), f32(v), f32(g), f32(beta), docs, f32(initial_state))
     if impl == "reference":
         out, state = delta_rule_reference(*args)
     else:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from qnext_jax.ops.delta_pallas import chunk_math as cm
+from qnext_jax.ops.chunked_delta import chunk_math as cm
 
 F32 = jnp.float32
 BACKENDS = ("mosaic", "triton", "interpret", "interpret_loop")
@@ -39,6 +39,22 @@ class KernelConfig:
     compute_dtype: jnp.dtype
     backend: str
     value_block: int  # dv tile of the "loop" driver (Triton)
+    normalize_qk: bool = False  # L2-normalise q, k (and scale q by dk^-1/2) on load
+
+    def queries(self, q):
+        return cm.l2_normalize(q, q.shape[-1] ** -0.5) if self.normalize_qk else q
+
+    def keys(self, k):
+        return cm.l2_normalize(k) if self.normalize_qk else k
+
+    @property
+    def numerics(self) -> cm.Numerics:
+        # fp32 matmuls (the (I + L)^-1 products, fp32 inputs): full precision; on Triton that
+        # is three TF32 tensor-core passes rather than the far slower IEEE FMA path.
+        precision = jax.lax.Precision.HIGHEST
+        if self.backend == "triton":
+            precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        return cm.Numerics(self.compute_dtype, fp32_precision=precision)
 
     @property
     def driver(self) -> str:
@@ -121,13 +137,13 @@ def prepare(cfg, k, v, beta, gamma, start, docs):
     docs_col, docs_row = _docs_views(cfg, docs)
 
     def kernel(k_ref, v_ref, beta_ref, gcol_ref, grow_ref, start_ref, dcol_ref, drow_ref, u_ref, w_ref):
-        k_tile = k_ref[...]
+        k_tile = cfg.keys(k_ref[...])
         mask = cm.causal_same_doc(dcol_ref[...], drow_ref[...])
         for j in range(cfg.group):
             transform, _, _ = cm.wy_transform(
-                k_tile, beta_ref[j], gcol_ref[j], grow_ref[j], mask, cfg.compute_dtype
+                k_tile, beta_ref[j], gcol_ref[j], grow_ref[j], mask, cfg.numerics
             )
-            u, w = cm.prepare(k_tile, v_ref[j], beta_ref[j], start_ref[j], transform, cfg.compute_dtype)
+            u, w = cm.prepare(k_tile, v_ref[j], beta_ref[j], start_ref[j], transform, cfg.numerics)
             u_ref[j] = u.astype(u_ref.dtype)
             w_ref[j] = w.astype(w_ref.dtype)
 
@@ -152,12 +168,12 @@ def output(cfg, q, k, states, v_new, gamma, start, docs, out_dtype):
     docs_col, docs_row = _docs_views(cfg, docs)
 
     def kernel(q_ref, k_ref, s_ref, vn_ref, gcol_ref, grow_ref, start_ref, dcol_ref, drow_ref, o_ref):
-        q_tile = q_ref[...]
-        q_keys = cm.matmul(q_tile, k_ref[...], cfg.compute_dtype, transpose_b=True)
+        q_tile = cfg.queries(q_ref[...])
+        q_keys = cm.matmul(q_tile, cfg.keys(k_ref[...]), cfg.numerics, transpose_b=True)
         mask = cm.causal_same_doc(dcol_ref[...], drow_ref[...])
         for j in range(cfg.group):
             scores = q_keys * cm.decay_matrix(gcol_ref[j], grow_ref[j], mask)
-            out = cm.output(q_tile, s_ref[j], vn_ref[j], start_ref[j], scores, cfg.compute_dtype)
+            out = cm.output(q_tile, s_ref[j], vn_ref[j], start_ref[j], scores, cfg.numerics)
             o_ref[j] = out.astype(o_ref.dtype)
 
     return cfg.call(
@@ -184,7 +200,7 @@ def state_pass(cfg, u, w, k, start, end, initial_state):
         jax.ShapeDtypeStruct((batch, value_heads, num_chunks, dk, dv), cfg.compute_dtype),
         jax.ShapeDtypeStruct((batch, value_heads, dk, dv), F32),
     ]
-    step = functools.partial(cm.state_step, compute_dtype=cfg.compute_dtype)
+    step = functools.partial(cm.state_step, numerics=cfg.numerics)
     group = cfg.group
     if cfg.driver == "grid":
         C = cfg.chunk
@@ -196,7 +212,9 @@ def state_pass(cfg, u, w, k, start, end, initial_state):
 
             state = final_ref[...]
             states_ref[...] = state.astype(states_ref.dtype)
-            v_new, state = step(state, u_ref[...], w_ref[...], k_ref[...], start_ref[...], end_ref[...])
+            v_new, state = step(
+                state, u_ref[...], w_ref[...], cfg.keys(k_ref[...]), start_ref[...], end_ref[...]
+            )
             vn_ref[...] = v_new.astype(vn_ref.dtype)
             final_ref[...] = state
 
@@ -207,7 +225,7 @@ def state_pass(cfg, u, w, k, start, end, initial_state):
             kernel,
             grid=(batch, value_heads, num_chunks),
             in_specs=[tile(dv), tile(dk),
-                      pl.BlockSpec((None, None, C, dk), lambda b, h, n: (b, h // group, n, 0)),
+                      pl.BlockSpec((None, None, C, dk), lambda b, h, n: (b, jax.lax.div(h, group), n, 0)),
                       col, col, whole_state],
             out_specs=[tile(dv),
                        pl.BlockSpec((None, None, None, dk, dv), lambda b, h, n: (b, h, n, 0, 0)),
@@ -222,7 +240,7 @@ def state_pass(cfg, u, w, k, start, end, initial_state):
         def body(n, state):
             rows = pl.ds(pl.multiple_of(n * C, C), C)
             states_ref[n] = state.astype(states_ref.dtype)
-            v_new, state = step(state, u_ref[rows, :], w_ref[rows, :], k_ref[rows, :],
+            v_new, state = step(state, u_ref[rows, :], w_ref[rows, :], cfg.keys(k_ref[rows, :]),
                                 start_ref[n], end_ref[n])
             vn_ref[rows, :] = v_new.astype(vn_ref.dtype)
             return state
@@ -238,7 +256,7 @@ def state_pass(cfg, u, w, k, start, end, initial_state):
         kernel,
         grid=(batch, value_heads, dv // block),
         in_specs=[whole(block, True), whole(dk, False),
-                  pl.BlockSpec((None, None, length, dk), lambda b, h, j: (b, h // group, 0, 0)),
+                  pl.BlockSpec((None, None, length, dk), lambda b, h, j: (b, jax.lax.div(h, group), 0, 0)),
                   col, col, state_tile],
         out_specs=[whole(block, True),
                    pl.BlockSpec((None, None, num_chunks, dk, block), lambda b, h, j: (b, h, 0, 0, j)),
@@ -269,10 +287,11 @@ def state_pass_backward(cfg, d_final, d_out, w, q, k, gamma, start, end, docs):
     ]
 
     def chunk(d_state, d_out_tile, w_tile, q_tile, k_tile, gcol, grow, start_c, end_c, dcol, drow):
-        q_keys = cm.matmul(q_tile, k_tile, cfg.compute_dtype, transpose_b=True)
+        q_tile, k_tile = cfg.queries(q_tile), cfg.keys(k_tile)
+        q_keys = cm.matmul(q_tile, k_tile, cfg.numerics, transpose_b=True)
         scores = q_keys * cm.decay_matrix(gcol, grow, cm.causal_same_doc(dcol, drow))
         return cm.state_step_backward(
-            d_state, d_out_tile, w_tile, k_tile, q_tile, start_c, end_c, scores, cfg.compute_dtype
+            d_state, d_out_tile, w_tile, k_tile, q_tile, start_c, end_c, scores, cfg.numerics
         )
 
     C = cfg.chunk
@@ -295,7 +314,7 @@ def state_pass_backward(cfg, d_final, d_out, w, q, k, gamma, start, end, docs):
             dinit_ref[...] = d_state
 
         tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, n: (b, h, last - n, 0))
-        key = pl.BlockSpec((None, None, C, dk), lambda b, h, n: (b, h // group, last - n, 0))
+        key = pl.BlockSpec((None, None, C, dk), lambda b, h, n: (b, jax.lax.div(h, group), last - n, 0))
         col = pl.BlockSpec((None, None, None, C, 1), lambda b, h, n: (b, h, last - n, 0, 0))
         row = pl.BlockSpec((None, None, None, 1, C), lambda b, h, n: (b, h, last - n, 0, 0))
         dcol = pl.BlockSpec((None, None, C, 1), lambda b, h, n: (b, last - n, 0, 0))
@@ -333,7 +352,7 @@ def state_pass_backward(cfg, d_final, d_out, w, q, k, gamma, start, end, docs):
     whole = lambda d, blocked: pl.BlockSpec(
         (None, None, length, d), lambda b, h, j: (b, h, 0, j if blocked else 0)
     )
-    key = pl.BlockSpec((None, None, length, dk), lambda b, h, j: (b, h // group, 0, 0))
+    key = pl.BlockSpec((None, None, length, dk), lambda b, h, j: (b, jax.lax.div(h, group), 0, 0))
     col = pl.BlockSpec((None, None, num_chunks, C, 1), lambda b, h, j: (b, h, 0, 0, 0))
     row = pl.BlockSpec((None, None, num_chunks, 1, C), lambda b, h, j: (b, h, 0, 0, 0))
     dcol = pl.BlockSpec((None, num_chunks, C, 1), lambda b, h, j: (b, 0, 0, 0))
@@ -367,7 +386,8 @@ def chunk_backward(cfg, q, k, v, beta, gamma, start, end, docs, states, d_states
     def kernel(q_ref, k_ref, v_ref, beta_ref, gcol_ref, grow_ref, start_ref, end_ref, dcol_ref,
                drow_ref, s_ref, ds_ref, do_ref, dvn_ref,
                dq_ref, dk_ref, dv_ref, dbeta_ref, dstart_ref, dend_ref, dgcol_ref, dgrow_ref):
-        q_tile, k_tile = q_ref[...], k_ref[...]
+        q_raw, k_raw = q_ref[...], k_ref[...]
+        q_tile, k_tile = cfg.queries(q_raw), cfg.keys(k_raw)
         mask = cm.causal_same_doc(dcol_ref[...], drow_ref[...])
         dq = jnp.zeros(q_tile.shape, F32)
         dk_sum = jnp.zeros(k_tile.shape, F32)
@@ -375,10 +395,13 @@ def chunk_backward(cfg, q, k, v, beta, gamma, start, end, docs, states, d_states
             grads = cm.chunk_backward(
                 q_tile, k_tile, v_ref[j], beta_ref[j], start_ref[j], end_ref[j], gcol_ref[j],
                 grow_ref[j], mask, s_ref[j].astype(F32), ds_ref[j].astype(F32), do_ref[j],
-                dvn_ref[j], cfg.compute_dtype,
+                dvn_ref[j], cfg.numerics,
             )
             dq, dk_sum = dq + grads[0], dk_sum + grads[1]
             dv_ref[j], dbeta_ref[j], dstart_ref[j], dend_ref[j], dgcol_ref[j], dgrow_ref[j] = grads[2:]
+        if cfg.normalize_qk:
+            dq = cm.l2_normalize_backward(q_raw, dq, q_raw.shape[-1] ** -0.5)
+            dk_sum = cm.l2_normalize_backward(k_raw, dk_sum)
         dq_ref[...] = dq
         dk_ref[...] = dk_sum
 

@@ -19,8 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qnext_jax.ops.delta_pallas import kernels
-from qnext_jax.ops.delta_pallas.kernels import BACKENDS, KernelConfig
+from qnext_jax.ops.chunked_delta import kernels
+from qnext_jax.ops.chunked_delta.layout import chunk_decays, pad_to_chunks
+from qnext_jax.ops.chunked_delta.kernels import BACKENDS, KernelConfig
 
 F32 = jnp.float32
 
@@ -35,10 +36,13 @@ def default_backend() -> str:
 
 
 def delta_rule_pallas(
-    q, k, v, g, beta, docs, initial_state, *, chunk_size=64, backend=None, value_block=64
+    q, k, v, g, beta, docs, initial_state, *, chunk_size=64, backend=None, value_block=64,
+    normalize_qk=False,
 ):
     """Same contract as `delta_rule_chunked`, except q, k, v keep their dtype (bf16 or fp32):
-    it becomes the matmul operand dtype; state and accumulation stay fp32."""
+    it becomes the matmul operand dtype; state and accumulation stay fp32. With
+    `normalize_qk` the kernels L2-normalise q and k (and scale q by dk^-1/2) as they load them,
+    and apply the normalisation's gradient in the backward kernel."""
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"pallas backend must be one of {BACKENDS}, got {backend!r}")
@@ -49,42 +53,27 @@ def delta_rule_pallas(
     compute_dtype = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
     cfg = KernelConfig(
         chunk=chunk_size, group=value_heads // key_heads, compute_dtype=compute_dtype,
-        backend=backend, value_block=min(value_block, value_dim),
+        backend=backend, value_block=min(value_block, value_dim), normalize_qk=normalize_qk,
     )
     if value_dim % cfg.value_block:
         raise ValueError(f"value head dim {value_dim} must be a multiple of {cfg.value_block}")
 
-    num_chunks = -(-length // chunk_size)
-    pad = num_chunks * chunk_size - length
-    if pad:
-        # Padded steps: beta = 0, g = 0, still in the last document: no write, no decay.
-        zero_pad = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        q, k, v, g, beta = map(zero_pad, (q, k, v, g, beta))
-        docs = jnp.pad(docs, [(0, 0), (0, pad)], mode="edge")
-
+    q, k, v, g, beta, docs = pad_to_chunks(q, k, v, g, beta, docs, chunk_size)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
     qh, kh, vh = (heads_first(x).astype(compute_dtype) for x in (q, k, v))
-    gamma, start, end = _decays(heads_first(g.astype(F32)), docs, chunk_size)
+    batch, padded = docs.shape
+    gamma, start, end = (
+        x.reshape(batch, value_heads, padded)
+        for x in chunk_decays(
+            heads_first(g.astype(F32)).reshape(batch, value_heads, -1, chunk_size),
+            docs.reshape(batch, 1, -1, chunk_size),
+        )
+    )
     out, final_state = _core(
         cfg, qh, kh, vh, heads_first(beta.astype(F32)), gamma, start, end,
         docs.astype(jnp.int32), initial_state.astype(F32),
     )
     return heads_first(out)[:, :length], final_state
-
-
-def _decays(g, docs, chunk):
-    """g [B, Hv, T] -> (gamma, start, end) [B, Hv, T] fp32 (see the module docstring)."""
-    batch, heads, length = g.shape
-    n = length // chunk
-    gamma = jnp.cumsum(g.reshape(batch, heads, n, chunk), axis=-1)
-    chunk_docs = docs.reshape(batch, 1, n, chunk)
-    state_doc = jnp.concatenate([chunk_docs[:, :, :1, :1], chunk_docs[:, :, :-1, -1:]], axis=2)
-    in_start_doc = chunk_docs == state_doc  # the chunk-start state belongs to this document
-    in_last_doc = chunk_docs == chunk_docs[..., -1:]
-    start = jnp.where(in_start_doc, jnp.exp(gamma), 0.0)
-    end = jnp.where(in_last_doc, jnp.exp(gamma[..., -1:] - gamma), 0.0)
-    flat = lambda x: x.reshape(batch, heads, length)
-    return flat(gamma), flat(start), flat(end)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -1,0 +1,263 @@
+"""The per-chunk algebra of the chunked gated delta rule, on values already loaded into a kernel.
+
+Every function takes 2-D tiles of one chunk of C tokens and one value head, and uses only what
+lowers on all three Pallas targets (Mosaic TPU, Triton, interpret): 2-D matmuls, broadcasts of
+[C, 1] columns and [1, C] rows, iota masks, exp, lane/sublane sums. No slicing of values, no
+transposes of vectors, no LAPACK. Per-token vectors therefore arrive in the orientation they are
+used in: `_col` tiles are [C, 1] (one value per row), `_row` tiles are [1, C].
+
+The chunk quantities (spec section 2.4, WY form), for in-chunk cumulative log-decay gamma,
+`start` = e^gamma on tokens still in the document the chunk started in (0 elsewhere), `end` =
+e^(gamma_last - gamma) on tokens in the chunk's last document (0 elsewhere):
+
+    decay[r, s] = e^(gamma_r - gamma_s)  for s <= r in the same document, else 0
+    L           = strictly-lower part of beta_r (K K^T)[r, s] decay[r, s],   A = (I + L)^-1
+    U = A (beta V),   W = A (beta start K)
+    V_new = U - W S0,   O = (start Q) S0 + ((Q K^T) * decay) V_new
+    S_end = start_last S0 + (end K)^T V_new          (start_last = e^gamma_last if S0 survives)
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How the chunk algebra multiplies: the operand dtype of the big matmuls (bf16 or fp32),
+    the precision of fp32 matmuls (the inverse and its gradient are always fp32), and which
+    (I + L)^-1 to use (masked full-tile matmuls in kernels, sliced blocks in XLA)."""
+
+    compute_dtype: Any
+    fp32_precision: Any = jax.lax.Precision.HIGHEST
+    inverse: Callable | None = None
+
+    def invert(self, lower):
+        return (self.inverse or unit_lower_inverse)(lower, self)
+
+
+def matmul(a, b, numerics, transpose_a=False, transpose_b=False, exact=False):
+    """a @ b over the last two axes (leading axes broadcast), fp32 accumulation.
+
+    Operands are cast to numerics.compute_dtype unless `exact`, which keeps fp32 operands.
+    """
+    dtype = F32 if exact else numerics.compute_dtype
+    precision = numerics.fp32_precision if dtype == F32 else jax.lax.Precision.DEFAULT
+    spec = ("...ji" if transpose_a else "...ij") + "," + ("...kj" if transpose_b else "...jk")
+    return jnp.einsum(
+        spec + "->...ik", a.astype(dtype), b.astype(dtype),
+        precision=precision, preferred_element_type=F32,
+    )
+
+
+L2_EPS = 1e-6  # inside the sum, as FLA and transformers
+
+
+def l2_normalize(x, scale=1.0):
+    """scale * x / sqrt(sum(x^2) + eps) over the last axis, in fp32."""
+    x = x.astype(F32)
+    return x * (jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS) * scale)
+
+
+def l2_normalize_backward(x, d_y, scale=1.0):
+    """The input gradient of `l2_normalize` for y = scale x r, r = (|x|^2 + eps)^-1/2:
+    dx = scale (r dy - r^3 x (x . dy))."""
+    x = x.astype(F32)
+    r = jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
+    x_dot = jnp.sum(x * d_y, axis=-1, keepdims=True)
+    return scale * (r * d_y - (r * r * r * x_dot) * x)
+
+
+def iotas(size):
+    rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
+    return rows, cols
+
+
+def causal_same_doc(docs_col, docs_row):
+    """[C, C] bool: s <= r and tokens r, s in the same document."""
+    rows, cols = iotas(docs_col.shape[-2])
+    return (rows >= cols) & (docs_col == docs_row)
+
+
+def decay_matrix(gamma_col, gamma_row, mask):
+    """e^(gamma_r - gamma_s) where `mask`, else 0. Inside a document gamma only falls (g <= 0),
+    so the exponent is clamped at 0 only to keep the masked-out half finite."""
+    return jnp.where(mask, jnp.exp(jnp.minimum(gamma_col - gamma_row, 0.0)), 0.0)
+
+
+def last_row_mask(col):
+    return jax.lax.broadcasted_iota(jnp.int32, col.shape, col.ndim - 2) == col.shape[-2] - 1
+
+
+def last_row_value(col):
+    """The value of a [C, 1] column at its last row, as a [1, 1] tile (no value slicing)."""
+    return jnp.sum(jnp.where(last_row_mask(col), col, 0.0), axis=-2, keepdims=True)
+
+
+def unit_lower_inverse(lower, numerics):
+    """(I + L)^-1 for strictly lower-triangular fp32 L [C, C], C a power of two.
+
+    Block recursion with masks instead of slices: if D_b is the block-diagonal matrix of the
+    inverses of the b x b diagonal blocks, the inverse over 2b x 2b blocks is
+    D_2b = D_b - D_b (L * M_b) D_b, where M_b keeps the lower-left b x b quarter of every
+    2b x 2b diagonal block. Starts from D_1 = I; 2 (log2 C - 1) full-precision C x C matmuls.
+    """
+    size = lower.shape[-1]
+    rows, cols = iotas(size)
+    identity = jnp.where(rows == cols, 1.0, 0.0).astype(F32)
+
+    def coupling(block):
+        same_pair = jnp.right_shift(rows, block.bit_length()) == jnp.right_shift(cols, block.bit_length())
+        quarter = ((rows & block) != 0) & ((cols & block) == 0)
+        return jnp.where(same_pair & quarter, lower, 0.0)
+
+    inverse = identity - coupling(1)
+    block = 2
+    while block < size:
+        off_diagonal = matmul(inverse, coupling(block), numerics, exact=True)
+        inverse = inverse - matmul(off_diagonal, inverse, numerics, exact=True)
+        block *= 2
+    return inverse
+
+
+def unit_lower_inverse_blocked(lower, numerics):
+    """The same inverse by sliced blocks, for XLA: inv([[A, 0], [X, D]]) =
+    [[A^-1, 0], [-D^-1 X A^-1, D^-1]] from 1 x 1 blocks up, each level one batched matmul pair
+    over the blocks alone (about C^3 / 3 multiply-adds in all, against 2 C^3 per level above)."""
+    size = lower.shape[-1]
+    batch_shape = lower.shape[:-2]
+    inverse = jnp.ones(batch_shape + (size, 1, 1), lower.dtype)  # the 1 x 1 diagonal blocks
+    block = 1
+    while block < size:
+        pairs = size // (2 * block)
+        inverse = inverse.reshape(batch_shape + (pairs, 2, block, block))
+        upper_inv, lower_inv = inverse[..., 0, :, :], inverse[..., 1, :, :]
+        paired = lower.reshape(batch_shape + (pairs, 2 * block, pairs, 2 * block))
+        paired = jnp.diagonal(paired, axis1=-4, axis2=-2)  # [..., 2b, 2b, pairs]
+        coupling = jnp.moveaxis(paired, -1, -3)[..., block:, :block]  # [..., pairs, b, b]
+        off = -matmul(matmul(lower_inv, coupling, numerics, exact=True), upper_inv, numerics,
+                      exact=True)
+        top = jnp.concatenate([upper_inv, jnp.zeros_like(upper_inv)], axis=-1)
+        bottom = jnp.concatenate([off, lower_inv], axis=-1)
+        inverse = jnp.concatenate([top, bottom], axis=-2)  # [..., pairs, 2b, 2b]
+        block *= 2
+    return inverse.reshape(batch_shape + (size, size))
+
+
+def wy_transform(k, beta_col, gamma_col, gamma_row, mask, numerics):
+    """(A, decay, K K^T) of one chunk and value head; A = (I + L)^-1 in fp32."""
+    rows, cols = iotas(k.shape[-2])
+    gram = matmul(k, k, numerics, transpose_b=True)
+    decay = decay_matrix(gamma_col, gamma_row, mask)
+    lower = jnp.where(rows > cols, beta_col * gram * decay, 0.0)
+    return numerics.invert(lower), decay, gram
+
+
+def prepare(k, v, beta_col, start_col, transform, numerics):
+    """U = A (beta V) and W = A (beta start K): the parts of the chunk that do not need S0."""
+    u = matmul(transform, beta_col * v.astype(F32), numerics)
+    w = matmul(transform, (beta_col * start_col) * k.astype(F32), numerics)
+    return u, w
+
+
+def state_step(state, u, w, k, start_col, end_col, numerics):
+    """One chunk of the sequential pass: (V_new, state after the chunk); state fp32 [dk, dv]."""
+    v_new = u.astype(F32) - matmul(w, state, numerics)
+    carry = last_row_value(start_col)  # e^gamma_last if S0's document reaches the chunk end
+    keys_to_end = end_col * k.astype(F32)
+    return v_new, carry * state + matmul(keys_to_end, v_new, numerics, transpose_a=True)
+
+
+def output(q, state, v_new, start_col, scores, numerics):
+    """O = (start Q) S0 + scores V_new, with scores = (Q K^T) * decay."""
+    inter = matmul(start_col * q.astype(F32), state, numerics)
+    return inter + matmul(scores, v_new, numerics)
+
+
+def state_step_backward(d_state_end, d_out, w, k, q, start_col, end_col, scores, numerics):
+    """Reverse of `state_step` + `output` with respect to V_new and S0.
+
+    Returns (dV_new, dS0): dV_new = scores^T dO + (end K) dS_end,
+    dS0 = (start Q)^T dO + start_last dS_end - W^T dV_new.
+    """
+    keys_to_end = end_col * k.astype(F32)
+    d_v_new = matmul(scores, d_out, numerics, transpose_a=True)
+    d_v_new = d_v_new + matmul(keys_to_end, d_state_end, numerics)
+    carry = last_row_value(start_col)
+    d_state = matmul(start_col * q.astype(F32), d_out, numerics, transpose_a=True)
+    d_state = d_state + carry * d_state_end - matmul(w, d_v_new, numerics, transpose_a=True)
+    return d_v_new, d_state
+
+
+def chunk_backward(
+    q, k, v, beta_col, start_col, end_col, gamma_col, gamma_row, mask, state, d_state_end,
+    d_out, d_v_new, numerics, wy=None, q_keys=None, v_new=None,
+):
+    """Gradients of one chunk and value head, given dV_new from the reverse state pass.
+
+    `wy` (= wy_transform's result), `q_keys` (Q K^T) and `v_new` are recomputed unless given.
+
+    Returns dq, dk [C, dk] (to be summed over the value heads of a key head), dv [C, dv],
+    the [C, 1] columns d_beta, d_start, d_end, d_gamma (row-indexed part) and the [1, C] row
+    d_gamma (column-indexed part). d_start includes the chunk carry e^gamma_last (last row).
+    """
+    qf, kf, vf = q.astype(F32), k.astype(F32), v.astype(F32)
+    rows, cols = iotas(k.shape[-2])
+    if wy is None:
+        wy = wy_transform(k, beta_col, gamma_col, gamma_row, mask, numerics)
+    transform, decay, gram = wy
+    if q_keys is None:
+        q_keys = matmul(q, k, numerics, transpose_b=True)
+    values_in = beta_col * vf
+    keys_in = (beta_col * start_col) * kf
+    if v_new is None:
+        u = matmul(transform, values_in, numerics)
+        w = matmul(transform, keys_in, numerics)
+        v_new = u - matmul(w, state, numerics)
+
+    d_queries_start = matmul(d_out, state, numerics, transpose_b=True)  # d(start Q)
+    d_scores = matmul(d_out, v_new, numerics, transpose_b=True)
+    d_keys_end = matmul(v_new, d_state_end, numerics, transpose_b=True)  # d(end K)
+    d_w = -matmul(d_v_new, state, numerics, transpose_b=True)
+    d_transform = matmul(d_v_new, values_in, numerics, exact=True, transpose_b=True)
+    d_transform = d_transform + matmul(d_w, keys_in, numerics, exact=True, transpose_b=True)
+    d_values_in = matmul(transform, d_v_new, numerics, exact=True, transpose_a=True)
+    d_keys_in = matmul(transform, d_w, numerics, exact=True, transpose_a=True)
+    # A = (I + L)^-1  =>  dL = -A^T dA A^T, kept on the strictly lower triangle.
+    d_lower_t = matmul(d_transform, transform, numerics, exact=True, transpose_b=True)
+    d_lower = -matmul(transform, d_lower_t, numerics, exact=True, transpose_a=True)
+    d_lower = jnp.where(rows > cols, d_lower, 0.0)
+
+    d_scores_decayed = d_scores * decay
+    d_gram = d_lower * beta_col * decay
+    dq = start_col * d_queries_start + matmul(d_scores_decayed, k, numerics)
+    dk = (
+        matmul(d_scores_decayed, q, numerics, transpose_a=True)
+        + end_col * d_keys_end
+        + (beta_col * start_col) * d_keys_in
+        + matmul(d_gram, kf, numerics, exact=True)  # K K^T  =>  dK = (dG + dG^T) K
+        + matmul(d_gram, kf, numerics, exact=True, transpose_a=True)
+    )
+    dv = beta_col * d_values_in
+    keys_dot_d_keys_in = jnp.sum(kf * d_keys_in, axis=-1, keepdims=True)
+    d_beta = (
+        jnp.sum(vf * d_values_in, axis=-1, keepdims=True)
+        + start_col * keys_dot_d_keys_in
+        + jnp.sum(d_lower * gram * decay, axis=-1, keepdims=True)
+    )
+    d_carry = jnp.sum(jnp.sum(state * d_state_end, axis=-1, keepdims=True), axis=-2, keepdims=True)
+    d_start = (
+        jnp.sum(qf * d_queries_start, axis=-1, keepdims=True)
+        + beta_col * keys_dot_d_keys_in
+        + jnp.where(last_row_mask(start_col), d_carry, 0.0)
+    )
+    d_end = jnp.sum(kf * d_keys_end, axis=-1, keepdims=True)
+    d_decay = (d_scores * q_keys + d_lower * beta_col * gram) * decay
+    d_gamma_col = jnp.sum(d_decay, axis=-1, keepdims=True)
+    d_gamma_row = -jnp.sum(d_decay, axis=-2, keepdims=True)
+    return dq, dk, dv, d_beta, d_start, d_end, d_gamma_col, d_gamma_row
