@@ -1,104 +1,169 @@
-"""Gated delta rule speed: our implementations side by side with a peer, in one run.
+"""Gated delta rule speed: our implementations side by side with the peers, in one run.
 
-CPU peer: transformers' `torch_chunk_gated_delta_rule` (the fallback HF runs without FLA), same
-inputs, forward and forward+backward. Prints a table; record results in docs/benchmarks.md.
+Peers, same inputs, forward and forward+backward (one gradient evaluation, forward included):
+  CPU: our `chunked` vs transformers' `torch_chunk_gated_delta_rule` (its fallback without FLA).
+  GPU: our `pallas` and `chunked` vs flash-linear-attention's `chunk_gated_delta_rule`
+       (install its wheel on the GPU machine; skipped with a note when it is missing).
+Rounds are interleaved (every implementation once per round, best of the rounds) so that a
+noisy machine slows every row alike. Prints markdown tables for docs/benchmarks.md.
 
-    python benchmarks/gated_delta_rule.py                 # CPU default: B=2, T=2048, 8 heads, d=64
-    python benchmarks/gated_delta_rule.py --batch 1 --length 4096 --heads 4
+    python benchmarks/gated_delta_rule.py                   # the default shapes of the platform
+    python benchmarks/gated_delta_rule.py --shapes small --rounds 7
+
+Shapes: "small" = B=2, T=2048, Hk=Hv=8, d=64 (the CPU acceptance shape); "qwen3" = the
+Qwen3-Next head shape Hk=16, Hv=32, d=128 at B*T = 8K and 32K tokens (GPU; far too slow on CPU).
+TFLOP/s counts the chunked algorithm's work at C = 64 (`chunked_flops`) for every row, so rows
+compare as throughput; it is not the naive recurrence's count.
 """
 
 import argparse
+import datetime
 import os
 import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from qnext_jax.ops import gated_delta_rule  # noqa: E402
+from qnext_jax.ops import gated_delta_rule
+
+SHAPES = {  # name: (batch, length, key heads, value heads, head dim)
+    "small": [(2, 2048, 8, 8, 64)],
+    "qwen3": [(1, 8192, 16, 32, 128), (4, 8192, 16, 32, 128)],
+}
 
 
-def chunked_flops(batch, length, heads, key_dim, value_dim, chunk=64):
-    """FLOPs of the chunked algorithm's forward (the work it does, not the naive recurrence)."""
-    chunks = -(-length // chunk)
-    per_chunk = (
-        2 * chunk * chunk * key_dim  # K K^T
-        + 2 * chunk * chunk * key_dim  # Q K^T
-        + chunk * chunk * (value_dim + key_dim)  # triangular solves for U and W
-        + 2 * chunk * key_dim * value_dim * 3  # W S, Q S, K^T U
-        + 2 * chunk * chunk * value_dim  # (QK^T * Gamma) U
+def chunked_flops(batch, length, key_heads, value_heads, dim, chunk=64):
+    """(forward, backward) FLOPs of the chunked algorithm: 2 per multiply-add of its matmuls,
+    the triangular inverse counted as C^3 / 3 multiply-adds."""
+    c, d, group = chunk, dim, value_heads // key_heads
+    forward = (
+        2 * c * c * d / group  # K K^T and Q K^T, shared by the value heads of a key head
+        + c ** 3 / 3  # (I + L)^-1
+        + 2 * c * c * d  # U = A (beta V), W = A (beta K)
+        + 3 * c * d * d  # W S, K^T V_new, Q S
+        + c * c * d  # (Q K^T * decay) V_new
     )
-    return batch * heads * chunks * per_chunk
+    backward = 9 * c * c * d + 6 * c * d * d + 2 * c ** 3
+    per_chunk_head = 2 * batch * value_heads * (-(-length // c))
+    return forward * per_chunk_head, backward * per_chunk_head
 
 
-def time_call(fn, repeats):
-    fn()  # compile / warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+def make_inputs(shape, dtype, seed=0):
+    batch, length, key_heads, value_heads, dim = shape
+    rng = np.random.default_rng(seed)
+    q, k = rng.normal(size=(2, batch, length, key_heads, dim)).astype(np.float32)
+    v = rng.normal(size=(batch, length, value_heads, dim)).astype(np.float32)
+    g = -rng.uniform(0.01, 1.0, size=(batch, length, value_heads)).astype(np.float32)
+    beta = rng.uniform(0, 1, size=(batch, length, value_heads)).astype(np.float32)
+    return q, k, v, g, beta
+
+
+def ours(impl, inputs, dtype):
+    q, k, v, g, beta = inputs
+    args = [jnp.asarray(x, dtype) for x in (q, k, v)] + [jnp.asarray(g), jnp.asarray(beta, dtype)]
+    run = lambda *a: gated_delta_rule(*a, impl=impl, normalize_qk=True)[0]
+    forward = jax.jit(run)
+    backward = jax.jit(jax.grad(lambda *a: jnp.sum(run(*a).astype(jnp.float32)), argnums=range(5)))
+    return (lambda: forward(*args).block_until_ready(),
+            lambda: jax.block_until_ready(backward(*args)))
+
+
+def torch_peer(function, inputs, dtype, device):
+    """A torch chunked function with q, k repeated to the value heads, as the HF model does."""
+    import torch
+
+    torch_dtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16}[dtype]
+    q, k, v, g, beta = inputs
+    group = v.shape[2] // q.shape[2]
+    q, k = np.repeat(q, group, axis=2), np.repeat(k, group, axis=2)
+
+    def tensors(grad):
+        make = lambda x, dt: torch.tensor(x, dtype=dt, device=device, requires_grad=grad)
+        return [make(x, torch_dtype) for x in (q, k, v)] + [make(g, torch.float32), make(beta, torch_dtype)]
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def forward():
+        with torch.no_grad():
+            function(*tensors(False))
+        sync()
+
+    def backward():
+        out = function(*tensors(True))[0]
+        out.float().sum().backward()
+        sync()
+
+    return forward, backward
+
+
+def peers(platform, inputs, dtype):
+    rows = []
+    if platform == "cpu":
+        try:
+            import torch
+            from transformers.models.qwen3_next.modeling_qwen3_next import (
+                torch_chunk_gated_delta_rule,
+            )
+        except ImportError:
+            print("note: transformers/torch not installed, no CPU peer")
+            return rows
+        torch.set_num_threads(os.cpu_count())
+        fn = lambda *a: torch_chunk_gated_delta_rule(*a, use_qk_l2norm_in_kernel=True)
+        rows.append(("transformers torch_chunk_gated_delta_rule", torch_peer(fn, inputs, dtype, "cpu")))
+    else:
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        except ImportError:
+            print("note: flash-linear-attention not installed, no GPU peer")
+            return rows
+        fn = lambda *a: chunk_gated_delta_rule(*a, use_qk_l2norm_in_kernel=True)
+        rows.append(("fla chunk_gated_delta_rule", torch_peer(fn, inputs, dtype, "cuda")))
+    return rows
+
+
+def best_times(rows, rounds):
+    for _, (forward, backward) in rows:  # compile / warm up
+        forward(), backward()
+    best = {name: [float("inf")] * 2 for name, _ in rows}
+    for _ in range(rounds):
+        for name, calls in rows:
+            for i, call in enumerate(calls):
+                start = time.perf_counter()
+                call()
+                best[name][i] = min(best[name][i], time.perf_counter() - start)
     return best
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--shapes", choices=sorted(SHAPES), action="append")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    b, t, h, d = args.batch, args.length, args.heads, args.dim
-    rng = np.random.default_rng(0)
-    q, k = rng.normal(size=(2, b, t, h, d)).astype(np.float32)
-    v = rng.normal(size=(b, t, h, d)).astype(np.float32)
-    g = -rng.uniform(0.01, 1.0, size=(b, t, h)).astype(np.float32)
-    beta = rng.uniform(0, 1, size=(b, t, h)).astype(np.float32)
-    rows = []
+    platform = jax.default_backend()
+    shapes = args.shapes or (["small"] if platform == "cpu" else ["small", "qwen3"])
+    dtype = getattr(jnp, args.dtype or ("float32" if platform == "cpu" else "bfloat16"))
+    impls = ["chunked"] if platform == "cpu" else ["pallas", "chunked"]
 
-    args_jax = [jnp.asarray(x) for x in (q, k, v, g, beta)]
-    for impl in ("chunked",):
-        forward = jax.jit(lambda *a: gated_delta_rule(*a, impl=impl, normalize_qk=True, chunk_size=args.chunk)[0])
-        loss = lambda *a: jnp.sum(gated_delta_rule(*a, impl=impl, normalize_qk=True, chunk_size=args.chunk)[0])
-        backward = jax.jit(jax.grad(loss, argnums=range(5)))
-        fwd = time_call(lambda: forward(*args_jax).block_until_ready(), args.repeats)
-        bwd = time_call(lambda: jax.block_until_ready(backward(*args_jax)), args.repeats)
-        rows.append((f"qnext_jax {impl}", fwd, bwd))
-
-    try:
-        import torch
-        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
-    except ImportError:
-        torch = None
-    if torch is not None:
-        torch.set_num_threads(os.cpu_count())
-
-        def torch_inputs(grad):
-            return [torch.tensor(x, requires_grad=grad) for x in (q, k, v, g, beta)]
-
-        def torch_forward():
-            with torch.no_grad():
-                torch_chunk_gated_delta_rule(*torch_inputs(False), use_qk_l2norm_in_kernel=True)
-
-        def torch_backward():
-            inputs = torch_inputs(True)
-            out, _ = torch_chunk_gated_delta_rule(*inputs, use_qk_l2norm_in_kernel=True)
-            out.sum().backward()
-
-        rows.append(("transformers torch_chunk_gated_delta_rule",
-                     time_call(torch_forward, args.repeats), time_call(torch_backward, args.repeats)))
-
-    flops = chunked_flops(b, t, h, d, d)
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"shape: B={b} T={t} H={h} dk=dv={d}, fp32, {args.repeats} repeats (best)")
-    print("| implementation | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) | fwd GFLOP/s |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, fwd, bwd in rows:
-        print(f"| {name} | {fwd * 1e3:.1f} | {bwd * 1e3:.1f} | {b * t / bwd:,.0f} | {flops / fwd / 1e9:.2f} |")
-    if len(rows) == 2:
-        print(f"fwd+bwd speed-up of qnext_jax chunked over transformers: {rows[1][2] / rows[0][2]:.2f}x")
+    print(f"{datetime.date.today()} · device: {jax.devices()[0].device_kind} ({platform}), "
+          f"jax {jax.__version__}, {dtype.__name__}, best of {args.rounds} interleaved rounds")
+    print("| implementation | shape (B, T, Hk, Hv, d) | fwd ms | fwd+bwd ms | tokens/s (fwd+bwd) "
+          "| fwd TFLOP/s | fwd+bwd TFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for shape in (s for name in shapes for s in SHAPES[name]):
+        inputs = make_inputs(shape, dtype)
+        rows = [(f"qnext_jax {impl}", ours(impl, inputs, dtype)) for impl in impls]
+        rows += peers(platform, inputs, dtype)
+        best = best_times(rows, args.rounds)
+        flops_fwd, flops_bwd = chunked_flops(*shape)
+        for name, (fwd, total) in best.items():
+            print(f"| {name} | {shape} | {fwd * 1e3:.1f} | {total * 1e3:.1f} | "
+                  f"{shape[0] * shape[1] / total:,.0f} | {flops_fwd / fwd / 1e12:.3f} | "
+                  f"{(flops_fwd + flops_bwd) / total / 1e12:.3f} |")
+        ours_total = best[rows[0][0]][1]
+        for name, (_, total) in list(best.items())[len(impls):]:
+            print(f"fwd+bwd speed-up of {rows[0][0]} over {name} at {shape}: {total / ours_total:.2f}x")
 
 
 if __name__ == "__main__":
