@@ -9,7 +9,6 @@ materialise repeated q and k where they can.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from qnext_jax.ops.chunked_delta.chunk_math import l2_normalize
