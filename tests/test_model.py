@@ -134,3 +134,29 @@ def test_bfloat16_compute_tracks_fp32(tiny_config):
     assert relative_error(bf16.logits, fp32) < 2e-2
     fp32, bf16 = both(tiny_config)  # top-k routing flips on near-ties move whole tokens
     assert np.mean(np.argmax(bf16.logits, -1) == np.argmax(fp32, -1)) > 0.95
+
+
+
+def test_pallas_delta_rule_inside_the_model(tiny_config):
+    """The model with the Pallas kernels (interpret mode here) gives the logits and parameter
+    gradients of the XLA chunked rule, on packed rows."""
+    config = tiny_config.replace(num_hidden_layers=4, mtp_num_hidden_layers=0)
+    _, state = nnx.split(stressed_model(config))
+    tokens = jax.random.randint(jax.random.key(3), (2, 40), 0, config.vocab_size)
+    segments = jnp.concatenate([jnp.ones((2, 23), jnp.int32), 2 * jnp.ones((2, 17), jnp.int32)], 1)
+    results = {}
+    for impl in ("chunked", "pallas"):
+        abstract = nnx.eval_shape(
+            lambda impl=impl: Qwen3NextModel(config.replace(delta_rule_impl=impl), rngs=nnx.Rngs(0))
+        )
+        graph = nnx.split(abstract)[0]
+
+        def loss(state, graph=graph):
+            logits = nnx.merge(graph, state)(tokens, segment_ids=segments).logits
+            return jnp.mean(logits ** 2), logits
+
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+        results[impl] = (logits, jax.tree.leaves(grads))
+    assert relative_error(results["pallas"][0], results["chunked"][0]) < 1e-5
+    for got, ref in zip(results["pallas"][1], results["chunked"][1]):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * float(np.max(np.abs(ref))))
