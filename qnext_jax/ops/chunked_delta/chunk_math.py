@@ -1,9 +1,11 @@
 """The per-chunk algebra of the chunked gated delta rule, on values already loaded into a kernel.
 
-Every function takes 2-D tiles of one chunk of C tokens and one value head, and uses only what
-lowers on all three Pallas targets (Mosaic TPU, Triton, interpret): 2-D matmuls, broadcasts of
-[C, 1] columns and [1, C] rows, iota masks, exp, lane/sublane sums. No slicing of values, no
-transposes of vectors, no LAPACK. Per-token vectors therefore arrive in the orientation they are
+Every function takes tiles of one chunk of C tokens and one value head — 2-D inside a kernel,
+or with leading batch axes in the XLA driver (matmuls and sums act on the last two axes) — and
+uses only what lowers on all three Pallas targets (Mosaic TPU, Triton, interpret): matmuls,
+broadcasts of [C, 1] columns and [1, C] rows, iota masks, exp, lane/sublane sums. No slicing of
+values, no transposes of vectors, no LAPACK (`unit_lower_inverse_blocked` slices and is
+XLA-only). Per-token vectors therefore arrive in the orientation they are
 used in: `_col` tiles are [C, 1] (one value per row), `_row` tiles are [1, C].
 
 The chunk quantities (spec section 2.4, WY form), for in-chunk cumulative log-decay gamma,
