@@ -91,6 +91,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     delta_rule_impl: Literal["auto", "reference", "chunked", "pallas"] = "auto"
     moe_impl: Literal["ragged", "dense"] = "ragged"
+    # Expert parallelism: None is dropless (each device's send buffer holds all its tokens for
+    # every destination); a factor c sizes the buffers to c * tokens * k / expert-shards rows
+    # and drops the routed choices that overflow (the token keeps its other experts).
+    moe_capacity_factor: float | None = None
     remat_policy: Literal["none", "full", "dots"] = "none"
 
     def __post_init__(self):
@@ -165,6 +169,10 @@ class ModelConfig:
         _check_choice(self, "param_dtype", ("float32", "bfloat16"))
         _check_choice(self, "delta_rule_impl", ("auto", "reference", "chunked", "pallas"))
         _check_choice(self, "moe_impl", ("ragged", "dense"))
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ConfigError(
+                f"moe_capacity_factor must be > 0 or null (dropless), got {self.moe_capacity_factor}"
+            )
         _check_choice(self, "remat_policy", ("none", "full", "dots"))
         if self.rope_scaling is not None and self.rope_scaling.rope_type != "yarn":
             raise ConfigError(

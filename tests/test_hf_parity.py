@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from hf_reference import SHAPES, hf_logits, random_hf_model, relative_error
 from qnext_jax.convert import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from qnext_jax.train.losses import hf_pooled_load_balancing_loss
 
 SEQ_LEN = 80  # > 64: the chunked delta rule crosses a chunk boundary
 
@@ -47,8 +48,10 @@ def test_router_statistics_give_transformers_aux_loss(hf_checkpoint):
     stats = model(jnp.asarray(input_ids)).router_stats
     tokens = stats.num_tokens.sum()
     fraction = stats.expert_counts.sum(0) / tokens  # pooled over layers, not normalised by k
-    probability = (stats.mean_probs * stats.num_tokens[:, None]).sum(0) / tokens
-    ours = float(model.config.num_experts * jnp.sum(fraction * probability))
+    probability = stats.prob_sums.sum(0) / tokens
+    by_hand = float(model.config.num_experts * jnp.sum(fraction * probability))
+    assert by_hand == pytest.approx(aux, rel=1e-5)
+    ours = float(hf_pooled_load_balancing_loss(stats))
     assert ours == pytest.approx(aux, rel=1e-5)
 
 

@@ -19,11 +19,11 @@ class GatedAttention(nnx.Module):
         )
         # HF interleaves [query_h | gate_h] per head inside q_proj; we keep them apart so both
         # shard by heads. Kernels are named by axis order: E embed, N q heads, K kv heads, D dim.
-        self.q_proj = normal_param(rngs, (hidden, heads, head_dim), config)  # END
-        self.gate_proj = normal_param(rngs, (hidden, heads, head_dim), config)  # END
-        self.k_proj = normal_param(rngs, (hidden, kv_heads, head_dim), config)  # EKD
-        self.v_proj = normal_param(rngs, (hidden, kv_heads, head_dim), config)  # EKD
-        self.o_proj = normal_param(rngs, (heads, head_dim, hidden), config)  # NDE
+        self.q_proj = normal_param(rngs, (hidden, heads, head_dim), config, ("embed", "heads", "head_dim"))  # END
+        self.gate_proj = normal_param(rngs, (hidden, heads, head_dim), config, ("embed", "heads", "head_dim"))  # END
+        self.k_proj = normal_param(rngs, (hidden, kv_heads, head_dim), config, ("embed", "kv_heads", "head_dim"))  # EKD
+        self.v_proj = normal_param(rngs, (hidden, kv_heads, head_dim), config, ("embed", "kv_heads", "head_dim"))  # EKD
+        self.o_proj = normal_param(rngs, (heads, head_dim, hidden), config, ("heads", "head_dim", "embed"))  # NDE
         self.q_norm = RMSNorm(head_dim, config)
         self.k_norm = RMSNorm(head_dim, config)
 

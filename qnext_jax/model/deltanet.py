@@ -13,9 +13,14 @@ from flax import nnx
 
 from qnext_jax.config import ModelConfig
 from qnext_jax.model.norms import GatedRMSNorm
-from qnext_jax.model.params import cast, compute_dtype, normal_param, param_dtype
+from qnext_jax.model.params import cast, compute_dtype, constant_param, normal_param, param
 from qnext_jax.ops import gated_delta_rule
 from qnext_jax.ops.causal_conv import causal_conv_silu
+
+KEY_PROJ = ("embed", "key_heads", "head_dim")
+VALUE_PROJ = ("embed", "value_heads", "head_dim")
+KEY_CONV = ("conv", "key_heads", "head_dim")
+VALUE_CONV = ("conv", "value_heads", "head_dim")
 
 
 class GatedDeltaNet(nnx.Module):
@@ -26,20 +31,20 @@ class GatedDeltaNet(nnx.Module):
         key_dim, value_dim = config.linear_key_head_dim, config.linear_value_head_dim
         width = config.linear_conv_kernel_dim
         # Axis codes: E embed, K key heads, H value heads, D head dim, W conv width.
-        self.q_proj = normal_param(rngs, (hidden, key_heads, key_dim), config)  # EKD
-        self.k_proj = normal_param(rngs, (hidden, key_heads, key_dim), config)  # EKD
-        self.v_proj = normal_param(rngs, (hidden, value_heads, value_dim), config)  # EHD
-        self.z_proj = normal_param(rngs, (hidden, value_heads, value_dim), config)  # EHD
-        self.b_proj = normal_param(rngs, (hidden, value_heads), config)  # EH
-        self.a_proj = normal_param(rngs, (hidden, value_heads), config)  # EH
-        self.conv_q = normal_param(rngs, (width, key_heads, key_dim), config)  # WKD
-        self.conv_k = normal_param(rngs, (width, key_heads, key_dim), config)  # WKD
-        self.conv_v = normal_param(rngs, (width, value_heads, value_dim), config)  # WHD
-        self.dt_bias = nnx.Param(jnp.ones((value_heads,), param_dtype(config)))
+        self.q_proj = normal_param(rngs, (hidden, key_heads, key_dim), config, KEY_PROJ)  # EKD
+        self.k_proj = normal_param(rngs, (hidden, key_heads, key_dim), config, KEY_PROJ)  # EKD
+        self.v_proj = normal_param(rngs, (hidden, value_heads, value_dim), config, VALUE_PROJ)  # EHD
+        self.z_proj = normal_param(rngs, (hidden, value_heads, value_dim), config, VALUE_PROJ)  # EHD
+        self.b_proj = normal_param(rngs, (hidden, value_heads), config, ("embed", "value_heads"))  # EH
+        self.a_proj = normal_param(rngs, (hidden, value_heads), config, ("embed", "value_heads"))  # EH
+        self.conv_q = normal_param(rngs, (width, key_heads, key_dim), config, KEY_CONV)  # WKD
+        self.conv_k = normal_param(rngs, (width, key_heads, key_dim), config, KEY_CONV)  # WKD
+        self.conv_v = normal_param(rngs, (width, value_heads, value_dim), config, VALUE_CONV)  # WHD
+        self.dt_bias = constant_param(1.0, (value_heads,), config, ("value_heads",))
         decay_rates = jax.random.uniform(rngs.params(), (value_heads,), jnp.float32, 0.01, 16.0)
-        self.A_log = nnx.Param(jnp.log(decay_rates).astype(param_dtype(config)))
+        self.A_log = param(jnp.log(decay_rates), config, ("value_heads",))
         self.norm = GatedRMSNorm(value_dim, config)
-        self.out_proj = normal_param(rngs, (value_heads, value_dim, hidden), config)  # HDE
+        self.out_proj = normal_param(rngs, (value_heads, value_dim, hidden), config, ("value_heads", "head_dim", "embed"))  # HDE
 
     def __call__(self, x, *, segment_ids):
         """x: [B, T, E] -> [B, T, E]. segment_ids [B, T] (or None) restart conv and state."""

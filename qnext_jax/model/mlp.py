@@ -13,9 +13,9 @@ class SwiGLU(nnx.Module):
     def __init__(self, config: ModelConfig, width: int, *, rngs: nnx.Rngs):
         self.config = config
         hidden = config.hidden_size
-        self.gate_proj = normal_param(rngs, (hidden, width), config)  # EF
-        self.up_proj = normal_param(rngs, (hidden, width), config)  # EF
-        self.down_proj = normal_param(rngs, (width, hidden), config)  # FE
+        self.gate_proj = normal_param(rngs, (hidden, width), config, ("embed", "mlp"))  # EF
+        self.up_proj = normal_param(rngs, (hidden, width), config, ("embed", "mlp"))  # EF
+        self.down_proj = normal_param(rngs, (width, hidden), config, ("mlp", "embed"))  # FE
 
     def __call__(self, x):
         dtype = compute_dtype(self.config)

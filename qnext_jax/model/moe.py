@@ -3,7 +3,8 @@ experts computed dropless, plus one always-on shared expert behind a sigmoid gat
 
 Two implementations of the routed experts compute the same thing:
   "ragged": tokens sorted by expert and multiplied with `jax.lax.ragged_dot` (grouped matmul),
-            work proportional to k, not to the number of experts;
+            work proportional to k, not to the number of experts; under a mesh the experts are
+            split over the `expert` axis and tokens travel to them (parallel/expert_parallel.py);
   "dense":  every expert on every token, combined with the routing weights (the test reference).
 """
 
@@ -15,14 +16,20 @@ from flax import nnx
 
 from qnext_jax.config import ModelConfig
 from qnext_jax.model.mlp import SwiGLU
-from qnext_jax.model.params import cast, compute_dtype, normal_param, param_dtype
+from qnext_jax.model.params import cast, compute_dtype, normal_param, param
+from qnext_jax.parallel.expert_parallel import expert_parallel_ffn, grouped_swiglu, use_expert_parallel
+
+EXPERT_IN = ("experts", "embed", "mlp")  # gate and up projections [X, E, F]
+EXPERT_OUT = ("experts", "mlp", "embed")  # down projection [X, F, E]
 
 
 class RouterStats(NamedTuple):
-    """Per MoE layer, over the valid tokens of the local batch (for load-balancing losses)."""
+    """Per MoE layer, sums over the valid tokens of the batch (for the router losses). Sums,
+    not means, so that shards and micro-batches combine by addition."""
 
     expert_counts: jnp.ndarray  # [E] how many top-k selections chose each expert (no gradient)
-    mean_probs: jnp.ndarray  # [E] mean router probability (carries the gradient)
+    prob_sums: jnp.ndarray  # [E] sum of router probabilities (carries the gradient)
+    z_sums: jnp.ndarray  # [] sum of logsumexp(router logits)^2 (the router z-loss)
     num_tokens: jnp.ndarray  # [] number of valid tokens counted
 
 
@@ -51,12 +58,12 @@ class SparseMoE(nnx.Module):
         self.config = config
         hidden, experts, width = config.hidden_size, config.num_experts, config.moe_intermediate_size
         router = normalized_router_init(rngs.params(), hidden, experts, config.initializer_range)
-        self.router = nnx.Param(router.astype(param_dtype(config)))  # EX (embed, experts)
-        self.gate_proj = normal_param(rngs, (experts, hidden, width), config)  # XEF
-        self.up_proj = normal_param(rngs, (experts, hidden, width), config)  # XEF
-        self.down_proj = normal_param(rngs, (experts, width, hidden), config)  # XFE
+        self.router = param(router, config, ("embed", None))  # EX: every rank scores every expert
+        self.gate_proj = normal_param(rngs, (experts, hidden, width), config, EXPERT_IN)  # XEF
+        self.up_proj = normal_param(rngs, (experts, hidden, width), config, EXPERT_IN)  # XEF
+        self.down_proj = normal_param(rngs, (experts, width, hidden), config, EXPERT_OUT)  # XFE
         self.shared_expert = SwiGLU(config, config.shared_expert_intermediate_size, rngs=rngs)
-        self.shared_expert_gate = normal_param(rngs, (hidden,), config)  # E
+        self.shared_expert_gate = normal_param(rngs, (hidden,), config, ("embed",))  # E
 
     def __call__(self, x, *, valid=None):
         """x: [B, T, E] -> ([B, T, E], RouterStats). valid: [B, T] mask of counted tokens."""
@@ -69,31 +76,20 @@ class SparseMoE(nnx.Module):
         weights = weights.astype(dtype)
         if config.moe_impl == "dense":
             routed = self.experts_dense(tokens, weights, experts)
+        elif use_expert_parallel():
+            routed = expert_parallel_ffn(
+                tokens, weights, experts, *self._expert_weights(dtype),
+                capacity_factor=config.moe_capacity_factor,
+            )
         else:
-            routed = self.experts_ragged(tokens, weights, experts)
+            routed = grouped_swiglu(tokens, weights, experts, *self._expert_weights(dtype))
         shared_gate = jax.nn.sigmoid(tokens @ cast(self.shared_expert_gate, dtype))  # [N]
         out = routed + shared_gate[:, None] * self.shared_expert(tokens)
-        stats = router_stats(probs, experts, config.num_experts, valid)
+        stats = router_stats(logits, probs, experts, config.num_experts, valid)
         return out.reshape(batch, length, hidden), stats
 
     def _expert_weights(self, dtype):
         return cast(self.gate_proj, dtype), cast(self.up_proj, dtype), cast(self.down_proj, dtype)
-
-    def experts_ragged(self, tokens, weights, experts):
-        """Dropless grouped matmul: each (token, choice) row sorted by expert, one ragged_dot
-        per projection, then unsorted and summed with the routing weights."""
-        num_tokens, top_k = experts.shape
-        gate_w, up_w, down_w = self._expert_weights(tokens.dtype)
-        flat_experts = experts.reshape(-1)  # [N*k]
-        order = jnp.argsort(flat_experts, stable=True)
-        rows = tokens[order // top_k]  # [N*k, E] grouped by expert
-        group_sizes = jnp.bincount(flat_experts, length=self.config.num_experts).astype(jnp.int32)
-        gate = jax.lax.ragged_dot(rows, gate_w, group_sizes)  # [N*k, F]
-        up = jax.lax.ragged_dot(rows, up_w, group_sizes)
-        out_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_w, group_sizes)  # [N*k, E]
-        out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
-        out = out.reshape(num_tokens, top_k, -1)
-        return jnp.einsum("NKE,NK->NE", out, weights)
 
     def experts_dense(self, tokens, weights, experts):
         """Every expert on every token; the reference the ragged path is tested against."""
@@ -106,14 +102,14 @@ class SparseMoE(nnx.Module):
         return jnp.einsum("NXE,NX->NE", out, combine)
 
 
-def router_stats(probs, experts, num_experts, valid) -> RouterStats:
-    """Counts and mean probabilities over valid tokens; `valid` [B, T] or None (all valid)."""
+def router_stats(logits, probs, experts, num_experts, valid) -> RouterStats:
+    """Sums over valid tokens; `valid` [B, T] or None (all valid)."""
     if valid is None:
         mask = jnp.ones(probs.shape[:1], jnp.float32)
     else:
         mask = valid.reshape(-1).astype(jnp.float32)
     selected = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(axis=1)  # [N, X]
     counts = jax.lax.stop_gradient(jnp.einsum("NX,N->X", selected, mask))
-    num_tokens = jnp.sum(mask)
-    mean_probs = jnp.einsum("NX,N->X", probs, mask) / jnp.maximum(num_tokens, 1.0)
-    return RouterStats(counts, mean_probs, num_tokens)
+    prob_sums = jnp.einsum("NX,N->X", probs, mask)
+    log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [N]
+    return RouterStats(counts, prob_sums, jnp.sum(mask * log_z * log_z), jnp.sum(mask))

@@ -21,7 +21,7 @@ class MultiTokenPredictor(nnx.Module):
         self.pre_fc_norm_embedding = RMSNorm(hidden, config)
         self.pre_fc_norm_hidden = RMSNorm(hidden, config)
         # Input rows are [normed embedding | normed hidden] (this order, as vLLM and SGLang).
-        self.fc = normal_param(rngs, (2 * hidden, hidden), config)  # (2E)E
+        self.fc = normal_param(rngs, (2 * hidden, hidden), config, ("fused", "embed"))  # (2E)E
         self.layers = nnx.List(
             [
                 DecoderLayer(config, FULL_ATTENTION, config.mtp_uses_moe, rngs=rngs)

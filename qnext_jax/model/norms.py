@@ -22,7 +22,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, config: ModelConfig):
         self.eps = config.rms_norm_eps
-        self.weight = constant_param(0.0, (dim,), config)
+        self.weight = constant_param(0.0, (dim,), config, ("norm",))
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         scale = 1.0 + self.weight[...].astype(jnp.float32)
@@ -38,7 +38,7 @@ class GatedRMSNorm(nnx.Module):
 
     def __init__(self, dim: int, config: ModelConfig):
         self.eps = config.rms_norm_eps
-        self.weight = constant_param(1.0, (dim,), config)
+        self.weight = constant_param(1.0, (dim,), config, ("norm",))
 
     def __call__(self, x: jnp.ndarray, gate: jnp.ndarray) -> jnp.ndarray:
         normed = self.weight[...].astype(jnp.float32) * _normalize(x, self.eps).astype(x.dtype)

@@ -15,15 +15,24 @@ def param_dtype(config: ModelConfig):
     return jnp.dtype(config.param_dtype)
 
 
-def normal_param(rngs: nnx.Rngs, shape, config: ModelConfig, std: float | None = None) -> nnx.Param:
-    """normal(0, initializer_range), HF's init for every linear, conv and embedding weight."""
+def normal_param(rngs: nnx.Rngs, shape, config: ModelConfig, axes: tuple[str | None, ...],
+                 std: float | None = None) -> nnx.Param:
+    """normal(0, initializer_range), HF's init for every linear, conv and embedding weight.
+
+    `axes` names each dimension for the sharding table (qnext_jax/parallel/axes.py)."""
     std = config.initializer_range if std is None else std
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value.astype(param_dtype(config)))
+    return param(value, config, axes)
 
 
-def constant_param(value, shape, config: ModelConfig) -> nnx.Param:
-    return nnx.Param(jnp.full(shape, value, param_dtype(config)))
+def constant_param(value, shape, config: ModelConfig, axes: tuple[str | None, ...]) -> nnx.Param:
+    return param(jnp.full(shape, value, jnp.float32), config, axes)
+
+
+def param(value, config: ModelConfig, axes: tuple[str | None, ...]) -> nnx.Param:
+    if len(axes) != value.ndim:
+        raise ValueError(f"axes {axes} do not name the {value.ndim} dimensions of {value.shape}")
+    return nnx.Param(value.astype(param_dtype(config)), axes=tuple(axes))
 
 
 def cast(param: nnx.Param, dtype) -> jnp.ndarray:

@@ -17,6 +17,9 @@ from qnext_jax.model.mtp import MultiTokenPredictor
 from qnext_jax.model.norms import RMSNorm
 from qnext_jax.model.params import cast, compute_dtype, normal_param
 from qnext_jax.model.rope import rotary_tables
+from qnext_jax.parallel.axes import constrain
+
+HIDDEN_AXES = ("batch", "sequence", "act_embed")
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -35,17 +38,20 @@ class ModelOutput(NamedTuple):
 class Qwen3NextModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = normal_param(rngs, (config.vocab_size, config.hidden_size), config)  # VE
+        self.embed = normal_param(rngs, (config.vocab_size, config.hidden_size), config, ("vocab", "embed"))  # VE
         block_keys = jax.random.split(rngs.params(), config.num_blocks)
         # Parameters of every block stacked on a leading `layers` axis of size num_blocks.
         self.blocks = nnx.vmap(lambda key: DecoderBlock(config, rngs=nnx.Rngs(params=key)))(block_keys)
         self.final_norm = RMSNorm(config.hidden_size, config)
         if not config.tie_word_embeddings:
-            self.lm_head = normal_param(rngs, (config.hidden_size, config.vocab_size), config)  # EV
+            self.lm_head = normal_param(rngs, (config.hidden_size, config.vocab_size), config, ("embed", "vocab"))  # EV
         self.mtp = MultiTokenPredictor(config, rngs=rngs) if config.mtp_num_hidden_layers else None
 
     def embed_tokens(self, input_ids):
-        return jnp.take(cast(self.embed, compute_dtype(self.config)), input_ids, axis=0)
+        # FSDP: gather the table's width before the lookup (a lookup into a width-sharded table
+        # would leave the rows width-sharded, and XLA can only re-shard that by replicating).
+        table = constrain(cast(self.embed, compute_dtype(self.config)), ("vocab", None))
+        return jnp.take(table, input_ids, axis=0)
 
     def head(self, hidden):
         """Shared output head: [B, T, E] -> fp32 logits [B, T, V]."""
@@ -65,13 +71,15 @@ class Qwen3NextModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         rotary = rotary_tables(positions, config, compute_dtype(config))
-        h = self.embed_tokens(input_ids)
+        # Under a mesh, pin the residual stream to batch sharding (a no-op without one).
+        h = constrain(self.embed_tokens(input_ids), HIDDEN_AXES)
 
         block_graph, block_state = nnx.split(self.blocks)
 
         def run_block(h, state):
             block = nnx.merge(block_graph, state)
-            return block(h, rotary=rotary, segment_ids=segment_ids, valid=valid)
+            h, stats = block(h, rotary=rotary, segment_ids=segment_ids, valid=valid)
+            return constrain(h, HIDDEN_AXES), stats
 
         if config.remat_policy != "none":
             run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[config.remat_policy])

@@ -1,0 +1,149 @@
+"""The logical-axis table: the one place that maps named tensor axes to mesh axes.
+
+Model parameters carry logical axis names (`nnx.Param(..., axes=(...))`, see model/params.py);
+activations name theirs where they are constrained. This table turns those names into
+PartitionSpecs for parameters, optimizer state, batches, activations and the MoE shard_map.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qnext_jax.config import ModelConfig
+from qnext_jax.parallel.mesh import BATCH_AXES, MeshError, axis_size
+
+LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
+    # Parameters. FSDP shards the model width; tensor parallelism shards heads and MLP widths;
+    # expert parallelism shards the expert axis.
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",  # attention query heads (and their output gate)
+    "kv_heads": "tensor",  # replicated instead when tensor > kv heads, as GQA does everywhere
+    "key_heads": "tensor",  # DeltaNet key heads
+    "value_heads": "tensor",  # DeltaNet value heads (their key head is on the same rank)
+    "head_dim": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "layers": None,  # the stacked (scanned) block axis
+    "conv": None,
+    "norm": None,
+    "fused": None,  # the MTP's [embedding | hidden] input width
+    # Activations: every axis but tensor splits the batch outside the MoE.
+    "batch": BATCH_AXES,
+    "sequence": None,
+    "act_embed": None,
+    "act_vocab": None,
+}
+
+
+def check_model_fits_mesh(config: ModelConfig, mesh) -> None:
+    """Raises MeshError for a dimension the mesh cannot split evenly, naming both."""
+    tensor, expert, fsdp = (axis_size(mesh, n) for n in ("tensor", "expert", "fsdp"))
+    checks = [
+        ("num_attention_heads", config.num_attention_heads, "tensor", tensor),
+        ("linear_num_key_heads", config.linear_num_key_heads, "tensor", tensor),
+        ("linear_num_value_heads", config.linear_num_value_heads, "tensor", tensor),
+        ("vocab_size", config.vocab_size, "tensor", tensor),
+        ("hidden_size", config.hidden_size, "fsdp", fsdp),
+    ]
+    if config.num_experts:
+        checks += [
+            ("num_experts", config.num_experts, "expert", expert),
+            ("moe_intermediate_size", config.moe_intermediate_size, "tensor", tensor),
+            ("shared_expert_intermediate_size", config.shared_expert_intermediate_size,
+             "tensor", tensor),
+        ]
+    elif expert > 1:
+        raise MeshError(f"mesh.expert is {expert} but the model has no experts")
+    if config.num_experts == 0 or config.num_moe_layers < config.num_hidden_layers:
+        checks.append(("intermediate_size", config.intermediate_size, "tensor", tensor))
+    for field, size, mesh_axis, shards in checks:
+        if size % shards:
+            raise MeshError(
+                f"model {field} = {size} is not divisible by mesh.{mesh_axis} = {shards}"
+            )
+
+
+class ShardingRules:
+    """Logical axes -> PartitionSpecs and NamedShardings for one model on one mesh."""
+
+    def __init__(self, config: ModelConfig, mesh):
+        check_model_fits_mesh(config, mesh)
+        self.mesh = mesh
+        self.table = dict(LOGICAL_TO_MESH)
+        if config.num_key_value_heads % axis_size(mesh, "tensor"):
+            self.table["kv_heads"] = None
+
+    def spec(self, logical_axes: tuple[str | None, ...]) -> PartitionSpec:
+        return logical_spec(logical_axes, self.table)
+
+    def sharding(self, logical_axes: tuple[str | None, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical_axes))
+
+    def param_spec(self, variable: nnx.Variable) -> PartitionSpec:
+        return self.spec(param_axes(variable))
+
+    def param_shardings(self, params):
+        """NamedShardings shaped like `params` (an nnx.State of Params, abstract or real)."""
+        return jax.tree.map(
+            lambda v: NamedSharding(self.mesh, self.param_spec(v)), params, is_leaf=_is_variable
+        )
+
+    def like_params(self, tree, params):
+        """Shardings for a tree whose array leaves mirror parameters (optimizer moments): each
+        leaf whose path ends with a parameter's path gets that parameter's sharding; anything
+        else (step counters, scalars) is replicated."""
+        by_path = {}
+        for path, variable in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_variable):
+            by_path[_dict_keys(path)] = (variable.shape, self.param_spec(variable))
+
+        def sharding(path, leaf):
+            keys = _dict_keys(path)
+            for start in range(len(keys)):
+                match = by_path.get(keys[start:])
+                if match is not None and match[0] == tuple(leaf.shape):
+                    return NamedSharding(self.mesh, match[1])
+            return NamedSharding(self.mesh, PartitionSpec())
+
+        return jax.tree_util.tree_map_with_path(sharding, tree)
+
+    def batch_sharding(self) -> NamedSharding:
+        """[batch, sequence] arrays (token ids, masks, segment ids, positions)."""
+        return self.sharding(("batch", "sequence"))
+
+
+def logical_spec(logical_axes, table=LOGICAL_TO_MESH) -> PartitionSpec:
+    parts = []
+    for name in logical_axes:
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} is not in the sharding table")
+        parts.append(None if name is None else table[name])
+    return PartitionSpec(*parts)
+
+
+def param_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical axes of a parameter; stacked block parameters gain a leading `layers`."""
+    axes = tuple(variable.get_metadata().get("axes", ()))
+    if len(variable.shape) == len(axes) + 1:
+        return ("layers",) + axes
+    if len(variable.shape) != len(axes):
+        raise ValueError(f"parameter of shape {variable.shape} is annotated with axes {axes}")
+    return axes
+
+
+def constrain(x, logical_axes):
+    """with_sharding_constraint by logical names under the ambient mesh; a no-op without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(logical_axes)))
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))

@@ -1,0 +1,127 @@
+"""Expert-parallel MoE: experts split over the mesh's `expert` axis, tokens sent to them and back.
+
+Inside the MoE the `expert` axis changes role: outside it shards the batch like `data` and
+`fsdp`; here it shards the experts. Each device holds X / S experts (S = expert-axis size) and
+its own n tokens. Per MoE layer, within each group of S devices along `expert`:
+
+  1. dispatch: every token goes once to each device that holds at least one of its top-k experts
+     (not once per expert: the choices bound for one device ride along with the token, as k ids
+     and k weights), through one all-to-all of fixed-size buffers;
+  2. compute: each device runs its local experts on what it received as one grouped matmul
+     (`grouped_swiglu`), weighting each output by its routing weight, so a token's choices on one
+     device come back already summed into one row;
+  3. combine: a second all-to-all returns the rows; each token sums its rows from all devices.
+     With tensor parallelism the expert MLP width is split over `tensor` and a psum adds it up.
+
+Communication per token per MoE layer (forward; the backward repeats it), in rows of `hidden`:
+  useful      at most min(k, S) rows out and as many back (one per destination device);
+  on the wire the buffers are static: dropless (`moe_capacity_factor: null`) sizes each
+              destination's buffer for all n tokens, S rows per token each way — the volume of
+              an all-gather, but no token is ever dropped; a capacity factor c sizes them to
+              c * n * k / S rows, about c * k rows per token each way, and drops overflow.
+XLA:CPU has no `ragged_all_to_all`, so this dense-buffer form is the one that runs everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from qnext_jax.parallel.axes import logical_spec
+from qnext_jax.parallel.mesh import BATCH_AXES, MESH_AXES, axis_size
+
+
+def use_expert_parallel() -> bool:
+    """True under one of our meshes (parallel/mesh.py), set by the train step."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and set(MESH_AXES) <= set(mesh.axis_names)
+
+
+def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w):
+    """Dropless SwiGLU experts as one grouped matmul per projection.
+
+    tokens [N, E]; weights, experts [N, k] (expert ids >= the number of local experts, G, are
+    choices that live elsewhere and are skipped); gate_w, up_w [G, E, F]; down_w [G, F, E].
+    Returns [N, E]: for every token the sum over its choices of weight * expert(token).
+    """
+    num_tokens, top_k = experts.shape
+    num_groups = gate_w.shape[0]
+    flat_experts = experts.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat_experts, stable=True)  # skipped choices sort last
+    rows = tokens[order // top_k]  # [N*k, E] grouped by expert
+    group_sizes = jnp.bincount(flat_experts, length=num_groups).astype(jnp.int32)
+    gate = jax.lax.ragged_dot(rows, gate_w, group_sizes)  # [N*k, F]
+    up = jax.lax.ragged_dot(rows, up_w, group_sizes)
+    out_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_w, group_sizes)  # [N*k, E]
+    # Rows past the last group are not computed; zero them rather than trust their contents.
+    computed = (flat_experts[order] < num_groups)[:, None]
+    out_sorted = jnp.where(computed, out_sorted, 0)
+    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(num_tokens, top_k, -1)
+    return jnp.einsum("NKE,NK->NE", out, weights)
+
+
+def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
+                        capacity_factor: float | None = None):
+    """The routed-expert output [N, E] for tokens [N, E] sharded over the batch axes; the
+    expert weights [X, E, F] / [X, F, E] sharded by the table (FSDP is gathered on entry)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    tokens_spec = PartitionSpec(BATCH_AXES, None)
+    in_specs = (
+        tokens_spec, tokens_spec, tokens_spec,
+        logical_spec(("experts", None, "mlp")), logical_spec(("experts", None, "mlp")),
+        logical_spec(("experts", "mlp", None)),
+    )
+    local = partial(_dispatch_compute_combine, shards=axis_size(mesh, "expert"),
+                    capacity_factor=capacity_factor)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens_spec)(
+        tokens, weights, experts, gate_w, up_w, down_w
+    )
+
+
+def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *, shards,
+                              capacity_factor):
+    """Per device: tokens [n, E], routing [n, k], local experts [X/S, ...]."""
+    num_tokens, top_k = experts.shape
+    local_experts = gate_w.shape[0]
+    if capacity_factor is None:
+        capacity = num_tokens
+    else:
+        capacity = min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens * top_k / shards)))
+
+    home = experts // local_experts  # [n, k] the device along `expert` holding each choice
+    bound_for = home[:, :, None] == jnp.arange(shards)  # [n, k, S]
+    visits = bound_for.any(axis=1)  # [n, S] does the token go to device s at all
+    slot = jnp.cumsum(visits, axis=0) - 1  # [n, S] its row in that device's buffer
+    kept = visits & (slot < capacity)
+    slot = jnp.where(kept, slot, capacity)  # out of range: scatters drop it, gathers fill 0
+    device = jnp.broadcast_to(jnp.arange(shards), (num_tokens, shards))
+
+    def to_buffers(per_token_and_device, fill):  # [n, S, ...] -> [S, capacity, ...]
+        shape = (shards, capacity) + per_token_and_device.shape[2:]
+        buffer = jnp.full(shape, fill, per_token_and_device.dtype)
+        return buffer.at[device, slot].set(per_token_and_device, mode="drop")
+
+    # Choices bound elsewhere get id `local_experts` (skipped by grouped_swiglu) and weight 0.
+    choice_ids = jnp.where(bound_for, (experts % local_experts)[:, :, None], local_experts)
+    choice_weights = jnp.where(bound_for, weights[:, :, None], 0).astype(weights.dtype)
+    send_tokens = to_buffers(jnp.broadcast_to(tokens[:, None], (num_tokens, shards, tokens.shape[1])), 0)
+    send_ids = to_buffers(choice_ids.transpose(0, 2, 1), local_experts)  # [S, C, k]
+    send_weights = to_buffers(choice_weights.transpose(0, 2, 1), 0)
+
+    exchange = partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0,
+                       tiled=True)  # [S (destination), C, ...] -> [S (source), C, ...]
+    received = exchange(send_tokens).reshape(shards * capacity, -1)
+    out_rows = grouped_swiglu(
+        received,
+        exchange(send_weights).reshape(shards * capacity, top_k),
+        exchange(send_ids).reshape(shards * capacity, top_k),
+        gate_w, up_w, down_w,
+    )
+    returned = exchange(out_rows.reshape(shards, capacity, -1))  # [S (expert device), C, E]
+    gathered = returned.at[device, slot].get(mode="fill", fill_value=0)  # [n, S, E]
+    out = jnp.sum(jnp.where(kept[..., None], gathered, 0), axis=1)
+    return jax.lax.psum(out, "tensor")  # tensor ranks each hold a slice of the expert width

@@ -1,0 +1,152 @@
+"""Training losses: token cross-entropy, multi-token prediction, load balancing, router z-loss.
+
+Every term is a sum over this micro-batch's tokens divided by a count over the *global* batch
+(all shards, all gradient-accumulation micro-batches; see `Normalizers`), so the terms of M
+micro-batches add up to the loss of one batch M times larger, and so do their gradients.
+
+Load balancing (spec section 5.4), per MoE layer l with E experts:
+    LBL_l = E * sum_i f_{l,i} * P_{l,i}
+    f_{l,i} = count of top-k selections of expert i / valid tokens, over the global batch
+    P_{l,i} = mean router probability of expert i (the only path of the gradient)
+"global" averages LBL_l over layers (the main model's and the MTP module's); "hf_pooled" is
+transformers' formula (f and P pooled over the main model's layers), for parity checks.
+Both equal k under perfectly uniform routing, the scale `router_aux_loss_coef` is set for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qnext_jax.config import ConfigError
+from qnext_jax.model.moe import RouterStats
+from qnext_jax.train.batch import Batch
+
+LBL_FORMULAS = ("global", "hf_pooled")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    mtp_weight: float = 0.1  # lambda in L = CE + (lambda / D) * sum_k CE_k (Megatron's default)
+    lbl_weight: float | None = None  # None: the model's router_aux_loss_coef
+    lbl_formula: str = "global"
+    z_loss_weight: float = 0.0  # router z-loss (ST-MoE); 0 disables it
+
+    def __post_init__(self):
+        if self.lbl_formula not in LBL_FORMULAS:
+            raise ConfigError(f"loss.lbl_formula must be one of {LBL_FORMULAS}, got {self.lbl_formula!r}")
+        for name in ("mtp_weight", "z_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LossConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown loss keys {unknown}; expected some of {sorted(known)}")
+        return cls(**values)
+
+
+class Normalizers(NamedTuple):
+    """Counts over the whole global batch, known before any forward pass."""
+
+    target_tokens: jnp.ndarray  # [] targets counted by the main loss
+    mtp_target_tokens: jnp.ndarray  # [D] targets counted at each MTP depth
+    router_tokens: jnp.ndarray  # [] non-padding tokens seen by each router
+
+
+def normalizers(batch: Batch, mtp_depth: int) -> Normalizers:
+    mtp = [jnp.sum(mtp_targets(batch, k)[1]) for k in range(1, mtp_depth + 1)]
+    return Normalizers(
+        jnp.maximum(jnp.sum(batch.loss_mask), 1.0),
+        jnp.maximum(jnp.stack(mtp), 1.0) if mtp else jnp.zeros((0,)),
+        jnp.maximum(jnp.sum(batch.valid.astype(jnp.float32)), 1.0),
+    )
+
+
+def token_cross_entropy(logits, targets):
+    """[B, T, V] fp32 logits, [B, T] targets -> [B, T] -log p(target), in fp32."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def mtp_targets(batch: Batch, depth: int):
+    """Targets and mask for MTP depth k: position i predicts the token k+1 ahead, targets[i+k].
+
+    The mask is the product of the main mask over i..i+k: the prediction counts only if every
+    step from token i to the target stays inside one document (and the last k rows, which have
+    no target, are masked).
+    """
+    length = batch.targets.shape[1]
+    shift = min(depth, length)
+    targets = jnp.pad(batch.targets[:, shift:], [(0, 0), (0, shift)])
+    mask = batch.loss_mask
+    for step in range(1, shift + 1):
+        mask = mask * jnp.pad(batch.loss_mask[:, step:], [(0, 0), (0, step)])
+    return targets, mask
+
+
+def expert_fractions(stats: RouterStats, router_tokens) -> jnp.ndarray:
+    """f [layers, E]: selections per valid token (sums to k over experts), without gradient."""
+    return jax.lax.stop_gradient(stats.expert_counts / router_tokens)
+
+
+def load_balancing_loss(stats: RouterStats, fractions, router_tokens, formula: str = "global"):
+    """LBL from this micro-batch's probability sums and global-batch fractions f [layers, E]."""
+    num_experts = stats.prob_sums.shape[-1]
+    probs = stats.prob_sums / router_tokens  # this micro-batch's share of the global mean
+    if formula == "hf_pooled":
+        return num_experts * jnp.sum(fractions.mean(0) * probs.mean(0))
+    return num_experts * jnp.mean(jnp.sum(fractions * probs, axis=-1))
+
+
+def hf_pooled_load_balancing_loss(stats: RouterStats):
+    """transformers' `load_balancing_loss_func` from one batch's statistics (parity checks)."""
+    tokens = stats.num_tokens[0]
+    return load_balancing_loss(stats, expert_fractions(stats, tokens), tokens, "hf_pooled")
+
+
+def all_router_stats(output) -> RouterStats | None:
+    """The main model's and the MTP module's router statistics, one row per MoE layer."""
+    parts = [s for s in (output.router_stats, output.mtp_router_stats) if s is not None]
+    if not parts:
+        return None
+    return RouterStats(*(jnp.concatenate(p) for p in zip(*parts)))
+
+
+def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl_coef: float,
+               fractions=None) -> dict[str, jnp.ndarray]:
+    """This micro-batch's share of every loss term; they and their gradients add over
+    micro-batches. `fractions` [layers, E]: global-batch f; None takes it from `output` (one
+    micro-batch: the batch's own counts are the global counts)."""
+    ce = jnp.sum(token_cross_entropy(output.logits, batch.targets) * batch.loss_mask)
+    terms = {"ce_loss": ce / norms.target_tokens}
+
+    mtp = jnp.zeros((), jnp.float32)
+    for k, logits in enumerate(output.mtp_logits, start=1):
+        targets, mask = mtp_targets(batch, k)
+        mtp += jnp.sum(token_cross_entropy(logits, targets) * mask) / norms.mtp_target_tokens[k - 1]
+    terms["mtp_loss"] = mtp / max(len(output.mtp_logits), 1)
+
+    stats = all_router_stats(output)
+    lbl = z_loss = jnp.zeros((), jnp.float32)
+    if stats is not None:
+        if config.lbl_formula == "hf_pooled" and output.router_stats is not None:
+            stats = output.router_stats  # transformers knows no MTP module
+        if fractions is None:
+            fractions = expert_fractions(stats, norms.router_tokens)
+        lbl = load_balancing_loss(stats, fractions[: stats.prob_sums.shape[0]],
+                                  norms.router_tokens, config.lbl_formula)
+        z_loss = jnp.mean(stats.z_sums) / norms.router_tokens
+    terms["lbl_loss"] = lbl
+    terms["z_loss"] = z_loss
+    terms["loss"] = (
+        terms["ce_loss"] + config.mtp_weight * terms["mtp_loss"] + lbl_coef * lbl
+        + config.z_loss_weight * z_loss
+    )
+    return terms

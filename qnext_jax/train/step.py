@@ -1,0 +1,175 @@
+"""One jit-compiled, sharded training step: micro-batches, losses, clipping, AdamW.
+
+Shapes first (`jax.eval_shape`), then shardings from the logical-axis table, then a jitted init
+that creates every parameter and optimizer moment directly in its sharding, then the step with
+the train state donated (updated in place: no second copy of the model).
+
+Gradient accumulation runs inside the jit. Every loss term is normalised by global-batch counts
+(train/losses.py), so the summed gradients of M micro-batches are exactly the gradient of the
+whole batch. The load-balancing loss needs the expert counts of the whole batch before any
+micro-batch's gradient: with M > 1 a forward-only routing pass over the micro-batches collects
+them first (about one extra forward, no activations kept); with M = 1 the forward itself does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+
+from qnext_jax.config import ConfigError, ModelConfig
+from qnext_jax.model import Qwen3NextModel
+from qnext_jax.parallel.axes import ShardingRules
+from qnext_jax.parallel.mesh import MeshError, batch_shards
+from qnext_jax.train.batch import Batch
+from qnext_jax.train.losses import LossConfig, all_router_stats, loss_terms, normalizers
+
+
+class TrainState(NamedTuple):
+    step: jnp.ndarray  # [] int32, optimizer steps taken
+    params: Any  # nnx.State of the model's Params (fp32)
+    opt_state: Any  # optax state; moments sharded like their parameters
+
+
+class Trainer(NamedTuple):
+    """What a training loop needs: the model structure, shardings and the compiled functions."""
+
+    graphdef: Any
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    init: Callable[[], TrainState]  # jitted: the initial state, already sharded
+    step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # jitted, donates the state
+
+
+def abstract_model(config: ModelConfig, seed: int = 0):
+    """(graphdef, abstract params): structure and shapes, nothing allocated."""
+    model = nnx.eval_shape(lambda: Qwen3NextModel(config, rngs=nnx.Rngs(seed)))
+    return nnx.split(model, nnx.Param)
+
+
+def router_layers(config: ModelConfig) -> int:
+    """Rows of the router statistics: the main model's MoE layers, then the MTP module's."""
+    mtp = config.mtp_depth * config.mtp_num_hidden_layers if config.mtp_uses_moe else 0
+    return config.num_moe_layers + mtp
+
+
+def check_batch_size(global_batch: int, micro_batches: int, mesh) -> None:
+    shards = batch_shards(mesh)
+    if global_batch % micro_batches or (global_batch // micro_batches) % shards:
+        raise MeshError(
+            f"global batch {global_batch} must split into {micro_batches} micro-batches whose "
+            f"size is a multiple of the batch shards data*fsdp*expert = {shards}"
+        )
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+    """[B, T] -> [M, B/M, T]; micro-batch m holds rows m, M+m, 2M+m, ... so that each device's
+    rows split evenly and no row moves between devices."""
+    def split(x):
+        rows = x.shape[0] // micro_batches
+        return jnp.swapaxes(x.reshape(rows, micro_batches, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
+                 schedule: optax.Schedule, rules: ShardingRules, *,
+                 loss_config: LossConfig = LossConfig(), micro_batches: int = 1,
+                 seed: int = 0) -> Trainer:
+    if micro_batches < 1:
+        raise ConfigError(f"micro_batches must be >= 1, got {micro_batches}")
+    graphdef, abstract_params = abstract_model(config, seed)
+    lbl_coef = config.router_aux_loss_coef if loss_config.lbl_weight is None else loss_config.lbl_weight
+    mtp_depth = config.mtp_depth if config.mtp_num_hidden_layers else 0
+    num_router_layers = router_layers(config)
+    mesh = rules.mesh
+    abstract_mesh = mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh
+
+    def init_state() -> TrainState:
+        _, params = nnx.split(Qwen3NextModel(config, rngs=nnx.Rngs(seed)), nnx.Param)
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+    abstract_state = jax.eval_shape(init_state)
+    param_shardings = rules.param_shardings(abstract_params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_shardings = TrainState(
+        replicated, param_shardings, rules.like_params(abstract_state.opt_state, abstract_params)
+    )
+    batch_sharding = rules.batch_sharding()
+
+    def forward(params, batch: Batch):
+        model = nnx.merge(graphdef, params)
+        return model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids,
+                     valid=batch.valid)
+
+    def expert_counts(output):
+        stats = all_router_stats(output)
+        return jnp.zeros((0, 1)) if stats is None else stats.expert_counts  # [layers, E]
+
+    def loss_fn(params, batch, norms, fractions):
+        output = forward(params, batch)
+        terms = loss_terms(output, batch, norms, loss_config, lbl_coef, fractions)
+        return terms["loss"], (terms, expert_counts(output))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_batch_grads(params, batch, norms, fractions):
+        (_, (terms, counts)), grads = grad_fn(params, batch, norms, fractions)
+        return jax.lax.with_sharding_constraint(grads, param_shardings), terms, counts
+
+    def accumulated_grads(params, batch, norms):
+        micro = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                x, NamedSharding(mesh, PartitionSpec(None, *batch_sharding.spec))),
+            split_micro_batches(batch, micro_batches),
+        )
+        fractions = None
+        if num_router_layers:
+            def count(total, mb):  # forward only: the whole batch's routing, before gradients
+                return total + expert_counts(forward(params, mb)), None
+
+            zero = jnp.zeros((num_router_layers, config.num_experts), jnp.float32)
+            counts, _ = jax.lax.scan(count, zero, micro)
+            fractions = counts / norms.router_tokens
+
+        def accumulate(carry, mb):
+            update = micro_batch_grads(params, mb, norms, fractions)
+            return jax.tree.map(jnp.add, carry, update), None
+
+        zeros = jax.eval_shape(micro_batch_grads, params, jax.tree.map(lambda x: x[0], micro),
+                               norms, fractions)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        (grads, terms, counts), _ = jax.lax.scan(accumulate, zeros, micro)
+        return grads, terms, counts
+
+    def train_step(state: TrainState, batch: Batch):
+        check_batch_size(batch.input_ids.shape[0], micro_batches, mesh)
+        with jax.sharding.use_abstract_mesh(abstract_mesh):
+            norms = normalizers(batch, mtp_depth)
+            if micro_batches == 1:
+                grads, terms, counts = micro_batch_grads(state.params, batch, norms, None)
+            else:
+                grads, terms, counts = accumulated_grads(state.params, batch, norms)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        metrics = dict(terms)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = schedule(state.step)
+        metrics["target_tokens"] = norms.target_tokens
+        # Fraction of the routed (token, choice) pairs each expert received, per MoE layer.
+        metrics["expert_load"] = counts / jnp.maximum(counts.sum(-1, keepdims=True), 1.0)
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    batch_shardings = Batch(*([batch_sharding] * len(Batch._fields)))
+    return Trainer(
+        graphdef=graphdef,
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        init=jax.jit(init_state, out_shardings=state_shardings),
+        step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0),
+    )

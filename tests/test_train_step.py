@@ -1,0 +1,167 @@
+"""The sharded train step on 8 host CPU devices: the same numbers on every mesh, the specs the
+table promises, global-batch load balancing, gradient accumulation, and several processes."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import REPO_ROOT, TESTS_DIR
+from qnext_jax.model import Qwen3NextModel
+from qnext_jax.train.batch import Batch
+from qnext_jax.train.losses import LossConfig, loss_terms, normalizers
+from step_setup import MESHES, MeshConfig, packed_batch, tiny_config, trainer_for
+
+LOSS_KEYS = ("loss", "ce_loss", "mtp_loss", "lbl_loss", "z_loss", "grad_norm")
+
+
+def run_step(config, mesh_config, batch, devices=None, micro_batches=1):
+    trainer = trainer_for(config, mesh_config, devices, micro_batches)
+    state, metrics = trainer.step(trainer.init(), jax.device_put(batch, trainer.batch_sharding))
+    return trainer, state, {k: np.asarray(v) for k, v in metrics.items()}
+
+
+def flat_params(params):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def assert_same_step(metrics, params, ref_metrics, ref_params):
+    for key in LOSS_KEYS:
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(metrics["expert_load"], ref_metrics["expert_load"], atol=1e-6)
+    assert params.keys() == ref_params.keys()
+    for name, ref in ref_params.items():
+        ours = params[name]
+        assert np.linalg.norm(ours - ref) <= 1e-5 * np.linalg.norm(ref), name
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return tiny_config(REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def single_device(config):
+    _, state, metrics = run_step(config, MeshConfig(fsdp=1), packed_batch(), jax.devices()[:1])
+    return metrics, flat_params(state.params)
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_every_mesh_gives_the_single_device_step(config, single_device, mesh_name):
+    trainer, state, metrics = run_step(config, MESHES[mesh_name], packed_batch())
+    ref_metrics, ref_params = single_device
+    assert ref_metrics["mtp_loss"] > 1.0 and ref_metrics["lbl_loss"] > 1.0  # both terms are on
+    assert_same_step(metrics, flat_params(state.params), ref_metrics, ref_params)
+    assert int(state.step) == 1
+    if mesh_name == "data2_expert2_tensor2":
+        check_specs(state)
+
+
+def check_specs(state):
+    """The shardings of parameters and Adam moments are the table's (a leading None is the
+    stacked-layer axis)."""
+    params = nnx.to_flat_state(state.params)
+    spec = {"/".join(map(str, path)): v.value.sharding.spec for path, v in params}
+    expected = {
+        "embed": P("tensor", "fsdp"),
+        "lm_head": P("fsdp", "tensor"),
+        "final_norm/weight": P(None),
+        "blocks/layers/0/mixer/q_proj": P(None, "fsdp", "tensor", None),
+        "blocks/layers/0/mixer/v_proj": P(None, "fsdp", "tensor", None),
+        "blocks/layers/0/mixer/A_log": P(None, "tensor"),
+        "blocks/layers/0/mixer/conv_q": P(None, None, "tensor", None),
+        "blocks/layers/0/mixer/out_proj": P(None, "tensor", None, "fsdp"),
+        "blocks/layers/3/mixer/q_proj": P(None, "fsdp", "tensor", None),
+        "blocks/layers/3/mixer/k_proj": P(None, "fsdp", "tensor", None),  # 2 kv heads, tensor 2
+        "blocks/layers/3/mixer/o_proj": P(None, "tensor", None, "fsdp"),
+        "blocks/layers/0/mlp/router": P(None, "fsdp", None),
+        "blocks/layers/0/mlp/gate_proj": P(None, "expert", "fsdp", "tensor"),
+        "blocks/layers/0/mlp/down_proj": P(None, "expert", "tensor", "fsdp"),
+        "blocks/layers/0/mlp/shared_expert/up_proj": P(None, "fsdp", "tensor"),
+        "mtp/fc": P(None, "fsdp"),
+        "mtp/layers/0/mlp/gate_proj": P("expert", "fsdp", "tensor"),
+    }
+    for name, want in expected.items():
+        assert spec[name] == want, name
+    adam = state.opt_state[1][0]  # chain(clip, adamw) -> adamw = chain(scale_by_adam, ...)
+    for moment in (adam.mu, adam.nu):
+        moments = {"/".join(map(str, p)): v.value.sharding.spec for p, v in nnx.to_flat_state(moment)}
+        assert moments == spec
+    assert adam.count.sharding.spec == P()
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(config):
+    """4 micro-batches of 4 rows == one 16-row batch: losses (incl. the global LBL), gradient
+    norm, updated parameters. Rows of different documents make the micro-batches route apart."""
+    batch = packed_batch(rows=16, seed=3)
+    mesh = MESHES["data2_expert2_tensor2"]
+    _, state_1, metrics_1 = run_step(config, mesh, batch, micro_batches=1)
+    _, state_4, metrics_4 = run_step(config, mesh, batch, micro_batches=4)
+    assert_same_step(metrics_4, flat_params(state_4.params), metrics_1, flat_params(state_1.params))
+
+
+def test_global_lbl_is_the_whole_batch_lbl_not_the_mean_of_shard_lbls(config):
+    model = Qwen3NextModel(config, rngs=nnx.Rngs(0))
+    batch = packed_batch(rows=8)
+    # Shards that route differently: half the rows repeat one token, half another.
+    ids = np.asarray(batch.input_ids).copy()
+    ids[:4], ids[4:] = 7, 200
+    batch = batch._replace(input_ids=ids)
+
+    def lbl(b):
+        out = model(b.input_ids, positions=b.positions, segment_ids=b.segment_ids, valid=b.valid)
+        terms = loss_terms(out, b, normalizers(b, config.mtp_depth), LossConfig(), 1e-3)
+        return float(terms["lbl_loss"]), out
+
+    whole, out = lbl(batch)
+    # By hand from the statistics: per layer E * sum_i f_i P_i over the whole batch, averaged.
+    stats = [out.router_stats, out.mtp_router_stats]
+    counts = np.concatenate([s.expert_counts for s in stats])
+    probs = np.concatenate([s.prob_sums for s in stats])
+    tokens = float(np.asarray(batch.valid).sum())
+    by_hand = np.mean(config.num_experts * np.sum(counts / tokens * probs / tokens, axis=-1))
+    assert whole == pytest.approx(by_hand, rel=1e-5)
+
+    shard = lambda i: Batch(*(x[2 * i: 2 * i + 2] for x in batch))  # noqa: E731
+    mean_of_shards = np.mean([lbl(shard(i))[0] for i in range(4)])
+    assert abs(mean_of_shards - whole) > 0.05 * whole  # per-shard balance is a different loss
+
+    # And the 8-device mesh computes the whole-batch value.
+    _, _, metrics = run_step(config, MESHES["fsdp4_expert2"], batch)
+    assert float(metrics["lbl_loss"]) == pytest.approx(whole, rel=1e-5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_equal_one_of_eight(config, tmp_path):
+    port = free_port()
+    out = tmp_path / "result.npz"
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(rank))
+        env.pop("XLA_FLAGS", None)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(TESTS_DIR / "multiprocess_worker.py"), str(out)], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    result = dict(np.load(out))
+    assert int(result.pop("rows_per_process")) == 4  # each process loaded half the batch
+    metrics = {k[len("metric/"):]: result.pop(k) for k in list(result) if k.startswith("metric/")}
+
+    _, state, ref_metrics = run_step(config, MESHES["data2_expert2_tensor2"], packed_batch())
+    assert_same_step(metrics, result, ref_metrics, flat_params(state.params))
