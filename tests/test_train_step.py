@@ -54,9 +54,25 @@ def single_device(config):
     return metrics, flat_params(state.params)
 
 
+@pytest.fixture(scope="module")
+def mesh_steps(config):
+    """One trainer per mesh (compiling is the slow part), its step on packed_batch() kept."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            trainer = trainer_for(config, MESHES[name])
+            state, metrics = trainer.step(
+                trainer.init(), jax.device_put(packed_batch(), trainer.batch_sharding))
+            cache[name] = (trainer, state, {k: np.asarray(v) for k, v in metrics.items()})
+        return cache[name]
+
+    return get
+
+
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_every_mesh_gives_the_single_device_step(config, single_device, mesh_name):
-    trainer, state, metrics = run_step(config, MESHES[mesh_name], packed_batch())
+def test_every_mesh_gives_the_single_device_step(single_device, mesh_steps, mesh_name):
+    _, state, metrics = mesh_steps(mesh_name)
     ref_metrics, ref_params = single_device
     assert ref_metrics["mtp_loss"] > 1.0 and ref_metrics["lbl_loss"] > 1.0  # both terms are on
     assert_same_step(metrics, flat_params(state.params), ref_metrics, ref_params)
@@ -98,17 +114,16 @@ def check_specs(state):
     assert adam.count.sharding.spec == P()
 
 
-def test_accumulated_micro_batches_equal_one_large_batch(config):
-    """4 micro-batches of 4 rows == one 16-row batch: losses (incl. the global LBL), gradient
-    norm, updated parameters. Rows of different documents make the micro-batches route apart."""
-    batch = packed_batch(rows=16, seed=3)
-    mesh = MESHES["data2_expert2_tensor2"]
-    _, state_1, metrics_1 = run_step(config, mesh, batch, micro_batches=1)
-    _, state_4, metrics_4 = run_step(config, mesh, batch, micro_batches=4)
-    assert_same_step(metrics_4, flat_params(state_4.params), metrics_1, flat_params(state_1.params))
+def test_accumulated_micro_batches_equal_one_large_batch(config, single_device):
+    """4 micro-batches of 2 rows, on 4 devices (expert 2 x tensor 2), == the one 8-row batch on
+    one device: losses (the global LBL included), gradient norm, updated parameters."""
+    mesh = MeshConfig(fsdp=1, expert=2, tensor=2)
+    _, state, metrics = run_step(config, mesh, packed_batch(), jax.devices()[:4], micro_batches=4)
+    assert_same_step(metrics, flat_params(state.params), *single_device)
 
 
-def test_global_lbl_is_the_whole_batch_lbl_not_the_mean_of_shard_lbls(config):
+def test_global_lbl_is_the_whole_batch_lbl_not_the_mean_of_shard_lbls(config, mesh_steps):
+    trainer, _, _ = mesh_steps("fsdp4_expert2")
     model = Qwen3NextModel(config, rngs=nnx.Rngs(0))
     batch = packed_batch(rows=8)
     # Shards that route differently: half the rows repeat one token, half another.
@@ -116,10 +131,15 @@ def test_global_lbl_is_the_whole_batch_lbl_not_the_mean_of_shard_lbls(config):
     ids[:4], ids[4:] = 7, 200
     batch = batch._replace(input_ids=ids)
 
-    def lbl(b):
+    @jax.jit
+    def forward_and_lbl(b):
         out = model(b.input_ids, positions=b.positions, segment_ids=b.segment_ids, valid=b.valid)
         terms = loss_terms(out, b, normalizers(b, config.mtp_depth), LossConfig(), 1e-3)
-        return float(terms["lbl_loss"]), out
+        return terms["lbl_loss"], out
+
+    def lbl(b):
+        value, out = forward_and_lbl(b)
+        return float(value), out
 
     whole, out = lbl(batch)
     # By hand from the statistics: per layer E * sum_i f_i P_i over the whole batch, averaged.
@@ -134,8 +154,8 @@ def test_global_lbl_is_the_whole_batch_lbl_not_the_mean_of_shard_lbls(config):
     mean_of_shards = np.mean([lbl(shard(i))[0] for i in range(4)])
     assert abs(mean_of_shards - whole) > 0.05 * whole  # per-shard balance is a different loss
 
-    # And the 8-device mesh computes the whole-batch value.
-    _, _, metrics = run_step(config, MESHES["fsdp4_expert2"], batch)
+    # And the 8-device mesh computes the whole-batch value (same shapes: no recompilation).
+    _, metrics = trainer.step(trainer.init(), jax.device_put(batch, trainer.batch_sharding))
     assert float(metrics["lbl_loss"]) == pytest.approx(whole, rel=1e-5)
 
 
@@ -145,7 +165,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_of_four_devices_equal_one_of_eight(config, tmp_path):
+def test_two_processes_of_four_devices_equal_one_of_eight(mesh_steps, tmp_path):
     port = free_port()
     out = tmp_path / "result.npz"
     procs = []
@@ -163,5 +183,5 @@ def test_two_processes_of_four_devices_equal_one_of_eight(config, tmp_path):
     assert int(result.pop("rows_per_process")) == 4  # each process loaded half the batch
     metrics = {k[len("metric/"):]: result.pop(k) for k in list(result) if k.startswith("metric/")}
 
-    _, state, ref_metrics = run_step(config, MESHES["data2_expert2_tensor2"], packed_batch())
+    _, state, ref_metrics = mesh_steps("data2_expert2_tensor2")
     assert_same_step(metrics, result, ref_metrics, flat_params(state.params))
