@@ -1,0 +1,81 @@
+"""Planning a run on paper: the train step traced and lowered on a mesh that need not exist,
+and the bytes each device holds. Nothing is allocated; the model is only shapes."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from qnext_jax.config import ModelConfig
+from qnext_jax.parallel.axes import ShardingRules
+from qnext_jax.parallel.mesh import MeshConfig, make_abstract_mesh
+from qnext_jax.train.batch import Batch
+from qnext_jax.train.losses import LossConfig
+from qnext_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+from qnext_jax.train.step import Trainer, make_trainer
+
+
+def abstract_inputs(trainer: Trainer, global_batch: int, sequence_length: int):
+    """ShapeDtypeStructs (with shardings) of the train state and of one batch."""
+    state = _per_sharding(
+        lambda sharding, leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        trainer.state_shardings, jax.eval_shape(trainer.init),
+    )
+    column = {"loss_mask": jnp.float32}
+    batch = Batch(*(
+        jax.ShapeDtypeStruct((global_batch, sequence_length), column.get(name, jnp.int32),
+                             sharding=trainer.batch_sharding)
+        for name in Batch._fields
+    ))
+    return state, batch
+
+
+def planned_trainer(config: ModelConfig, mesh_config: MeshConfig, num_devices: int, *,
+                    micro_batches: int = 1, mesh=None) -> Trainer:
+    """A trainer over an abstract mesh of `num_devices` (or over `mesh`, to compile)."""
+    mesh = make_abstract_mesh(mesh_config, num_devices) if mesh is None else mesh
+    optimizer_config = OptimizerConfig()
+    return make_trainer(config, make_optimizer(optimizer_config),
+                        learning_rate_schedule(optimizer_config), ShardingRules(config, mesh),
+                        loss_config=LossConfig(), micro_batches=micro_batches)
+
+
+def lower_train_step(trainer: Trainer, global_batch: int, sequence_length: int,
+                     platform: str | None = "tpu"):
+    state, batch = abstract_inputs(trainer, global_batch, sequence_length)
+    traced = trainer.step.trace(state, batch)
+    return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+
+
+def bytes_per_device(abstract_tree, shardings) -> int:
+    """Largest shard of every array, summed: what one device stores of the tree."""
+    sizes = _per_sharding(
+        lambda sharding, leaf: math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize,
+        shardings, abstract_tree,
+    )
+    return sum(jax.tree.leaves(sizes))
+
+
+def _per_sharding(fn, shardings, tree):
+    """fn(sharding, leaf) over a tree whose shardings tree is a prefix (one sharding may stand
+    for a whole subtree, e.g. an nnx Variable)."""
+    return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: fn(sharding, x), sub),
+                        shardings, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def state_bytes_per_device(trainer: Trainer) -> dict[str, int]:
+    state = jax.eval_shape(trainer.init)
+    shardings = trainer.state_shardings
+    return {
+        "params": bytes_per_device(state.params, shardings.params),
+        "optimizer": bytes_per_device(state.opt_state, shardings.opt_state),
+    }
+
+
+def total_bytes(abstract_tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_tree))
+
+

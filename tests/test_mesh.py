@@ -1,0 +1,81 @@
+"""Mesh construction and the logical-axis table: sizes, -1, clear errors for impossible meshes,
+and the 80B train step lowered on a 64-device abstract mesh."""
+
+import jax
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from conftest import REPO_ROOT
+from qnext_jax.config import ModelConfig
+from qnext_jax.parallel.axes import ShardingRules
+from qnext_jax.parallel.mesh import MeshConfig, MeshError, make_abstract_mesh, make_mesh
+from qnext_jax.train.plan import lower_train_step, planned_trainer, state_bytes_per_device
+from qnext_jax.train.step import check_batch_size
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ModelConfig.from_yaml(REPO_ROOT / "configs" / "tiny.yaml")
+
+
+def test_minus_one_takes_the_remaining_devices():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=-1, expert=2))
+    assert dict(zip(mesh.axis_names, mesh.axis_sizes)) == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 4
+    assert MeshConfig.from_dict({"expert": 4, "tensor": 2, "fsdp": 1}).resolve(8)["data"] == 1
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: MeshConfig(data=3, fsdp=1).resolve(8), "has 3 devices but 8 are available"),
+    (lambda: MeshConfig(data=3, fsdp=-1).resolve(8), "fixed axes multiply to 3, which does not divide 8"),
+    (lambda: MeshConfig(data=-1, fsdp=-1), "only one mesh axis may be -1"),
+    (lambda: MeshConfig(tensor=0), "mesh.tensor must be a positive size or -1"),
+    (lambda: MeshConfig.from_dict({"model": 2}), "unknown mesh axes ['model']"),
+])
+def test_impossible_mesh_shapes(build, message):
+    with pytest.raises(MeshError) as error:
+        build()
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("mesh, changes, message", [
+    (MeshConfig(fsdp=1, tensor=8), {}, "num_attention_heads = 4 is not divisible by mesh.tensor = 8"),
+    (MeshConfig(fsdp=2, tensor=4), {"num_attention_heads": 8},
+     "linear_num_key_heads = 2 is not divisible by mesh.tensor = 4"),
+    (MeshConfig(fsdp=2, expert=4), {"num_experts": 6}, "num_experts = 6 is not divisible by mesh.expert = 4"),
+    (MeshConfig(fsdp=8), {"hidden_size": 68}, "hidden_size = 68 is not divisible by mesh.fsdp = 8"),
+])
+def test_model_that_does_not_fit_the_mesh(tiny, mesh, changes, message):
+    with pytest.raises(MeshError) as error:
+        ShardingRules(tiny.replace(**changes), make_abstract_mesh(mesh, 8))
+    assert message in str(error.value)
+
+
+def test_batch_must_split_over_batch_axes():
+    mesh = make_abstract_mesh(MeshConfig(data=2, fsdp=2, expert=2), 8)
+    check_batch_size(16, 2, mesh)
+    with pytest.raises(MeshError, match="global batch 6 must split into 1 micro-batches whose size "
+                                        "is a multiple of the batch shards data\\*fsdp\\*expert = 8"):
+        check_batch_size(6, 1, mesh)
+    with pytest.raises(MeshError, match="global batch 16 must split into 4 micro-batches"):
+        check_batch_size(16, 4, mesh)
+
+
+def test_kv_heads_replicate_when_tensor_exceeds_them(tiny):
+    config = tiny.replace(num_attention_heads=8, linear_num_key_heads=4, linear_num_value_heads=8)
+    rules = ShardingRules(config, make_abstract_mesh(MeshConfig(fsdp=2, tensor=4), 8))
+    assert rules.spec(("embed", "kv_heads", "head_dim")) == P("fsdp", None, None)
+    assert rules.spec(("embed", "heads", "head_dim")) == P("fsdp", "tensor", None)
+
+
+def test_80b_step_lowers_on_a_64_device_abstract_mesh():
+    config = ModelConfig.from_yaml(REPO_ROOT / "configs" / "qwen3_next_80b_a3b.yaml")
+    trainer = planned_trainer(config, MeshConfig(fsdp=8, expert=8), 64)
+    state_bytes = state_bytes_per_device(trainer)
+    # fp32 params: 81.3B parameters / 64 devices would be 5.1 GB if everything were split 64
+    # ways; the dense parts are split 8 ways (fsdp) and replicated over `expert`.
+    assert 5.0e9 < state_bytes["params"] < 7.0e9
+    assert state_bytes["optimizer"] == pytest.approx(2 * state_bytes["params"], rel=1e-3)
+    text = lower_train_step(trainer, global_batch=64, sequence_length=256).as_text()
+    assert "mhlo.num_partitions = 64" in text
+    assert text.count("all_to_all") >= 4  # the expert-parallel dispatch and return, fwd and bwd
