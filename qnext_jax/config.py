@@ -332,6 +332,16 @@ def _check_choice(config: ModelConfig, name: str, choices: tuple[str, ...]) -> N
         raise ConfigError(f"{name} is {getattr(config, name)!r}; expected one of {choices}")
 
 
+def check_known_keys(values: dict[str, Any], cls, section: str) -> None:
+    """Raises ConfigError for a key of `values` that is not a field of dataclass `cls`,
+    naming it as `section.key` and suggesting the nearest field."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"unknown key {section}.{key}{_did_you_mean(key, known)}; "
+                              f"the keys are {sorted(known)}")
+
+
 def _did_you_mean(key: str, known) -> str:
     close = difflib.get_close_matches(key, sorted(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

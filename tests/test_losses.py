@@ -83,3 +83,11 @@ def test_lbl_is_k_for_uniform_routing_and_larger_when_collapsed():
     probs = jnp.array([[tokens / 2, tokens / 2, 0, 0]], jnp.float32)
     stats = stats._replace(expert_counts=collapsed, prob_sums=probs)
     assert float(load_balancing_loss(stats, collapsed / tokens, tokens)) == pytest.approx(2 * k)
+
+
+def test_loss_config_errors():
+    from qnext_jax.config import ConfigError
+    with pytest.raises(ConfigError, match=r"unknown key loss.mtp_wieght \(did you mean 'mtp_weight'\?\)"):
+        LossConfig.from_dict({"mtp_wieght": 0.3})
+    with pytest.raises(ConfigError, match="loss.lbl_formula must be one of"):
+        LossConfig(lbl_formula="per_device")

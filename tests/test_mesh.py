@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from conftest import REPO_ROOT
-from qnext_jax.config import ModelConfig
+from qnext_jax.config import ConfigError, ModelConfig
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshConfig, MeshError, make_abstract_mesh, make_mesh
 from qnext_jax.train.plan import lower_train_step, planned_trainer, state_bytes_per_device
@@ -30,10 +30,10 @@ def test_minus_one_takes_the_remaining_devices():
     (lambda: MeshConfig(data=3, fsdp=-1).resolve(8), "fixed axes multiply to 3, which does not divide 8"),
     (lambda: MeshConfig(data=-1, fsdp=-1), "only one mesh axis may be -1"),
     (lambda: MeshConfig(tensor=0), "mesh.tensor must be a positive size or -1"),
-    (lambda: MeshConfig.from_dict({"model": 2}), "unknown mesh axes ['model']"),
+    (lambda: MeshConfig.from_dict({"exprt": 2}), "unknown key mesh.exprt (did you mean 'expert'?)"),
 ])
 def test_impossible_mesh_shapes(build, message):
-    with pytest.raises(MeshError) as error:
+    with pytest.raises(ConfigError) as error:
         build()
     assert message in str(error.value)
 

@@ -80,7 +80,7 @@ def test_global_norm_clipping():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="unknown optimizer keys"):
+    with pytest.raises(ConfigError, match=r"unknown key optimizer.learning_rte \(did you mean 'learning_rate'\?\)"):
         OptimizerConfig.from_dict({"learning_rte": 1.0})
     with pytest.raises(ConfigError, match="schedule"):
         OptimizerConfig(schedule="linear")

@@ -16,6 +16,7 @@ from qnext_jax.model.norms import GatedRMSNorm
 from qnext_jax.model.params import cast, compute_dtype, constant_param, normal_param, param
 from qnext_jax.ops import gated_delta_rule
 from qnext_jax.ops.causal_conv import causal_conv_silu
+from qnext_jax.parallel.axes import shard_map_per_device, under_mesh
 
 KEY_PROJ = ("embed", "key_heads", "head_dim")
 VALUE_PROJ = ("embed", "value_heads", "head_dim")
@@ -66,9 +67,25 @@ class GatedDeltaNet(nnx.Module):
         beta = jax.nn.sigmoid(b)  # in the activation dtype, as HF
         decay_rate = jnp.exp(self.A_log[...].astype(jnp.float32))
         g = -decay_rate * jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-        out, _ = gated_delta_rule(
-            query, key, value, g, beta,
-            segment_ids=segment_ids, impl=config.delta_rule_impl, normalize_qk=True,
-        )  # [B, T, H, D]
+        out = self._delta_rule(query, key, value, g, beta, segment_ids)  # [B, T, H, D]
         out = self.norm(out, z)
         return jnp.einsum("BTHD,HDE->BTE", out, cast(self.out_proj, dtype))
+
+    def _delta_rule(self, query, key, value, g, beta, segment_ids):
+        def run(query, key, value, g, beta, segment_ids):
+            out, _ = gated_delta_rule(query, key, value, g, beta, segment_ids=segment_ids,
+                                      impl=self.config.delta_rule_impl, normalize_qk=True)
+            return out
+
+        if not under_mesh():
+            return run(query, key, value, g, beta, segment_ids)
+        # Rows and heads are independent: each device runs the rule (a Pallas kernel on GPU/TPU,
+        # which GSPMD could not partition) on its own rows and tensor-parallel heads. Value head
+        # h reads key head h // (Hv / Hk); both split contiguously over `tensor`, so each
+        # device's value heads find their key heads on the same device.
+        heads = ("batch", "sequence", "key_heads", "head_dim")
+        value_heads = ("batch", "sequence", "value_heads", "head_dim")
+        gates = ("batch", "sequence", "value_heads")
+        rows = None if segment_ids is None else ("batch", "sequence")
+        return shard_map_per_device(run, (heads, heads, value_heads, gates, gates, rows), value_heads)(
+            query, key, value, g, beta, segment_ids)

@@ -17,7 +17,8 @@ from flax import nnx
 from qnext_jax.config import ModelConfig
 from qnext_jax.model.mlp import SwiGLU
 from qnext_jax.model.params import cast, compute_dtype, normal_param, param
-from qnext_jax.parallel.expert_parallel import expert_parallel_ffn, grouped_swiglu, use_expert_parallel
+from qnext_jax.parallel.axes import under_mesh
+from qnext_jax.parallel.expert_parallel import expert_parallel_ffn, grouped_swiglu
 
 EXPERT_IN = ("experts", "embed", "mlp")  # gate and up projections [X, E, F]
 EXPERT_OUT = ("experts", "mlp", "embed")  # down projection [X, F, E]
@@ -76,7 +77,7 @@ class SparseMoE(nnx.Module):
         weights = weights.astype(dtype)
         if config.moe_impl == "dense":
             routed = self.experts_dense(tokens, weights, experts)
-        elif use_expert_parallel():
+        elif under_mesh():
             routed = expert_parallel_ffn(
                 tokens, weights, experts, *self._expert_weights(dtype),
                 capacity_factor=config.moe_capacity_factor,

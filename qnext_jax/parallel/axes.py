@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qnext_jax.config import ModelConfig
-from qnext_jax.parallel.mesh import BATCH_AXES, MeshError, axis_size
+from qnext_jax.parallel.mesh import BATCH_AXES, MESH_AXES, MeshError, axis_size
 
 LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
     # Parameters. FSDP shards the model width; tensor parallelism shards heads and MLP widths;
@@ -131,6 +131,24 @@ def param_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
     if len(variable.shape) != len(axes):
         raise ValueError(f"parameter of shape {variable.shape} is annotated with axes {axes}")
     return axes
+
+
+def under_mesh() -> bool:
+    """True while tracing under one of our meshes (the train step sets it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and set(MESH_AXES) <= set(mesh.axis_names)
+
+
+def shard_map_per_device(fn, in_axes, out_axes):
+    """jax.shard_map over the ambient mesh, specs given as logical axes (None for an argument
+    that is None), for a function with no collectives: each device computes on its shard alone.
+    The varying-axes check is off because such a function (e.g. a scan seeded with zeros) has
+    nothing to check and would otherwise need casts in numerics code that knows no mesh."""
+    spec = lambda axes: None if axes is None else logical_spec(axes)  # noqa: E731
+    return jax.shard_map(
+        fn, mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=tuple(spec(a) for a in in_axes), out_specs=spec(out_axes), check_vma=False,
+    )
 
 
 def constrain(x, logical_axes):

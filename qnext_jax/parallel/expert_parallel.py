@@ -32,13 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from qnext_jax.parallel.axes import logical_spec
-from qnext_jax.parallel.mesh import BATCH_AXES, MESH_AXES, axis_size
-
-
-def use_expert_parallel() -> bool:
-    """True under one of our meshes (parallel/mesh.py), set by the train step."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and set(MESH_AXES) <= set(mesh.axis_names)
+from qnext_jax.parallel.mesh import BATCH_AXES, axis_size
 
 
 def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w):

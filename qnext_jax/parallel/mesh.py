@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh
 
-from qnext_jax.config import ConfigError
+from qnext_jax.config import ConfigError, check_known_keys
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # The axes a batch is split over (everything except tensor, whose ranks share their tokens).
@@ -50,9 +50,7 @@ class MeshConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MeshConfig:
-        unknown = sorted(set(values) - set(MESH_AXES))
-        if unknown:
-            raise MeshError(f"unknown mesh axes {unknown}; the mesh axes are {list(MESH_AXES)}")
+        check_known_keys(values, cls, "mesh")
         return cls(**{name: int(size) for name, size in values.items()})
 
     def as_dict(self) -> dict[str, int]:

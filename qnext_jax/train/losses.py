@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from qnext_jax.config import ConfigError
+from qnext_jax.config import ConfigError, check_known_keys
 from qnext_jax.model.moe import RouterStats
 from qnext_jax.train.batch import Batch
 
@@ -44,10 +44,7 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LossConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown loss keys {unknown}; expected some of {sorted(known)}")
+        check_known_keys(values, cls, "loss")
         return cls(**values)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import optax
 
-from qnext_jax.config import ConfigError
+from qnext_jax.config import ConfigError, check_known_keys
 
 # Parameter paths (suffixes of the flat NNX path) that weight decay must not touch.
 NO_DECAY_SUFFIXES = (("A_log",), ("dt_bias",), ("mixer", "norm", "weight"))
@@ -49,10 +49,7 @@ class OptimizerConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OptimizerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown optimizer keys {unknown}; expected some of {sorted(known)}")
+        check_known_keys(values, cls, "optimizer")
         return cls(**values)
 
 
