@@ -1,0 +1,120 @@
+"""Data: the embedded corpus and its split, file sources and their errors, tokenizers, packing,
+and the grain pipeline (order by seed, per-process shards, exact resume, ArrayRecord rows)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qnext_jax.data.packing import pack_documents
+from qnext_jax.data.pipeline import ArrayRecordRows, InMemoryRows, batch_dataset, write_array_record_rows
+from qnext_jax.data.sources import DataError, jsonl_files, stdlib_corpus, text_files
+from qnext_jax.data.tokenizer import END_OF_TEXT, load_tokenizer, train_byte_level_bpe
+
+
+def test_stdlib_corpus_is_split_by_name_deterministically():
+    train = [name for name, _ in stdlib_corpus("train")]
+    held_out = [name for name, _ in stdlib_corpus("eval")]
+    assert len(train) > 500 and 5 <= len(held_out) < 0.05 * len(train)
+    assert not set(train) & set(held_out)
+    assert any(n.startswith("pydoc/") for n in train) and any(n.startswith("stdlib/") for n in train)
+    assert not any("/test/" in n or "site-packages" in n for n in train)
+    assert held_out == [name for name, _ in stdlib_corpus("eval")]
+
+
+def test_file_sources_and_their_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.txt").write_text("beta")
+    docs = list(text_files(str(tmp_path / "*.txt"), eval_percent=0))
+    assert docs == [(str(tmp_path / "a.txt"), "alpha"), (str(tmp_path / "b.txt"), "beta")]
+    with pytest.raises(DataError, match="text file .*missing.txt' matches no file"):
+        list(text_files(str(tmp_path / "missing.txt")))
+
+    lines = [json.dumps({"text": "one"}), "", json.dumps({"text": "two", "id": 2})]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    assert [t for _, t in jsonl_files(str(tmp_path / "d.jsonl"), eval_percent=0)] == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with a string field 'text'"):
+        list(jsonl_files(str(tmp_path / "bad.jsonl"), eval_percent=0))
+    (tmp_path / "broken.jsonl").write_text('{"text": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl:1: not valid JSON"):
+        list(jsonl_files(str(tmp_path / "broken.jsonl"), eval_percent=0))
+
+
+def test_default_tokenizer_round_trips_and_saves_as_tokenizer_json(tmp_path):
+    texts = ["def add(a, b):\n    return a + b\n"] * 20 + ["héllo wörld ✓"]
+    tokenizer = train_byte_level_bpe(texts, vocab_size=300)
+    assert 258 < tokenizer.vocab_size <= 300  # at most the size asked; fewer merges exist here
+    ids = tokenizer.encode_documents(texts[-2:])
+    assert all(doc[-1] == tokenizer.end_of_text_id for doc in ids)
+    assert tokenizer.decode(ids[1][:-1]) == "héllo wörld ✓"  # bytes never fall out of the vocab
+    assert len(ids[0]) < len(texts[0].encode())  # merges learned
+    tokenizer.save(tmp_path / "tokenizer.json")
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.encode_documents(texts[:1]) == tokenizer.encode_documents(texts[:1])
+    assert train_byte_level_bpe(texts, 300).encode_documents(texts) == tokenizer.encode_documents(texts)
+    with pytest.raises(DataError, match="tokenizer file .*nowhere.json does not exist"):
+        load_tokenizer(tmp_path / "nowhere.json")
+    assert END_OF_TEXT in loaded.tokenizer.get_vocab()
+
+
+def test_packing_cuts_documents_into_rows_with_segments():
+    tokens, segments = pack_documents([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]], row_length=4)
+    np.testing.assert_array_equal(tokens, [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 0]])
+    np.testing.assert_array_equal(segments, [[1, 1, 1, 2], [1, 2, 2, 2], [1, 1, 1, 0]])
+    with pytest.raises(DataError, match="the corpus has no tokens"):
+        pack_documents([[], []], row_length=4)
+
+
+@pytest.fixture
+def rows():
+    tokens = np.arange(48 * 9, dtype=np.int32).reshape(48, 9)  # row r starts with 9r
+    return InMemoryRows(tokens, np.ones_like(tokens))
+
+
+def first_tokens(batch):
+    return [int(t) // 9 for t in batch.input_ids[:, 0]]
+
+
+def test_pipeline_order_shards_and_epochs(rows):
+    order = [first_tokens(b) for b, _ in zip(batch_dataset(rows, 4, seed=1), range(12))]
+    again = [first_tokens(b) for b, _ in zip(batch_dataset(rows, 4, seed=1), range(12))]
+    other = [first_tokens(b) for b, _ in zip(batch_dataset(rows, 4, seed=2), range(12))]
+    assert order == again and order != other
+    assert sorted(sum(order, [])) == list(range(48))  # one epoch: every row once
+    assert sum(order, [])[:48] != list(range(48))  # shuffled
+    second_epoch = [first_tokens(b) for b, _ in zip(batch_dataset(rows, 4, seed=1), range(24))][12:]
+    assert sorted(sum(second_epoch, [])) == list(range(48)) and second_epoch != order
+
+    shards = [[first_tokens(b) for b, _ in zip(batch_dataset(rows, 2, seed=1, process_index=p,
+                                                             process_count=2), range(12))]
+              for p in range(2)]
+    assert sorted(sum(shards[0] + shards[1], [])) == list(range(48))
+    assert not set(sum(shards[0], [])) & set(sum(shards[1], []))
+
+
+def test_pipeline_resumes_exactly_from_its_state(rows):
+    iterator = iter(batch_dataset(rows, 4, seed=5))
+    for _ in range(7):  # into the second epoch
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(5)]
+    resumed = iter(batch_dataset(rows, 4, seed=5))
+    resumed.set_state(json.loads(json.dumps(state)))  # the state survives JSON
+    for want in expected:
+        got = next(resumed)
+        for field in want._fields:
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
+def test_array_record_rows_equal_the_rows_written(rows, tmp_path):
+    write_array_record_rows(tmp_path / "prepared", rows.tokens, rows.segment_ids, rows_per_shard=20)
+    stored = ArrayRecordRows(tmp_path / "prepared")
+    assert len(stored) == 48 and len(stored.metadata["shards"]) == 3
+    for index in (0, 19, 20, 47):
+        np.testing.assert_array_equal(stored[index][0], rows.tokens[index])
+        np.testing.assert_array_equal(stored[index][1], rows.segment_ids[index])
+    with pytest.raises(DataError, match="holds no prepared rows"):
+        ArrayRecordRows(tmp_path)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        batch_dataset(stored, 30, seed=0, process_count=2)
