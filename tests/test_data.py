@@ -118,3 +118,45 @@ def test_array_record_rows_equal_the_rows_written(rows, tmp_path):
         ArrayRecordRows(tmp_path)
     with pytest.raises(DataError, match="fewer than one global batch"):
         batch_dataset(stored, 30, seed=0, process_count=2)
+
+
+def test_prepare_command_writes_rows_a_prepared_run_reads(tmp_path):
+    from qnext_jax.data.__main__ import main
+    from qnext_jax.data.build import DataConfig, make_tokenizer, packed_rows
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"document {i}: " + "word " * (i % 17)})
+                                for i in range(300)))
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--source", "jsonl", "--paths", str(corpus), "--vocab-size", "300",
+                 "--seq-len", "15", "--eval-percent", "10", "--out", str(out)]) == 0
+    prepared = DataConfig(source="prepared", paths=(str(out),))
+    prepared.check_paths()
+    tokenizer = make_tokenizer(prepared, 300, tmp_path / "run")
+    direct = DataConfig(source="jsonl", paths=(str(corpus),), tokenizer=str(out / "tokenizer.json"),
+                        eval_percent=10)
+    for split in ("train", "eval"):
+        stored, fresh = packed_rows(prepared, tokenizer, 16, split), packed_rows(direct, tokenizer, 16, split)
+        assert len(stored) == len(fresh) > 0
+        np.testing.assert_array_equal(stored[len(fresh) - 1][0], fresh[len(fresh) - 1][0])
+    with pytest.raises(DataError, match="prepared rows in .* are 16 tokens long; this run needs 33"):
+        packed_rows(prepared, tokenizer, 33, "train")
+    with pytest.raises(DataError, match="tokenizer .* has 300 tokens but the model's vocab_size is 256"):
+        make_tokenizer(prepared, 256, tmp_path / "run")
+    assert main(["prepare", "--source", "text", "--paths", str(tmp_path / "none*.txt"),
+                 "--seq-len", "15", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_data_config_errors(tmp_path):
+    from qnext_jax.data.build import DataConfig
+
+    with pytest.raises(DataError, match="data.source must be one of"):
+        DataConfig(source="web")
+    with pytest.raises(DataError, match="data.source 'jsonl' needs data.paths"):
+        DataConfig(source="jsonl")
+    from qnext_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown key data.path \(did you mean 'paths'\?\)"):
+        DataConfig.from_dict({"path": "x"})
+    with pytest.raises(DataError, match="holds no prepared rows"):
+        DataConfig(source="prepared", paths=(str(tmp_path),)).check_paths()

@@ -1,0 +1,101 @@
+"""From a data config to a tokenizer and the packed train / eval rows a run reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from qnext_jax.config import check_known_keys
+from qnext_jax.data.packing import pack_documents
+from qnext_jax.data.pipeline import ArrayRecordRows, InMemoryRows
+from qnext_jax.data.sources import DataError, expand_paths, jsonl_files, stdlib_corpus, text_files
+from qnext_jax.data.tokenizer import TextTokenizer, load_tokenizer, train_byte_level_bpe
+
+SOURCES = ("stdlib", "text", "jsonl", "prepared")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"  # stdlib (embedded) | text | jsonl | prepared (ArrayRecord rows)
+    paths: tuple[str, ...] = ()  # files or globs (text, jsonl); one directory (prepared)
+    jsonl_field: str = "text"
+    tokenizer: str | None = None  # a tokenizer.json; None trains the default byte-level BPE
+    eval_percent: float = 2.0  # documents held out for evaluation, chosen by name hash
+    seed: int = 0  # shuffling
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
+        if self.source not in SOURCES:
+            raise DataError(f"data.source must be one of {SOURCES}, got {self.source!r}")
+        if self.source != "stdlib" and not self.paths:
+            raise DataError(f"data.source {self.source!r} needs data.paths")
+        if self.source == "prepared" and len(self.paths) != 1:
+            raise DataError("data.source 'prepared' takes one directory in data.paths")
+        if not 0 <= self.eval_percent < 100:
+            raise DataError(f"data.eval_percent must be in [0, 100), got {self.eval_percent}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
+        check_known_keys(values, cls, "data")
+        return cls(**values)
+
+    def check_paths(self) -> None:
+        """Fails before anything is compiled if a path is missing."""
+        if self.source == "prepared":
+            for split in ("train", "eval"):
+                ArrayRecordRows(Path(self.paths[0]) / split)
+        elif self.source in ("text", "jsonl"):
+            expand_paths(list(self.paths), f"{self.source} file")
+        if self.tokenizer is not None and not Path(self.tokenizer).exists():
+            raise DataError(f"data.tokenizer {self.tokenizer} does not exist")
+
+
+def documents(config: DataConfig, split: str):
+    if config.source == "stdlib":
+        return stdlib_corpus(split, config.eval_percent)
+    if config.source == "text":
+        return text_files(list(config.paths), split, config.eval_percent)
+    if config.source == "jsonl":
+        return jsonl_files(list(config.paths), config.jsonl_field, split, config.eval_percent)
+    raise DataError("prepared data has no documents, only rows")
+
+
+def make_tokenizer(config: DataConfig, vocab_size: int, cache_dir: Path) -> TextTokenizer:
+    """The configured tokenizer; else the one cached in `cache_dir` (a resumed run keeps its
+    tokenizer); else a byte-level BPE of `vocab_size` trained on the training split."""
+    cached = Path(cache_dir) / TOKENIZER_FILE
+    if config.tokenizer is not None:
+        tokenizer = load_tokenizer(config.tokenizer)
+    elif config.source == "prepared":
+        tokenizer = load_tokenizer(Path(config.paths[0]) / TOKENIZER_FILE)
+    elif cached.is_file():
+        tokenizer = load_tokenizer(cached)
+    else:
+        tokenizer = train_byte_level_bpe((text for _, text in documents(config, "train")), vocab_size)
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        tokenizer.save(cached)
+    if tokenizer.vocab_size > vocab_size:
+        raise DataError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {vocab_size}; use a larger model.vocab_size"
+        )
+    return tokenizer
+
+
+def packed_rows(config: DataConfig, tokenizer: TextTokenizer, row_length: int, split: str):
+    """Random-access rows of `row_length` tokens for one split."""
+    if config.source == "prepared":
+        rows = ArrayRecordRows(Path(config.paths[0]) / split)
+        if rows.row_length != row_length:
+            raise DataError(f"prepared rows in {config.paths[0]} are {rows.row_length} tokens long; "
+                            f"this run needs {row_length} (sequence length + 1)")
+        return rows
+    texts = [text for _, text in documents(config, split)]
+    if not texts:
+        raise DataError(f"the {split} split of data source {config.source!r} has no documents")
+    ids = []
+    for start in range(0, len(texts), 256):  # bounded memory per encode call
+        ids += tokenizer.encode_documents(texts[start:start + 256])
+    return InMemoryRows(*pack_documents(ids, row_length))
