@@ -343,8 +343,21 @@ def check_known_keys(values: dict[str, Any], cls, section: str) -> None:
 
 
 def _did_you_mean(key: str, known) -> str:
-    close = difflib.get_close_matches(key, sorted(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = nearest(key, sorted(known))
+    return f" (did you mean {close!r}?)" if close else ""
+
+
+def nearest(name: str, known: list[str]) -> str | None:
+    """The valid key a user most likely meant: a close spelling, else an abbreviation
+    (`lr` for `learning_rate`), else one that contains the name."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    for key in known:
+        if "".join(part[0] for part in key.split("_") if part) == name:
+            return key
+    containing = [key for key in known if name in key]
+    return containing[0] if containing else None
 
 
 def _rope_scaling_from_dict(values: dict[str, Any]) -> RopeScaling:

@@ -1,0 +1,199 @@
+"""The run configuration: one YAML file of sections plus `section.key=value` overrides.
+
+    model:      ModelConfig fields (or `preset: configs/NAME.yaml` to start from a preset)
+    mesh:       data / fsdp / expert / tensor
+    optimizer:  OptimizerConfig      loss: LossConfig      data: DataConfig
+    train:      TrainConfig (steps, batch, sequence length, logging, checkpoints, run_dir)
+
+Every key is checked against its dataclass: an unknown key or a value of the wrong type is an
+error that names the dotted key (and the nearest valid one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qnext_jax.config import ConfigError, ModelConfig, RopeScaling, nearest
+from qnext_jax.data.build import DataConfig
+from qnext_jax.parallel.mesh import MeshConfig
+from qnext_jax.train.losses import LossConfig
+from qnext_jax.train.optimizer import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16  # global rows per optimizer step
+    seq_len: int = 256
+    micro_batches: int = 1
+    seed: int = 0  # parameter initialisation
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    run_dir: str | None = None  # default: a new folder under runs/
+    init_from_hf: str | None = None  # a Hugging Face Qwen3-Next directory to start from
+    export_hf: bool = False  # write the final model in Hugging Face format to run_dir/hf
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every",
+                     "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "mesh": MeshConfig, "optimizer": OptimizerConfig,
+    "loss": LossConfig, "data": DataConfig, "train": TrainConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    mesh: MeshConfig
+    optimizer: OptimizerConfig
+    loss: LossConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+
+
+def all_keys() -> dict[str, Any]:
+    """Every dotted key with its default (ModelConfig's defaults are the 80B model's)."""
+    keys = {}
+    for section, cls in SECTIONS.items():
+        for field in dataclasses.fields(cls):
+            default = field.default if field.default is not dataclasses.MISSING else None
+            keys[f"{section}.{field.name}"] = default
+    keys["model.preset"] = None
+    return keys
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections {list(SECTIONS)}")
+        for section, entries in loaded.items():
+            _check_section(section, where=str(path))
+            if not isinstance(entries, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping")
+            values[section].update(entries)
+    for override in overrides:
+        key, separator, text = override.partition("=")
+        if not separator or "." not in key:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        section, name = key.split(".", 1)
+        _check_section(section, where="the command line")
+        values[section][name] = yaml.safe_load(text)
+    return build_run_config(values)
+
+
+def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
+    model_values = dict(values.get("model", {}))
+    preset = model_values.pop("preset", None)
+    if preset is not None:
+        preset_config = ModelConfig.from_yaml(preset).to_dict()
+        model_values = {**preset_config, **model_values}
+    sections = {}
+    for section, cls in SECTIONS.items():
+        entries = model_values if section == "model" else values.get(section, {})
+        typed = {name: _coerce(section, cls, name, value) for name, value in entries.items()}
+        sections[section] = cls(**typed)
+    return RunConfig(**sections)
+
+
+def _check_section(section: str, where: str) -> None:
+    if section not in SECTIONS:
+        close = difflib.get_close_matches(section, SECTIONS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown section {section!r} in {where}{hint}; sections: {list(SECTIONS)}")
+
+
+def _coerce(section: str, cls: type, name: str, value: Any) -> Any:
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        close = nearest(name, [f.name for f in dataclasses.fields(cls)])
+        hint = f" (did you mean {section}.{close}?)" if close else ""
+        raise ConfigError(f"unknown key {section}.{name}{hint}; see `python train.py --help`")
+    try:
+        return _convert(hints[name], value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{section}.{name} = {value!r}: expected {_describe(hints[name])}"
+        ) from None
+
+
+def _convert(hint, value):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        item = args[0] if args else Any
+        return tuple(value if item is Any else _convert(item, v) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if hint is RopeScaling:
+        if value is None or isinstance(value, (dict, RopeScaling)):
+            return value
+        raise TypeError
+    return value
+
+
+def _describe(hint) -> str:
+    text = str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", text) if not typing.get_args(hint) else text
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

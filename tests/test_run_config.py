@@ -1,0 +1,46 @@
+"""The run configuration: YAML sections, dotted overrides, typed values, clear errors."""
+
+import pytest
+
+from conftest import REPO_ROOT
+from qnext_jax.config import ConfigError
+from qnext_jax.train.run_config import all_keys, load_run_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model:\n  preset: {REPO_ROOT / 'configs' / 'tiny.yaml'}\n  hidden_size: 32\n"
+                    "optimizer:\n  learning_rate: 1.0e-3\ntrain:\n  steps: 5\n")
+    config = load_run_config(path, ["mesh.expert=2", "optimizer.learning_rate=3e-4",
+                                    "data.source=jsonl", "data.paths=[a.jsonl, b.jsonl]",
+                                    "train.run_dir=null", "model.mlp_only_layers=[1]"])
+    assert config.model.hidden_size == 32 and config.model.num_experts == 8  # preset + override
+    assert config.mesh.expert == 2 and config.optimizer.learning_rate == pytest.approx(3e-4)
+    assert config.data.paths == ("a.jsonl", "b.jsonl") and config.train.steps == 5
+    assert config.model.mlp_only_layers == (1,) and config.train.run_dir is None
+    assert load_run_config(None, []).to_dict()["train"]["steps"] == 1000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=3e-4", "unknown key optimizer.lr (did you mean optimizer.learning_rate?)"),
+    ("train.step=3", "unknown key train.step (did you mean train.steps?)"),
+    ("modle.hidden_size=3", "unknown section 'modle' in the command line (did you mean 'model'?)"),
+    ("train.steps=abc", "train.steps = 'abc': expected int"),
+    ("train.steps=1.5", "train.steps = 1.5: expected int"),
+    ("mesh.expert=two", "mesh.expert = 'two': expected int"),
+    ("train.export_hf=maybe", "train.export_hf = 'maybe': expected bool"),
+    ("model.delta_rule_impl=fast", "model.delta_rule_impl = 'fast': expected Literal"),
+    ("steps=3", "override 'steps=3' must look like section.key=value"),
+    ("train.steps=0", "train.steps must be >= 1, got 0"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_run_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_missing_file_and_key_listing(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*absent.yaml does not exist"):
+        load_run_config(tmp_path / "absent.yaml")
+    keys = all_keys()
+    assert keys["train.steps"] == 1000 and keys["mesh.fsdp"] == -1 and "model.preset" in keys
