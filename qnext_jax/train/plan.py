@@ -7,7 +7,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
 from qnext_jax.config import ModelConfig
 from qnext_jax.parallel.axes import ShardingRules
@@ -15,15 +14,12 @@ from qnext_jax.parallel.mesh import MeshConfig, make_abstract_mesh
 from qnext_jax.train.batch import Batch
 from qnext_jax.train.losses import LossConfig
 from qnext_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-from qnext_jax.train.step import Trainer, make_trainer
+from qnext_jax.train.step import Trainer, abstract_state, make_trainer, map_with_shardings
 
 
 def abstract_inputs(trainer: Trainer, global_batch: int, sequence_length: int):
     """ShapeDtypeStructs (with shardings) of the train state and of one batch."""
-    state = _per_sharding(
-        lambda sharding, leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        trainer.state_shardings, jax.eval_shape(trainer.init),
-    )
+    state = abstract_state(trainer)
     column = {"loss_mask": jnp.float32}
     batch = Batch(*(
         jax.ShapeDtypeStruct((global_batch, sequence_length), column.get(name, jnp.int32),
@@ -52,18 +48,11 @@ def lower_train_step(trainer: Trainer, global_batch: int, sequence_length: int,
 
 def bytes_per_device(abstract_tree, shardings) -> int:
     """Largest shard of every array, summed: what one device stores of the tree."""
-    sizes = _per_sharding(
+    sizes = map_with_shardings(
         lambda sharding, leaf: math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize,
         shardings, abstract_tree,
     )
     return sum(jax.tree.leaves(sizes))
-
-
-def _per_sharding(fn, shardings, tree):
-    """fn(sharding, leaf) over a tree whose shardings tree is a prefix (one sharding may stand
-    for a whole subtree, e.g. an nnx Variable)."""
-    return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: fn(sharding, x), sub),
-                        shardings, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def state_bytes_per_device(trainer: Trainer) -> dict[str, int]:

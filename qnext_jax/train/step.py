@@ -173,3 +173,18 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
         step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=0),
     )
+
+
+def map_with_shardings(fn, shardings, tree):
+    """fn(sharding, leaf) over `tree`, whose shardings tree is a prefix of it (one sharding may
+    stand for a whole subtree, e.g. an nnx Variable)."""
+    return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: fn(sharding, x), sub),
+                        shardings, tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def abstract_state(trainer: Trainer) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their shardings (restore targets)."""
+    return map_with_shardings(
+        lambda sharding, leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        trainer.state_shardings, jax.eval_shape(trainer.init),
+    )
