@@ -120,3 +120,12 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
         ModelConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="does not exist"):
         ModelConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_small_replica_preset_is_tens_of_millions_hybrid_moe_with_mtp(repo_root):
+    config = ModelConfig.from_yaml(repo_root / "configs" / "small.yaml")
+    counts = config.param_counts()
+    assert counts == {"main": 33_139_488, "mtp": 3_745_408, "total": 36_884_896}
+    assert config.mixer_types[:4] == ("linear_attention",) * 3 + ("full_attention",)
+    assert config.num_moe_layers == 8 and config.shared_expert_intermediate_size > 0
+    assert config.mtp_num_hidden_layers == 1
