@@ -1,6 +1,8 @@
 """Test session setup: 8 host CPU devices for mesh tests (must be set before jax is imported)."""
 
 import os
+import tempfile
+from pathlib import Path
 
 # The second flag sidesteps a reported wedge of XLA:CPU's multi-threaded Eigen pool (we saw
 # forwards hang with every thread parked; the cause we found was OpenBLAS trsm, now unused).
@@ -8,9 +10,13 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false"
 )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests build the same small programs many times (each trainer is a fresh jit); a per-session
+# persistent compilation cache turns the repeats into cache hits.
+_CACHE = Path(tempfile.gettempdir()) / f"qnext_jax_test_jit_cache_{os.getpid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -22,3 +28,9 @@ REPO_ROOT = TESTS_DIR.parent
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_CACHE, ignore_errors=True)

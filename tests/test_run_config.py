@@ -10,7 +10,7 @@ from qnext_jax.train.run_config import all_keys, load_run_config
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(f"model:\n  preset: {REPO_ROOT / 'configs' / 'tiny.yaml'}\n  hidden_size: 32\n"
-                    "optimizer:\n  learning_rate: 1.0e-3\ntrain:\n  steps: 5\n")
+                    "optimizer:\n  learning_rate: 1.0e-3\n  warmup_steps: 1\ntrain:\n  steps: 5\n")
     config = load_run_config(path, ["mesh.expert=2", "optimizer.learning_rate=3e-4",
                                     "data.source=jsonl", "data.paths=[a.jsonl, b.jsonl]",
                                     "train.run_dir=null", "model.mlp_only_layers=[1]"])
@@ -18,6 +18,7 @@ def test_yaml_and_overrides(tmp_path):
     assert config.mesh.expert == 2 and config.optimizer.learning_rate == pytest.approx(3e-4)
     assert config.data.paths == ("a.jsonl", "b.jsonl") and config.train.steps == 5
     assert config.model.mlp_only_layers == (1,) and config.train.run_dir is None
+    assert config.optimizer.total_steps == 5  # the schedule spans the run by default
     assert load_run_config(None, []).to_dict()["train"]["steps"] == 1000
 
 

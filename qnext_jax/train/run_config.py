@@ -111,8 +111,11 @@ def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
         preset_config = ModelConfig.from_yaml(preset).to_dict()
         model_values = {**preset_config, **model_values}
     sections = {}
-    for section, cls in SECTIONS.items():
-        entries = model_values if section == "model" else values.get(section, {})
+    for section in ("train",) + tuple(name for name in SECTIONS if name != "train"):
+        cls = SECTIONS[section]
+        entries = model_values if section == "model" else dict(values.get(section, {}))
+        if section == "optimizer" and "total_steps" not in entries:
+            entries["total_steps"] = sections["train"].steps  # the schedule spans the run
         typed = {name: _coerce(section, cls, name, value) for name, value in entries.items()}
         sections[section] = cls(**typed)
     return RunConfig(**sections)
