@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from qnext_jax.ops.grouped_matmul import grouped_matmul
 from qnext_jax.parallel.axes import logical_spec
 from qnext_jax.parallel.mesh import BATCH_AXES, axis_size
 
@@ -48,9 +49,9 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w):
     order = jnp.argsort(flat_experts, stable=True)  # skipped choices sort last
     rows = tokens[order // top_k]  # [N*k, E] grouped by expert
     group_sizes = jnp.bincount(flat_experts, length=num_groups).astype(jnp.int32)
-    gate = jax.lax.ragged_dot(rows, gate_w, group_sizes)  # [N*k, F]
-    up = jax.lax.ragged_dot(rows, up_w, group_sizes)
-    out_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_w, group_sizes)  # [N*k, E]
+    gate = grouped_matmul(rows, gate_w, group_sizes)  # [N*k, F]
+    up = grouped_matmul(rows, up_w, group_sizes)
+    out_sorted = grouped_matmul(jax.nn.silu(gate) * up, down_w, group_sizes)  # [N*k, E]
     # Rows past the last group are not computed; zero them rather than trust their contents.
     computed = (flat_experts[order] < num_groups)[:, None]
     out_sorted = jnp.where(computed, out_sorted, 0)

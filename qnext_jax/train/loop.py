@@ -108,8 +108,8 @@ def train(config: RunConfig, run_dir: Path, log=print):
             final = step == tc.steps
             save = final or step % tc.checkpoint_every == 0 or preempted.requested
             if save or step % tc.log_every == 0:
-                elapsed = time.perf_counter() - clock
                 rows = _fetch_and_check(pending)  # raises before any save of a bad state
+                elapsed = time.perf_counter() - clock  # after the fetch: the steps are done
                 rate = len(pending) * tokens_per_step / elapsed
                 pending = []
                 last = rows[-1]
