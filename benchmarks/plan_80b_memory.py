@@ -36,7 +36,6 @@ def parse_mesh(text: str):
 
 def measure(mesh_text: str, args) -> dict:
     """Runs in a subprocess that has `devices` virtual CPU devices."""
-    import jax
 
     from qnext_jax.config import ModelConfig
     from qnext_jax.parallel.mesh import MeshConfig, batch_shards, make_mesh

@@ -1,7 +1,6 @@
 """Loss terms against NumPy: cross-entropy over valid tokens, MTP targets and masks at depths
 1 and 2 on packed rows, the MTP loss, the router z-loss, and the LBL's scale."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Mesh construction and the logical-axis table: sizes, -1, clear errors for impossible meshes,
 and the 80B train step lowered on a 64-device abstract mesh."""
 
-import jax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
