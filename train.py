@@ -12,16 +12,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-DEFAULTS = [
-    "model.preset=configs/small.yaml",
-]
+PRESET = Path(__file__).resolve().parent / "configs" / "small.yaml"
+DEFAULTS = [f"model.preset={PRESET}"]
 
 
 def usage() -> str:
     from qnext_jax.train.run_config import all_keys
 
-    lines = [__doc__.strip(), "", "keys (default):"]
-    for key, default in all_keys().items():
+    lines = [__doc__.strip(), "", "keys (default, with no CONFIG.yaml):"]
+    for key, default in all_keys(PRESET).items():
         lines.append(f"  {key} = {default!r}")
     return "\n".join(lines)
 
@@ -42,9 +41,7 @@ def main(argv: list[str]) -> int:
     from qnext_jax.train.run_config import load_run_config
 
     try:
-        repo = Path(__file__).resolve().parent
-        defaults = [] if config_path else [d.replace("configs/", f"{repo}/configs/") for d in DEFAULTS]
-        config = load_run_config(config_path, defaults + overrides)
+        config = load_run_config(config_path, ([] if config_path else DEFAULTS) + overrides)
         run_dir = Path(config.train.run_dir) if config.train.run_dir else new_run_dir()
         print(f"run_dir: {run_dir}")
         last, _ = train(config, run_dir)

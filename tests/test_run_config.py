@@ -45,3 +45,5 @@ def test_missing_file_and_key_listing(tmp_path):
         load_run_config(tmp_path / "absent.yaml")
     keys = all_keys()
     assert keys["train.steps"] == 1000 and keys["mesh.fsdp"] == -1 and "model.preset" in keys
+    small = all_keys(REPO_ROOT / "configs" / "small.yaml")
+    assert small["model.hidden_size"] == 256 and small["model.num_experts"] == 32

@@ -69,14 +69,18 @@ class RunConfig:
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
 
 
-def all_keys() -> dict[str, Any]:
-    """Every dotted key with its default (ModelConfig's defaults are the 80B model's)."""
+def all_keys(model_preset: str | Path | None = None) -> dict[str, Any]:
+    """Every dotted key with its default; model keys from `model_preset` when given (the bare
+    ModelConfig defaults are the 80B model's)."""
     keys = {}
     for section, cls in SECTIONS.items():
         for field in dataclasses.fields(cls):
             default = field.default if field.default is not dataclasses.MISSING else None
             keys[f"{section}.{field.name}"] = default
-    keys["model.preset"] = None
+    keys["model.preset"] = None if model_preset is None else str(model_preset)
+    if model_preset is not None:
+        keys.update({f"model.{k}": v for k, v in ModelConfig.from_yaml(model_preset).to_dict().items()})
+    keys["optimizer.total_steps"] = "train.steps"
     return keys
 
 
