@@ -25,9 +25,9 @@ def initialize_from_env() -> bool:
     missing = [name for name in (NUM_PROCESSES_ENV, PROCESS_ID_ENV) if name not in os.environ]
     if missing:
         raise MeshError(f"{COORDINATOR_ENV} is set but {missing} are not")
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        # CPU collectives across processes go through gloo (XLA:CPU has no other transport).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Collectives between the CPU devices of several processes go through gloo (XLA:CPU has no
+    # other transport); the setting touches only the CPU client, so GPU/TPU runs are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=address,
         num_processes=int(os.environ[NUM_PROCESSES_ENV]),

@@ -63,8 +63,3 @@ def state_bytes_per_device(trainer: Trainer) -> dict[str, int]:
         "optimizer": bytes_per_device(state.opt_state, shardings.opt_state),
     }
 
-
-def total_bytes(abstract_tree) -> int:
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_tree))
-
-
