@@ -41,7 +41,11 @@ def main(argv: list[str]) -> int:
     from qnext_jax.train.run_config import load_run_config
 
     try:
-        config = load_run_config(config_path, ([] if config_path else DEFAULTS) + overrides)
+        # The small preset is the default model, unless a config file or a Hugging Face
+        # checkpoint (train.init_from_hf) says what the model is.
+        from_hf = any(arg.startswith("train.init_from_hf=") for arg in overrides)
+        defaults = [] if config_path or from_hf else DEFAULTS
+        config = load_run_config(config_path, defaults + overrides)
         run_dir = Path(config.train.run_dir) if config.train.run_dir else new_run_dir()
         print(f"run_dir: {run_dir}")
         last, _ = train(config, run_dir)

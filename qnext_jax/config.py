@@ -326,6 +326,34 @@ class ModelConfig:
             - self.num_moe_layers * inactive_experts * per_expert
         )
 
+    def training_flops_per_token(self, seq_len: int, chunk_size: int = 64) -> float:
+        """Model FLOPs of one training token (forward + backward = 3 x forward; recomputation
+        not counted, as MFU conventions do) for rows of `seq_len` tokens.
+
+        Forward: 2 FLOPs per multiply-add of every matmul weight the token touches (the top-k
+        experts only; the LM head once for the main model and once per MTP depth; embedding
+        lookups are free), plus causal attention (QK^T and PV over a mean context of
+        (seq_len + 1) / 2 positions) and the chunked delta rule per value head (the in-chunk
+        products over `chunk_size` positions and the three products with the dk x dv state).
+        """
+        h, c = self.hidden_size, self.param_counts()
+        per_expert = 3 * h * self.moe_intermediate_size
+        inactive = (self.num_experts - self.num_experts_per_tok) * per_expert
+        weights = c["main"] - self.vocab_size * h - self.num_moe_layers * inactive
+        if self.mtp_num_hidden_layers:
+            mtp_inactive = self.mtp_num_hidden_layers * inactive if self.mtp_uses_moe else 0
+            weights += self.mtp_depth * (c["mtp"] - mtp_inactive + self.vocab_size * h)
+        attention_layers = sum(kind == FULL_ATTENTION for kind in self.mixer_types)
+        deltanet_layers = len(self.mixer_types) - attention_layers
+        if self.mtp_num_hidden_layers:
+            attention_layers += self.mtp_depth * self.mtp_num_hidden_layers
+        context = (seq_len + 1) / 2
+        attention = 4 * self.num_attention_heads * self.head_dim * context
+        dk, dv = self.linear_key_head_dim, self.linear_value_head_dim
+        delta_rule = self.linear_num_value_heads * (2 * chunk_size * (2 * dk + 2 * dv) + 6 * dk * dv)
+        forward = 2 * weights + attention_layers * attention + deltanet_layers * delta_rule
+        return 3.0 * forward
+
 
 def _check_choice(config: ModelConfig, name: str, choices: tuple[str, ...]) -> None:
     if getattr(config, name) not in choices:

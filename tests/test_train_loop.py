@@ -2,8 +2,10 @@
 (every loss, final parameters, bit for bit on CPU); a poisoned batch stops the run naming its
 step and leaves no checkpoint after it; a missing data path fails before compiling."""
 
+import io
 import json
 import random
+import xml.etree.ElementTree as ElementTree
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +45,10 @@ def losses(run_dir):
 
 def test_stopped_and_resumed_run_equals_uninterrupted(corpus, tmp_path):
     whole = tmp_path / "whole"
-    _, whole_state = loop.train(config_for(corpus, whole, 6), whole, log=lambda _: None)
+    _, whole_state = loop.train(config_for(corpus, whole, 6), whole, stream=io.StringIO())
     split = tmp_path / "split"
-    loop.train(config_for(corpus, split, 3), split, log=lambda _: None)
-    _, resumed_state = loop.train(config_for(corpus, split, 6), split, log=lambda _: None)
+    loop.train(config_for(corpus, split, 3), split, stream=io.StringIO())
+    _, resumed_state = loop.train(config_for(corpus, split, 6), split, stream=io.StringIO())
 
     assert losses(whole) == losses(split)  # bit for bit, every step
     assert len(losses(whole)) == 6 and losses(whole)[-1] < losses(whole)[0]
@@ -56,6 +58,36 @@ def test_stopped_and_resumed_run_equals_uninterrupted(corpus, tmp_path):
     assert {"step", "loss", "ce_loss", "lbl_loss", "mtp_loss", "grad_norm", "lr",
             "tokens_per_sec", "eval_loss"} <= set(row)
     assert np.asarray(row["expert_load"]).shape == (5, 8)  # 4 MoE layers + the MTP layer
+    assert row["model_tflops"] > 0 and "mfu" not in row  # no peak FLOPs known for a CPU
+
+
+def test_run_writes_tensorboard_events_and_plots(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    progress = io.StringIO()
+    loop.train(config_for(corpus, run_dir, 3), run_dir, stream=progress)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    shown = progress.getvalue()
+    assert "3/3" in shown and "tok/s" in shown and "ETA" in shown and "GFLOP/s" in shown
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for tag, key in (("train/loss", "loss"), ("train/mtp_loss", "mtp_loss"),
+                     ("train/tokens_per_sec", "tokens_per_sec"), ("eval/ce_loss", "eval_loss")):
+        logged = [(r["step"], r[key]) for r in rows if key in r]
+        read = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in read] == [s for s, _ in logged]
+        np.testing.assert_allclose([v for _, v in read], [v for _, v in logged], rtol=1e-6)
+
+    curves = ElementTree.parse(run_dir / "loss_curves.svg").getroot()
+    labels = "".join(curves.itertext())
+    assert "train (CE)" in labels and "MTP" in labels and "eval (CE)" in labels
+    assert len(curves.findall("{http://www.w3.org/2000/svg}polyline")) == 3
+    heatmap = ElementTree.parse(run_dir / "expert_load.svg").getroot()
+    cells = heatmap.findall("{http://www.w3.org/2000/svg}rect/{http://www.w3.org/2000/svg}title/..")
+    assert len(cells) == 5 * 8  # one cell per (MoE layer, expert)
 
 
 def test_poisoned_batch_stops_with_the_step_named(corpus, tmp_path, monkeypatch):
@@ -73,7 +105,7 @@ def test_poisoned_batch_stops_with_the_step_named(corpus, tmp_path, monkeypatch)
     run_dir = tmp_path / "poisoned"
     with pytest.raises(loop.TrainingError, match="non-finite loss at step 5"):
         loop.train(config_for(corpus, run_dir, 6, "train.log_every=3", "train.eval_every=100"),
-                   run_dir, log=lambda _: None)
+                   run_dir, stream=io.StringIO())
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [3]
 
@@ -81,5 +113,5 @@ def test_poisoned_batch_stops_with_the_step_named(corpus, tmp_path, monkeypatch)
 def test_missing_data_path_fails_before_compiling(tmp_path):
     config = config_for(tmp_path / "nowhere", tmp_path / "run", 2)
     with pytest.raises(DataError, match="text file .*nowhere/doc\\*.txt' matches no file"):
-        loop.train(config, tmp_path / "run", log=lambda _: None)
+        loop.train(config, tmp_path / "run", stream=io.StringIO())
     assert not (tmp_path / "run" / "checkpoints").exists()

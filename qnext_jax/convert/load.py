@@ -1,9 +1,8 @@
 """Hugging Face safetensors -> qnext_jax model, streaming one tensor at a time.
 
 Peak memory is the target parameters (plus one source tensor), not twice the model: every HF
-tensor is read memory-mapped, re-indexed, and written straight into its place in a
-pre-allocated buffer of the final dtype; each finished buffer becomes a device array (placed on
-its sharding when one is given) and is freed before the next.
+tensor is read memory-mapped, re-indexed, and written straight into its place in the block of
+the device that holds it (`jax.make_array_from_callback`), one parameter at a time.
 """
 
 from __future__ import annotations
@@ -93,8 +92,22 @@ def load_hf_checkpoint(
     if compute_dtype is not None:
         config_overrides["dtype"] = jnp.dtype(compute_dtype).name
     config = read_hf_config(directory, files, dtype, **config_overrides)
-    rules = match_rules(config, files)
     graphdef, abstract_state = nnx.split(abstract_model(config))
+    state = load_hf_state(files, config, abstract_state, shardings)
+    return nnx.merge(graphdef, state)
+
+
+def load_hf_state(files: SafetensorsDir, config: ModelConfig, abstract_state,
+                  shardings: Callable[[tuple], jax.sharding.Sharding | None] | None = None):
+    """The model's parameters (the leaves of `abstract_state`, an nnx.State of
+    ShapeDtypeStructs) read from `files`, each built shard by shard on its devices.
+
+    Every device's block of a leaf is assembled from just the HF tensors that land in it (an
+    expert-sharded leaf reads only that device's experts), so no process ever holds more than
+    one leaf's local shards on the host: never an unsharded copy of the model, and in a
+    multi-process run each process reads only what its devices hold.
+    """
+    rules = match_rules(config, files)
     leaves = dict(nnx.to_flat_state(abstract_state))
     by_leaf: dict[tuple, list[TensorRule]] = {}
     for rule in rules:
@@ -105,25 +118,44 @@ def load_hf_checkpoint(
             if rule not in by_leaf[path]:
                 by_leaf[path].append(rule)
 
-    # Fill leaf by leaf, in the order the leaves appear, so only one buffer is alive at a time
-    # besides the finished device arrays. A rule filling several leaves (in_proj_qkvz) is read
-    # once per leaf it fills: a little more reading, never a second copy of the model.
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat = []
     for path, variable in leaves.items():
-        target_dtype = jnp.float32 if path[-1] in _ALWAYS_FP32 else variable.value.dtype
-        buffer = np.zeros(variable.value.shape, target_dtype)
-        filled = 0
-        for rule in by_leaf.get(path, []):
-            parts = rule.to_ours(files.read(rule.hf_name))
-            for (target, index), part in zip(rule.targets, parts):
-                if target == path:
-                    buffer[index] = part
-                    filled += part.size
-        if filled != buffer.size:
-            raise CheckpointError(f"internal: parameter {path} filled {filled} of {buffer.size} values")
-        sharding = shardings(path) if shardings is not None else None
-        array = jax.device_put(buffer, sharding) if sharding is not None else jnp.asarray(buffer)
-        del buffer
+        dtype = np.dtype(jnp.float32 if path[-1] in _ALWAYS_FP32 else variable.value.dtype)
+        shape = variable.value.shape
+        sharding = (shardings(path) if shardings is not None else None) or default
+        built: dict[tuple, np.ndarray] = {}  # replicated shards are assembled once
+
+        def shard(index, path=path, shape=shape, dtype=dtype):
+            bounds = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
+            if bounds not in built:
+                built[bounds] = _assemble(path, shape, dtype, bounds, by_leaf.get(path, []), files)
+            return built[bounds]
+
+        array = jax.make_array_from_callback(shape, sharding, shard)
+        built.clear()
         flat.append((path, variable.replace(array)))
-    state = nnx.from_flat_state(flat)
-    return nnx.merge(graphdef, state)
+    return nnx.from_flat_state(flat)
+
+
+def _assemble(path, shape, dtype, bounds, rules: list[TensorRule], files: SafetensorsDir):
+    """The block `bounds` ((start, stop) per axis) of leaf `path`, from the rules filling it.
+    A rule fills the leaf at an index into its leading (stacked: block, expert) axes; a rule
+    filling several leaves (in_proj_qkvz) is read once per block it lands in."""
+    out = np.zeros(tuple(stop - start for start, stop in bounds), dtype)
+    filled = 0
+    for rule in rules:
+        for position, (target, index) in enumerate(rule.targets):
+            if target != path:
+                continue
+            lead = len(index)
+            if not all(start <= i < stop for i, (start, stop) in zip(index, bounds[:lead])):
+                continue
+            part = rule.to_ours(files.read(rule.hf_name))[position]
+            block = part[tuple(slice(start, stop) for start, stop in bounds[lead:])]
+            out[tuple(i - start for i, (start, _) in zip(index, bounds[:lead]))] = block
+            filled += block.size
+    if filled != out.size:
+        raise CheckpointError(
+            f"internal: parameter {path} block {bounds} filled {filled} of {out.size} values")
+    return out

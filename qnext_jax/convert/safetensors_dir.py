@@ -11,10 +11,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from qnext_jax.config import ConfigError
+
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint directory is missing something or holds tensors that do not fit."""
 
 

@@ -3,7 +3,9 @@ metrics, checkpoints, and the faults a long run meets (preemption, a non-finite 
 
 Metrics stay on the device between log steps (no sync per step); at each log step they are
 fetched together, checked for non-finite losses (the error names the first bad step, and no
-checkpoint is ever written after it) and appended to `metrics.jsonl`.
+checkpoint is ever written after it), appended to `metrics.jsonl` and the TensorBoard event
+file, and shown in the progress bar. At the end (or at preemption) the loss curves and the
+expert-load heatmap are drawn into run_dir.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qnext_jax.convert.load import load_hf_state
+from qnext_jax.convert.safetensors_dir import SafetensorsDir
+from qnext_jax.convert.save import save_hf_checkpoint
 from qnext_jax.data.build import make_tokenizer, packed_rows
 from qnext_jax.data.pipeline import batch_dataset
 from qnext_jax.parallel.axes import ShardingRules
@@ -28,7 +33,11 @@ from qnext_jax.train.checkpoint import Checkpoints
 from qnext_jax.train.losses import loss_terms, normalizers
 from qnext_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from qnext_jax.train.run_config import RunConfig
-from qnext_jax.train.step import abstract_state, check_batch_size, make_trainer
+from qnext_jax.train.plots import write_run_plots
+from qnext_jax.train.progress import ProgressBar, Throughput, peak_tflops_per_device
+from qnext_jax.train.step import (TrainState, abstract_model, abstract_state, check_batch_size,
+                                  make_trainer, router_layer_names)
+from qnext_jax.train.tensorboard import EventWriter
 
 SCALARS = ("loss", "ce_loss", "mtp_loss", "lbl_loss", "z_loss", "grad_norm", "lr")
 
@@ -59,16 +68,20 @@ def new_run_dir(root: Path = Path("runs")) -> Path:
     return path
 
 
-def train(config: RunConfig, run_dir: Path, log=print):
+def train(config: RunConfig, run_dir: Path, stream=None):
     """Runs (or resumes) the configured training in `run_dir`; returns (last logged metrics,
-    final train state)."""
+    final train state). Progress goes to `stream` (default stdout) from process 0."""
     tc = config.train
+    is_main = jax.process_index() == 0
+    bar = ProgressBar(tc.steps, stream) if is_main else None
+    log = bar.message if bar else (lambda text: None)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.data.check_paths()  # a missing path fails before any compilation
     mesh = make_mesh(config.mesh)
     rules = ShardingRules(config.model, mesh)
     check_batch_size(tc.batch_size, tc.micro_batches, mesh)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    if is_main:
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     tokenizer = make_tokenizer(config.data, config.model.vocab_size, run_dir)
     row_length = tc.seq_len + 1
@@ -83,22 +96,21 @@ def train(config: RunConfig, run_dir: Path, log=print):
                            learning_rate_schedule(config.optimizer), rules,
                            loss_config=config.loss, micro_batches=tc.micro_batches, seed=tc.seed)
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state, data_state = checkpoints.restore(latest, abstract_state(trainer))
-        train_data.set_state(data_state)
-        log(f"resumed from step {latest} in {run_dir}")
-    else:
-        state = trainer.init()
+    state = _initial_state(trainer, checkpoints, train_data, config, run_dir, log)
     start = int(state.step)
 
     evaluate = _evaluator(trainer, config, eval_rows, tc, rank, processes)
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    sink = _MetricsSink(run_dir) if is_main else None
+    throughput = Throughput(
+        tc.batch_size * tc.seq_len, config.model.training_flops_per_token(tc.seq_len),
+        jax.device_count(),
+        tc.peak_tflops if tc.peak_tflops else peak_tflops_per_device(jax.devices()[0].device_kind),
+        tc.steps,
+    )
     preempted = Preempted()
     pending: list[tuple[int, dict]] = []
     last: dict = {}
-    tokens_per_step = tc.batch_size * tc.seq_len
-    clock = time.perf_counter()
+    window_start, first_step = time.perf_counter(), start + 1
     try:
         for step in range(start + 1, tc.steps + 1):
             local = next(train_data)
@@ -107,30 +119,101 @@ def train(config: RunConfig, run_dir: Path, log=print):
             pending.append((step, metrics))
             final = step == tc.steps
             save = final or step % tc.checkpoint_every == 0 or preempted.requested
+            if step == first_step and not (save or step % tc.log_every == 0):
+                # Time from the end of the first (compiling) step, logged with its window.
+                jax.block_until_ready(metrics)
+                window_start = time.perf_counter()
             if save or step % tc.log_every == 0:
                 rows = _fetch_and_check(pending)  # raises before any save of a bad state
-                elapsed = time.perf_counter() - clock  # after the fetch: the steps are done
-                rate = len(pending) * tokens_per_step / elapsed
+                seconds = time.perf_counter() - window_start  # after the fetch: steps are done
+                counted, steady = len(rows), True
+                if rows[0]["step"] == first_step:  # the compiling step: left out when possible
+                    counted, steady = (len(rows) - 1, True) if len(rows) > 1 else (1, False)
                 pending = []
                 last = rows[-1]
-                last["tokens_per_sec"] = rate
+                last.update(throughput.window(counted, seconds, steady=steady))
                 if step % tc.eval_every == 0 or final:
                     last["eval_loss"] = evaluate(state)
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
-                log(_progress_line(last, tc.steps))
+                if sink:
+                    sink.write(last)
+                    bar.update(last, throughput.eta_seconds(step))
             if save:
                 checkpoints.save(step, state, train_data.get_state(), force=True)
             if save or step % tc.log_every == 0:
-                clock = time.perf_counter()  # evaluation and saving are not training time
+                window_start = time.perf_counter()  # evaluation and saving are not training
             if preempted.requested:
-                log(f"SIGTERM: saved step {step}; exiting")
+                log(f"SIGTERM: saved a checkpoint at step {step}; exiting")
                 break
+        else:
+            if tc.export_hf and int(state.step) == tc.steps:
+                checkpoints.wait()
+                path = export_hf(trainer, state, run_dir / "hf", write=is_main)
+                log(f"exported the final model in Hugging Face format to {path}")
     finally:
         preempted.restore()
-        metrics_file.close()
         checkpoints.close()
+        if sink:
+            sink.close()
+            plots = write_run_plots(run_dir, router_layer_names(config.model))
+            if bar:
+                bar.close()
+            if plots:
+                log("plots: " + ", ".join(str(p) for p in plots))
     return last, state
+
+
+def _initial_state(trainer, checkpoints: Checkpoints, train_data, config: RunConfig,
+                   run_dir: Path, log) -> TrainState:
+    """The latest checkpoint in run_dir (with the data position), else the Hugging Face
+    weights of train.init_from_hf, else a fresh initialisation."""
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state, data_state = checkpoints.restore(latest, abstract_state(trainer))
+        train_data.set_state(data_state)
+        log(f"resumed from step {latest} in {run_dir}")
+        return state
+    if config.train.init_from_hf:
+        directory = config.train.init_from_hf
+        files = SafetensorsDir(directory)
+        _, abstract_params = abstract_model(config.model)
+        params = load_hf_state(files, config.model, abstract_params,
+                               dict(nnx.to_flat_state(trainer.state_shardings.params)).get)
+        log(f"initialised from the Hugging Face checkpoint {directory}")
+        return trainer.init_from(params)
+    return trainer.init()
+
+
+def export_hf(trainer, state: TrainState, directory: Path, write: bool = True) -> Path:
+    """The parameters of `state` as a Hugging Face directory (process 0 writes; with several
+    processes every process takes part in gathering each tensor)."""
+    model = nnx.merge(trainer.graphdef, state.params)
+    fetch = None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        fetch = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return save_hf_checkpoint(model, directory, fetch=fetch, write=write)
+
+
+class _MetricsSink:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path):
+        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        self.events = EventWriter(run_dir / "tensorboard")
+
+    def write(self, row: dict) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        scalars = {f"train/{k}": row[k] for k in (*SCALARS, "tokens_per_sec", "model_tflops", "mfu")
+                   if k in row}
+        if "eval_loss" in row:
+            scalars["eval/ce_loss"] = row["eval_loss"]
+        self.events.scalars(row["step"], scalars)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.events.close()
 
 
 def _fetch_and_check(pending) -> list[dict]:
@@ -173,14 +256,3 @@ def _evaluator(trainer, config: RunConfig, eval_rows, tc, rank, processes):
         return float(jnp.mean(jnp.stack(losses)))
 
     return evaluate
-
-
-def _progress_line(row: dict, total_steps: int) -> str:
-    text = (f"step {row['step']}/{total_steps}  loss {row['loss']:.4f}  ce {row['ce_loss']:.4f}  "
-            f"mtp {row['mtp_loss']:.4f}  lbl {row['lbl_loss']:.3f}  |g| {row['grad_norm']:.3f}  "
-            f"{row['tokens_per_sec']:,.0f} tok/s")
-    if "eval_loss" in row:
-        text += f"  eval {row['eval_loss']:.4f}"
-    return text
-
-

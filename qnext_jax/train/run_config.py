@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from qnext_jax.config import ConfigError, ModelConfig, RopeScaling, nearest
-from qnext_jax.data.build import DataConfig
+from qnext_jax.data.build import TOKENIZER_FILE, DataConfig
 from qnext_jax.parallel.mesh import MeshConfig
 from qnext_jax.train.losses import LossConfig
 from qnext_jax.train.optimizer import OptimizerConfig
@@ -42,6 +42,7 @@ class TrainConfig:
     run_dir: str | None = None  # default: a new folder under runs/
     init_from_hf: str | None = None  # a Hugging Face Qwen3-Next directory to start from
     export_hf: bool = False  # write the final model in Hugging Face format to run_dir/hf
+    peak_tflops: float | None = None  # per device, for MFU; None: looked up by device kind
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every",
@@ -111,9 +112,23 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
 def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
     model_values = dict(values.get("model", {}))
     preset = model_values.pop("preset", None)
+    hf_directory = values.get("train", {}).get("init_from_hf")
+    if preset is not None and hf_directory is not None:
+        raise ConfigError(
+            f"model.preset ({preset}) and train.init_from_hf ({hf_directory}) both define the "
+            "model; pass one (with init_from_hf the architecture comes from its config.json)"
+        )
     if preset is not None:
         preset_config = ModelConfig.from_yaml(preset).to_dict()
         model_values = {**preset_config, **model_values}
+    if hf_directory is not None:
+        # The architecture is the checkpoint's; model.* keys may still set numerics
+        # (dtype, delta_rule_impl, ...) and are checked against the tensors when loading.
+        model_values = {**hf_model_config(hf_directory).to_dict(), **model_values}
+        tokenizer = Path(hf_directory) / TOKENIZER_FILE
+        data_values = values.setdefault("data", {})
+        if data_values.get("tokenizer") is None and tokenizer.is_file():
+            data_values["tokenizer"] = str(tokenizer)
     sections = {}
     for section in ("train",) + tuple(name for name in SECTIONS if name != "train"):
         cls = SECTIONS[section]
@@ -123,6 +138,15 @@ def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
         typed = {name: _coerce(section, cls, name, value) for name, value in entries.items()}
         sections[section] = cls(**typed)
     return RunConfig(**sections)
+
+
+def hf_model_config(directory) -> ModelConfig:
+    """The model a Hugging Face directory holds (without MTP when it has no mtp.* tensors), with
+    fp32 parameters: training keeps fp32 master weights whatever the checkpoint's dtype."""
+    from qnext_jax.convert.load import read_hf_config
+    from qnext_jax.convert.safetensors_dir import SafetensorsDir
+
+    return read_hf_config(directory, SafetensorsDir(directory), "float32")
 
 
 def _check_section(section: str, where: str) -> None:

@@ -42,6 +42,7 @@ class Trainer(NamedTuple):
     state_shardings: TrainState
     batch_sharding: NamedSharding
     init: Callable[[], TrainState]  # jitted: the initial state, already sharded
+    init_from: Callable[[Any], TrainState]  # jitted: step 0 and fresh moments for given params
     step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # jitted, donates the state
 
 
@@ -51,10 +52,18 @@ def abstract_model(config: ModelConfig, seed: int = 0):
     return nnx.split(model, nnx.Param)
 
 
+def router_layer_names(config: ModelConfig) -> list[str]:
+    """Names of the router-statistics rows, in order (for logs and plots)."""
+    names = [f"layer {i}" for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    if config.mtp_uses_moe:
+        names += [f"mtp {d + 1}.{i}" for d in range(config.mtp_depth)
+                  for i in range(config.mtp_num_hidden_layers)]
+    return names
+
+
 def router_layers(config: ModelConfig) -> int:
     """Rows of the router statistics: the main model's MoE layers, then the MTP module's."""
-    mtp = config.mtp_depth * config.mtp_num_hidden_layers if config.mtp_uses_moe else 0
-    return config.num_moe_layers + mtp
+    return len(router_layer_names(config))
 
 
 def check_batch_size(global_batch: int, micro_batches: int, mesh) -> None:
@@ -91,6 +100,9 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
 
     def init_state() -> TrainState:
         _, params = nnx.split(Qwen3NextModel(config, rngs=nnx.Rngs(seed)), nnx.Param)
+        return start_state(params)
+
+    def start_state(params) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
     abstract_state = jax.eval_shape(init_state)
@@ -170,6 +182,8 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
         state_shardings=state_shardings,
         batch_sharding=batch_sharding,
         init=jax.jit(init_state, out_shardings=state_shardings),
+        init_from=jax.jit(start_state, in_shardings=(param_shardings,),
+                          out_shardings=state_shardings),
         step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=0),
     )
