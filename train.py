@@ -2,8 +2,9 @@
 
     python train.py [CONFIG.yaml] [section.key=value ...]
 
-With no arguments: the small replica (configs/small.yaml) on the embedded default corpus (the
-Python standard library's sources and documentation), on whatever devices JAX sees.
+With no arguments: the default run, configs/small.yaml (the small replica pretrained on the
+embedded corpus: the Python standard library's sources and documentation), on whatever devices
+JAX sees. Overrides apply on top of it (or of CONFIG.yaml).
 `python train.py --help` lists every key with its default.
 """
 
@@ -12,15 +13,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PRESET = Path(__file__).resolve().parent / "configs" / "small.yaml"
-DEFAULTS = [f"model.preset={PRESET}"]
+DEFAULT_RUN = Path(__file__).resolve().parent / "configs" / "small.yaml"
 
 
 def usage() -> str:
     from qnext_jax.train.run_config import all_keys
 
-    lines = [__doc__.strip(), "", "keys (default, with no CONFIG.yaml):"]
-    for key, default in all_keys(PRESET).items():
+    lines = [__doc__.strip(), "", f"keys (the values of the default run, {DEFAULT_RUN.name}):"]
+    for key, default in all_keys(DEFAULT_RUN).items():
         lines.append(f"  {key} = {default!r}")
     return "\n".join(lines)
 
@@ -41,11 +41,12 @@ def main(argv: list[str]) -> int:
     from qnext_jax.train.run_config import load_run_config
 
     try:
-        # The small preset is the default model, unless a config file or a Hugging Face
-        # checkpoint (train.init_from_hf) says what the model is.
+        # The default run, unless a config file or a Hugging Face checkpoint
+        # (train.init_from_hf, which defines the model) says otherwise.
         from_hf = any(arg.startswith("train.init_from_hf=") for arg in overrides)
-        defaults = [] if config_path or from_hf else DEFAULTS
-        config = load_run_config(config_path, defaults + overrides)
+        if config_path is None and not from_hf:
+            config_path = DEFAULT_RUN
+        config = load_run_config(config_path, overrides)
         run_dir = Path(config.train.run_dir) if config.train.run_dir else new_run_dir()
         print(f"run_dir: {run_dir}")
         last, _ = train(config, run_dir)

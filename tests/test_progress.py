@@ -113,6 +113,21 @@ def test_event_file_reads_back_in_tensorboard(tmp_path):
     assert read.keys() == values.keys()
     np.testing.assert_allclose(list(read.values()), list(values.values()), rtol=1e-7)
 
+    # A run resumed at step 2 (its checkpoint) after logging up to step 10: a new file whose
+    # restart marker makes TensorBoard drop the old steps 2 and later.
+    first = EventWriter(tmp_path / "tb2")
+    for step in (1, 2, 3):
+        first.scalars(step, {"train/loss": float(step)})
+    first.close()
+    resumed = EventWriter(tmp_path / "tb2")
+    assert resumed.path != first.path
+    resumed.restart(2)
+    resumed.scalars(2, {"train/loss": 20.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb2"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 20.0)]
+
 
 def test_plots_are_valid_svg_with_the_data():
     rows = [{"step": s, "ce_loss": 9 - s, "mtp_loss": 9.5 - s} for s in range(1, 6)]

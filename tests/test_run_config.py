@@ -20,6 +20,10 @@ def test_yaml_and_overrides(tmp_path):
     assert config.model.mlp_only_layers == (1,) and config.train.run_dir is None
     assert config.optimizer.total_steps == 5  # the schedule spans the run by default
     assert load_run_config(None, []).to_dict()["train"]["steps"] == 1000
+    # A preset given on the command line replaces the file's model; later model keys apply.
+    tiny = load_run_config(path, [f"model.preset={REPO_ROOT / 'configs' / 'tiny.yaml'}",
+                                  "model.num_hidden_layers=4"])
+    assert tiny.model.hidden_size == 64 and tiny.model.num_hidden_layers == 4
 
 
 @pytest.mark.parametrize("override, message", [
@@ -47,3 +51,5 @@ def test_missing_file_and_key_listing(tmp_path):
     assert keys["train.steps"] == 1000 and keys["mesh.fsdp"] == -1 and "model.preset" in keys
     small = all_keys(REPO_ROOT / "configs" / "small.yaml")
     assert small["model.hidden_size"] == 256 and small["model.num_experts"] == 32
+    assert small["train.steps"] == 200 and small["optimizer.learning_rate"] == 2e-3
+    assert small["optimizer.total_steps"] == "train.steps"

@@ -45,7 +45,8 @@ def losses(run_dir):
 
 def test_stopped_and_resumed_run_equals_uninterrupted(corpus, tmp_path):
     whole = tmp_path / "whole"
-    _, whole_state = loop.train(config_for(corpus, whole, 6), whole, stream=io.StringIO())
+    progress = io.StringIO()
+    _, whole_state = loop.train(config_for(corpus, whole, 6), whole, stream=progress)
     split = tmp_path / "split"
     loop.train(config_for(corpus, split, 3), split, stream=io.StringIO())
     _, resumed_state = loop.train(config_for(corpus, split, 6), split, stream=io.StringIO())
@@ -54,23 +55,18 @@ def test_stopped_and_resumed_run_equals_uninterrupted(corpus, tmp_path):
     assert len(losses(whole)) == 6 and losses(whole)[-1] < losses(whole)[0]
     for a, b in zip(jax.tree.leaves(whole_state), jax.tree.leaves(resumed_state)):
         np.testing.assert_array_equal(a, b)
-    row = json.loads((whole / "metrics.jsonl").read_text().splitlines()[2])
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "ce_loss", "lbl_loss", "mtp_loss", "grad_norm", "lr",
-            "tokens_per_sec", "eval_loss"} <= set(row)
-    assert np.asarray(row["expert_load"]).shape == (5, 8)  # 4 MoE layers + the MTP layer
-    assert row["model_tflops"] > 0 and "mfu" not in row  # no peak FLOPs known for a CPU
-
-
-def test_run_writes_tensorboard_events_and_plots(corpus, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_dir = tmp_path / "run"
-    progress = io.StringIO()
-    loop.train(config_for(corpus, run_dir, 3), run_dir, stream=progress)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+            "tokens_per_sec", "eval_loss"} <= set(rows[2])
+    assert np.asarray(rows[2]["expert_load"]).shape == (5, 8)  # 4 MoE layers + the MTP layer
+    assert rows[2]["model_tflops"] > 0 and "mfu" not in rows[2]  # no peak FLOPs for a CPU
     shown = progress.getvalue()
-    assert "3/3" in shown and "tok/s" in shown and "ETA" in shown and "GFLOP/s" in shown
+    assert "6/6" in shown and "tok/s" in shown and "ETA" in shown and "GFLOP/s" in shown
+    check_tensorboard_and_plots(whole, rows)
+
+
+def check_tensorboard_and_plots(run_dir, rows):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
@@ -81,13 +77,13 @@ def test_run_writes_tensorboard_events_and_plots(corpus, tmp_path):
         assert [s for s, _ in read] == [s for s, _ in logged]
         np.testing.assert_allclose([v for _, v in read], [v for _, v in logged], rtol=1e-6)
 
+    svg = "{http://www.w3.org/2000/svg}"
     curves = ElementTree.parse(run_dir / "loss_curves.svg").getroot()
     labels = "".join(curves.itertext())
     assert "train (CE)" in labels and "MTP" in labels and "eval (CE)" in labels
-    assert len(curves.findall("{http://www.w3.org/2000/svg}polyline")) == 3
+    assert len(curves.findall(f"{svg}polyline")) == 3
     heatmap = ElementTree.parse(run_dir / "expert_load.svg").getroot()
-    cells = heatmap.findall("{http://www.w3.org/2000/svg}rect/{http://www.w3.org/2000/svg}title/..")
-    assert len(cells) == 5 * 8  # one cell per (MoE layer, expert)
+    assert len(heatmap.findall(f"{svg}rect/{svg}title")) == 5 * 8  # (MoE layer, expert) cells
 
 
 def test_poisoned_batch_stops_with_the_step_named(corpus, tmp_path, monkeypatch):

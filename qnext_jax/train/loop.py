@@ -75,11 +75,11 @@ def train(config: RunConfig, run_dir: Path, stream=None):
     is_main = jax.process_index() == 0
     bar = ProgressBar(tc.steps, stream) if is_main else None
     log = bar.message if bar else (lambda text: None)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config.data.check_paths()  # a missing path fails before any compilation
     mesh = make_mesh(config.mesh)
     rules = ShardingRules(config.model, mesh)
     check_batch_size(tc.batch_size, tc.micro_batches, mesh)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if is_main:
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
@@ -100,7 +100,7 @@ def train(config: RunConfig, run_dir: Path, stream=None):
     start = int(state.step)
 
     evaluate = _evaluator(trainer, config, eval_rows, tc, rank, processes)
-    sink = _MetricsSink(run_dir) if is_main else None
+    sink = _MetricsSink(run_dir, resumed_at=start) if is_main else None
     throughput = Throughput(
         tc.batch_size * tc.seq_len, config.model.training_flops_per_token(tc.seq_len),
         jax.device_count(),
@@ -118,7 +118,8 @@ def train(config: RunConfig, run_dir: Path, stream=None):
             state, metrics = trainer.step(state, batch)
             pending.append((step, metrics))
             final = step == tc.steps
-            save = final or step % tc.checkpoint_every == 0 or preempted.requested
+            stop = preempted.requested  # read once: a signal arriving later stops after the next step
+            save = final or step % tc.checkpoint_every == 0 or stop
             if step == first_step and not (save or step % tc.log_every == 0):
                 # Time from the end of the first (compiling) step, logged with its window.
                 jax.block_until_ready(metrics)
@@ -141,7 +142,7 @@ def train(config: RunConfig, run_dir: Path, stream=None):
                 checkpoints.save(step, state, train_data.get_state(), force=True)
             if save or step % tc.log_every == 0:
                 window_start = time.perf_counter()  # evaluation and saving are not training
-            if preempted.requested:
+            if stop:
                 log(f"SIGTERM: saved a checkpoint at step {step}; exiting")
                 break
         else:
@@ -198,9 +199,18 @@ def export_hf(trainer, state: TrainState, directory: Path, write: bool = True) -
 class _MetricsSink:
     """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path):
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+    def __init__(self, run_dir: Path, resumed_at: int):
+        """Rows after `resumed_at`, logged by a run that died before its next checkpoint,
+        describe lost work: they are dropped, as the resumed run logs those steps again."""
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.endswith("}") and json.loads(line)["step"] <= resumed_at]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = path.open("a")
         self.events = EventWriter(run_dir / "tensorboard")
+        if resumed_at:
+            self.events.restart(resumed_at + 1)
 
     def write(self, row: dict) -> None:
         self.jsonl.write(json.dumps(row) + "\n")

@@ -70,18 +70,23 @@ class RunConfig:
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
 
 
-def all_keys(model_preset: str | Path | None = None) -> dict[str, Any]:
-    """Every dotted key with its default; model keys from `model_preset` when given (the bare
-    ModelConfig defaults are the 80B model's)."""
-    keys = {}
-    for section, cls in SECTIONS.items():
-        for field in dataclasses.fields(cls):
-            default = field.default if field.default is not dataclasses.MISSING else None
-            keys[f"{section}.{field.name}"] = default
-    keys["model.preset"] = None if model_preset is None else str(model_preset)
-    if model_preset is not None:
-        keys.update({f"model.{k}": v for k, v in ModelConfig.from_yaml(model_preset).to_dict().items()})
+def all_keys(config_file: str | Path | None = None) -> dict[str, Any]:
+    """Every dotted key with its default: the dataclass defaults (the bare ModelConfig defaults
+    are the 80B model's), or the values a run of `config_file` starts from."""
+    if config_file is not None:
+        keys = {f"{section}.{name}": value
+                for section, entries in load_run_config(config_file).to_dict().items()
+                for name, value in entries.items()}
+    else:
+        keys = {}
+        for section, cls in SECTIONS.items():
+            for field in dataclasses.fields(cls):
+                default = field.default if field.default is not dataclasses.MISSING else None
+                keys[f"{section}.{field.name}"] = default
+    keys["model.preset"] = None
+    # Derived unless set: shown as the rule rather than this run's number.
     keys["optimizer.total_steps"] = "train.steps"
+    keys["optimizer.warmup_steps"] = f"min({OptimizerConfig.warmup_steps}, total_steps // 10)"
     return keys
 
 
@@ -105,6 +110,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
             raise ConfigError(f"override {override!r} must look like section.key=value")
         section, name = key.split(".", 1)
         _check_section(section, where="the command line")
+        if key == "model.preset":
+            values["model"] = {}  # a preset on the command line replaces the file's model
         values[section][name] = yaml.safe_load(text)
     return build_run_config(values)
 
@@ -135,6 +142,9 @@ def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
         entries = model_values if section == "model" else dict(values.get(section, {}))
         if section == "optimizer" and "total_steps" not in entries:
             entries["total_steps"] = sections["train"].steps  # the schedule spans the run
+        if section == "optimizer" and "warmup_steps" not in entries:
+            total = _coerce(section, cls, "total_steps", entries["total_steps"])
+            entries["warmup_steps"] = min(OptimizerConfig.warmup_steps, total // 10)
         typed = {name: _coerce(section, cls, name, value) for name, value in entries.items()}
         sections[section] = cls(**typed)
     return RunConfig(**sections)

@@ -4,7 +4,8 @@ An event file is a sequence of TFRecords (u64 length, masked CRC-32C of the leng
 masked CRC-32C of the payload), each payload an `Event` protocol buffer. Scalars only need four
 fields, encoded here by hand:
 
-    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
+    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5;
+              SessionLog session_log = 7; }           SessionLog { Status status = 1; }
     Summary { repeated Value value = 1; }   Value { string tag = 1; float simple_value = 2; }
 """
 
@@ -85,10 +86,21 @@ class EventWriter:
 
     def __init__(self, directory: Path):
         directory.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.qnext_jax"
-        self.path = directory / name
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.qnext_jax"
+        self.path, n = directory / name, 1
+        while self.path.exists():  # TensorBoard reads the files in name order
+            self.path, n = directory / f"{name}.{n}", n + 1
         self._file = self.path.open("ab")
         self._file.write(_record(_event(time.time(), file_version="brain.Event:2")))
+        self._file.flush()
+
+    def restart(self, step: int) -> None:
+        """Marks a resumed run (SessionLog START at `step`): TensorBoard then drops the
+        points at `step` and later that an interrupted run logged after its last checkpoint."""
+        session_log = _varint(1 << 3 | 0) + _varint(1)  # SessionLog { status = START (1) }
+        payload = (_varint(1 << 3 | 1) + struct.pack("<d", time.time()) + _varint(2 << 3 | 0)
+                   + _varint(step) + _bytes_field(7, session_log))
+        self._file.write(_record(payload))
         self._file.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

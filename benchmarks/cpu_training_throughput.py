@@ -1,0 +1,121 @@
+"""Training throughput on CPU: our jitted train step beside `transformers`' Qwen3NextForCausalLM
+(its PyTorch fallbacks for the delta rule and the experts), same model shape, batch and sequence
+length, fp32, AdamW, one process each after the other on the same cores.
+
+Ours is measured twice: as the default run trains it (with the MTP module, which transformers
+does not implement), and without MTP, which is exactly the model transformers trains.
+
+    python benchmarks/cpu_training_throughput.py                  # configs/small.yaml, 8 x 256
+    python benchmarks/cpu_training_throughput.py --steps 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def random_rows(vocab: int, batch: int, seq_len: int, steps: int, seed: int = 0):
+    """One full-length document per row: what both models see is identical."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, (batch, seq_len + 1)) for _ in range(steps)]
+
+
+def time_ours(config, batches, warmup: int) -> dict:
+    import jax
+
+    from qnext_jax.parallel.axes import ShardingRules
+    from qnext_jax.parallel.mesh import MeshConfig, make_mesh
+    from qnext_jax.train.batch import batch_from_packed_rows
+    from qnext_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
+    from qnext_jax.train.step import make_trainer
+
+    optimizer = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=len(batches))
+    rules = ShardingRules(config, make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1]))
+    trainer = make_trainer(config, make_optimizer(optimizer), learning_rate_schedule(optimizer), rules)
+    state = trainer.init()
+    packed = [batch_from_packed_rows(rows, np.ones_like(rows)) for rows in batches]
+    for batch in packed[:warmup]:
+        state, metrics = trainer.step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for batch in packed[warmup:]:
+        state, metrics = trainer.step(state, batch)
+    jax.block_until_ready(metrics)
+    return {"seconds_per_step": (time.perf_counter() - start) / (len(packed) - warmup),
+            "last_loss": float(metrics["ce_loss"])}
+
+
+def time_transformers(config, batches, warmup: int, threads: int) -> dict:
+    import torch
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_config = Qwen3NextConfig(**{k: v for k, v in config.to_hf().items()
+                                   if k not in ("architectures", "model_type", "torch_dtype")})
+    model = Qwen3NextForCausalLM(hf_config).float().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95),
+                                  weight_decay=0.1)
+
+    def step(rows):
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        inputs, targets = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        out = model(input_ids=inputs, labels=targets, shift_labels=targets,
+                    output_router_logits=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss)
+
+    for rows in batches[:warmup]:
+        step(rows)
+    start = time.perf_counter()
+    for rows in batches[warmup:]:
+        loss = step(rows)
+    return {"seconds_per_step": (time.perf_counter() - start) / (len(batches) - warmup),
+            "last_loss": loss, "torch": torch.__version__,
+            "experts_implementation": getattr(hf_config, "_experts_implementation", None)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "small.yaml"))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (= cores here)")
+    args = parser.parse_args()
+
+    from qnext_jax.config import ModelConfig
+
+    config = ModelConfig.from_yaml(args.config)
+    batches = random_rows(config.vocab_size, args.batch, args.seq_len, args.warmup + args.steps)
+    tokens = args.batch * args.seq_len
+    results = {}
+    for name, run in (
+        ("qnext_jax (with MTP, as trained)", lambda: time_ours(config, batches, args.warmup)),
+        ("qnext_jax (no MTP)",
+         lambda: time_ours(config.replace(mtp_num_hidden_layers=0), batches, args.warmup)),
+        ("transformers (no MTP)",
+         lambda: time_transformers(config.replace(mtp_num_hidden_layers=0), batches,
+                                   args.warmup, args.threads)),
+    ):
+        result = run()
+        result["tokens_per_sec"] = tokens / result["seconds_per_step"]
+        results[name] = result
+        print(f"{name:34s} {result['seconds_per_step']:7.2f} s/step  "
+              f"{result['tokens_per_sec']:8.0f} tok/s  loss {result['last_loss']:.3f}", flush=True)
+    print(json.dumps({"batch": args.batch, "seq_len": args.seq_len, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

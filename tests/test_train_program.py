@@ -1,0 +1,135 @@
+"""`python train.py` as users run it, in subprocesses: a two-step smoke run on the tiny config;
+preemption (SIGTERM) and a hard kill (SIGKILL, most likely mid-save) both leave a checkpoint
+from which the resumed run continues exactly like an uninterrupted one; bad input fails with a
+clear message and exit status 2."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT
+
+# One CPU device per subprocess: the program is the subject here, not the mesh.
+ENV = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("program_corpus")
+    rng = random.Random(0)
+    words = ["def", "return", "self", "value", "(", ")", ":", "\n", "    ", "import", "x", "1"]
+    for i in range(40):
+        (directory / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(200)))
+    return directory
+
+
+def tiny_run(corpus, run_dir, *extra):
+    return [
+        sys.executable, str(REPO_ROOT / "train.py"), str(REPO_ROOT / "configs" / "tiny.yaml"),
+        "model.vocab_size=320", "data.source=text", f"data.paths=[{corpus}/doc*.txt]",
+        "data.eval_percent=10", "train.batch_size=4", "train.seq_len=32", "train.log_every=1",
+        "train.eval_batches=2", f"train.run_dir={run_dir}", *extra,
+    ]
+
+
+def run(args, timeout=300):
+    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO_ROOT)
+
+
+def metrics(run_dir):
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+# The schedule is pinned (the interrupted runs ask for 1000 steps, the resumed ones for fewer),
+# which also makes every run here the same program: one compilation, then cache hits.
+SCHEDULE = ["optimizer.total_steps=1000", "optimizer.warmup_steps=2", "train.eval_every=1000"]
+
+
+def test_two_step_smoke_run(corpus, tmp_path):
+    run_dir = tmp_path / "smoke"
+    done = run(tiny_run(corpus, run_dir, "train.steps=2", *SCHEDULE))  # evaluates at the end
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done: step 2" in done.stdout and "ETA" in done.stdout
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("loss", "ce_loss", "lbl_loss", "mtp_loss", "grad_norm", "lr", "tokens_per_sec"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert "eval_loss" in rows[1]
+    for name in ("config.json", "tokenizer.json", "loss_curves.svg", "expert_load.svg",
+                 "checkpoints/2"):
+        assert (run_dir / name).exists(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def interrupt(corpus, run_dir, sig, after_step, *extra):
+    """Starts a long run, sends `sig` once `after_step` steps are logged; -> the process."""
+    process = subprocess.Popen(tiny_run(corpus, run_dir, *extra), env=ENV, cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while len(metrics(run_dir)) < after_step:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run logged no steps in time"
+        time.sleep(0.02)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    return process
+
+
+@pytest.mark.slow
+def test_preemption_and_kill_resume_exactly(corpus, tmp_path):
+    # SIGTERM: the loop saves at the current step and exits cleanly.
+    preempted = tmp_path / "preempted"
+    process = interrupt(corpus, preempted, signal.SIGTERM, 2, "train.steps=1000",
+                        "train.checkpoint_every=1000", *SCHEDULE)
+    out = process.stdout.read()
+    assert process.returncode == 0, process.stderr.read()[-3000:]
+    stopped = metrics(preempted)[-1]["step"]
+    assert f"SIGTERM: saved a checkpoint at step {stopped}; exiting" in out
+    assert sorted(p.name for p in (preempted / "checkpoints").iterdir()) == [str(stopped)]
+
+    # SIGKILL while a checkpoint is written every step: most likely mid-save.
+    killed = tmp_path / "killed"
+    interrupt(corpus, killed, signal.SIGKILL, 3, "train.steps=1000", "train.checkpoint_every=1",
+              *SCHEDULE)
+    complete = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert complete, "no complete checkpoint survived the kill"
+
+    final = max(stopped, complete[-1]) + 2
+    reference = tmp_path / "reference"
+    done = run(tiny_run(corpus, reference, f"train.steps={final}", *SCHEDULE))
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = {r["step"]: r["loss"] for r in metrics(reference)}
+
+    for run_dir, resume_from in ((preempted, stopped), (killed, complete[-1])):
+        done = run(tiny_run(corpus, run_dir, f"train.steps={final}", *SCHEDULE))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"resumed from step {resume_from}" in done.stdout
+        rows = metrics(run_dir)  # steps logged after the last checkpoint were dropped
+        assert [r["step"] for r in rows] == list(range(1, final + 1))
+        assert all(r["loss"] == expected[r["step"]] for r in rows)  # bit for bit
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optimizer.lr=3e-4"], "unknown key optimizer.lr (did you mean optimizer.learning_rate?)"),
+    (["data.source=text", "data.paths=[no/such/dir/*.txt]"],
+     "text file 'no/such/dir/*.txt' matches no file"),
+    (["mesh.expert=3"], "expert: 3, tensor: 1} cannot fill 1 devices: the fixed axes multiply "
+                        "to 3, which does not divide 1"),
+])
+def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):
+    done = run([sys.executable, str(REPO_ROOT / "train.py"), *args,
+                f"train.run_dir={tmp_path / 'run'}"])
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()  # nothing is written for a run that cannot start
