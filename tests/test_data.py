@@ -41,6 +41,21 @@ def test_file_sources_and_their_errors(tmp_path):
         list(jsonl_files(str(tmp_path / "broken.jsonl"), eval_percent=0))
 
 
+def test_split_of_file_sources_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    for root in ("here", "elsewhere/deeper"):
+        for i in range(200):
+            path = tmp_path / root / "corpus" / f"doc{i:03d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(i))
+            (path.parent / f"doc{i:03d}.jsonl").write_text(json.dumps({"text": str(i)}) + "\n")
+    held_out = {root: ([t for _, t in text_files(str(tmp_path / root / "corpus" / "*.txt"), "eval", 10)],
+                       [t for _, t in jsonl_files(str(tmp_path / root / "corpus/*.jsonl"), split="eval",
+                                                  eval_percent=10)])
+                for root in ("here", "elsewhere/deeper")}
+    assert held_out["here"] == held_out["elsewhere/deeper"]
+    assert 5 <= len(held_out["here"][0]) <= 40 and 5 <= len(held_out["here"][1]) <= 40
+
+
 def test_default_tokenizer_round_trips_and_saves_as_tokenizer_json(tmp_path):
     texts = ["def add(a, b):\n    return a + b\n"] * 20 + ["héllo wörld ✓"]
     tokenizer = train_byte_level_bpe(texts, vocab_size=300)

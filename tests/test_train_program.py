@@ -15,8 +15,11 @@ import pytest
 
 from conftest import REPO_ROOT
 
-# One CPU device per subprocess: the program is the subject here, not the mesh.
-ENV = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_PLATFORMS": "cpu"}
+# The subprocesses share the test session's compilation cache; they see its 8 CPU devices,
+# except the interrupted runs, which take one device: they are about the program's faults, and
+# a single device makes each of their five runs quick.
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+ONE_DEVICE = {**ENV, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +33,20 @@ def corpus(tmp_path_factory):
 
 
 def tiny_run(corpus, run_dir, *extra):
+    """The run of tests/test_train_loop.py (same model, shapes, mesh and schedule), so the
+    programs compiled there are cache hits here."""
     return [
         sys.executable, str(REPO_ROOT / "train.py"), str(REPO_ROOT / "configs" / "tiny.yaml"),
-        "model.vocab_size=320", "data.source=text", f"data.paths=[{corpus}/doc*.txt]",
-        "data.eval_percent=10", "train.batch_size=4", "train.seq_len=32", "train.log_every=1",
-        "train.eval_batches=2", f"train.run_dir={run_dir}", *extra,
+        "model.num_hidden_layers=4", "model.vocab_size=320", "data.source=text",
+        f"data.paths=[{corpus}/doc*.txt]", "data.eval_percent=10", "train.batch_size=8",
+        "train.seq_len=32", "train.log_every=1", "train.eval_batches=8", "mesh.fsdp=4",
+        "mesh.expert=2", "optimizer.total_steps=6", "optimizer.warmup_steps=1",
+        f"train.run_dir={run_dir}", *extra,
     ]
 
 
-def run(args, timeout=300):
-    return subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=timeout,
+def run(args, env=ENV, timeout=300):
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=REPO_ROOT)
 
 
@@ -50,14 +57,14 @@ def metrics(run_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-# The schedule is pinned (the interrupted runs ask for 1000 steps, the resumed ones for fewer),
-# which also makes every run here the same program: one compilation, then cache hits.
-SCHEDULE = ["optimizer.total_steps=1000", "optimizer.warmup_steps=2", "train.eval_every=1000"]
+# Interrupted runs ask for 1000 steps and are stopped early; the schedule (total_steps=6, then
+# the final rate) is the same for every run.
+LONG = ["train.steps=1000", "train.eval_every=1000", "mesh.fsdp=1", "mesh.expert=1"]
 
 
 def test_two_step_smoke_run(corpus, tmp_path):
     run_dir = tmp_path / "smoke"
-    done = run(tiny_run(corpus, run_dir, "train.steps=2", *SCHEDULE))  # evaluates at the end
+    done = run(tiny_run(corpus, run_dir, "train.steps=2"))  # evaluates at the end
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: step 2" in done.stdout and "ETA" in done.stdout
     rows = metrics(run_dir)
@@ -73,7 +80,7 @@ def test_two_step_smoke_run(corpus, tmp_path):
 
 def interrupt(corpus, run_dir, sig, after_step, *extra):
     """Starts a long run, sends `sig` once `after_step` steps are logged; -> the process."""
-    process = subprocess.Popen(tiny_run(corpus, run_dir, *extra), env=ENV, cwd=REPO_ROOT,
+    process = subprocess.Popen(tiny_run(corpus, run_dir, *extra), env=ONE_DEVICE, cwd=REPO_ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while len(metrics(run_dir)) < after_step:
@@ -89,8 +96,8 @@ def interrupt(corpus, run_dir, sig, after_step, *extra):
 def test_preemption_and_kill_resume_exactly(corpus, tmp_path):
     # SIGTERM: the loop saves at the current step and exits cleanly.
     preempted = tmp_path / "preempted"
-    process = interrupt(corpus, preempted, signal.SIGTERM, 2, "train.steps=1000",
-                        "train.checkpoint_every=1000", *SCHEDULE)
+    process = interrupt(corpus, preempted, signal.SIGTERM, 2, *LONG,
+                        "train.checkpoint_every=1000")
     out = process.stdout.read()
     assert process.returncode == 0, process.stderr.read()[-3000:]
     stopped = metrics(preempted)[-1]["step"]
@@ -99,19 +106,18 @@ def test_preemption_and_kill_resume_exactly(corpus, tmp_path):
 
     # SIGKILL while a checkpoint is written every step: most likely mid-save.
     killed = tmp_path / "killed"
-    interrupt(corpus, killed, signal.SIGKILL, 3, "train.steps=1000", "train.checkpoint_every=1",
-              *SCHEDULE)
+    interrupt(corpus, killed, signal.SIGKILL, 3, *LONG, "train.checkpoint_every=1")
     complete = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert complete, "no complete checkpoint survived the kill"
 
     final = max(stopped, complete[-1]) + 2
     reference = tmp_path / "reference"
-    done = run(tiny_run(corpus, reference, f"train.steps={final}", *SCHEDULE))
+    done = run(tiny_run(corpus, reference, f"train.steps={final}", *LONG[1:]), ONE_DEVICE)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = {r["step"]: r["loss"] for r in metrics(reference)}
 
     for run_dir, resume_from in ((preempted, stopped), (killed, complete[-1])):
-        done = run(tiny_run(corpus, run_dir, f"train.steps={final}", *SCHEDULE))
+        done = run(tiny_run(corpus, run_dir, f"train.steps={final}", *LONG[1:]), ONE_DEVICE)
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"resumed from step {resume_from}" in done.stdout
         rows = metrics(run_dir)  # steps logged after the last checkpoint were dropped
@@ -123,8 +129,8 @@ def test_preemption_and_kill_resume_exactly(corpus, tmp_path):
     (["optimizer.lr=3e-4"], "unknown key optimizer.lr (did you mean optimizer.learning_rate?)"),
     (["data.source=text", "data.paths=[no/such/dir/*.txt]"],
      "text file 'no/such/dir/*.txt' matches no file"),
-    (["mesh.expert=3"], "expert: 3, tensor: 1} cannot fill 1 devices: the fixed axes multiply "
-                        "to 3, which does not divide 1"),
+    (["mesh.expert=3"], "expert: 3, tensor: 1} cannot fill 8 devices: the fixed axes multiply "
+                        "to 3, which does not divide 8"),
 ])
 def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):
     done = run([sys.executable, str(REPO_ROOT / "train.py"), *args,

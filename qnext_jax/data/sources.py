@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import re
 import sysconfig
 import zlib
 from pathlib import Path
@@ -53,35 +55,39 @@ def stdlib_corpus(split: str = "train", eval_percent: float = 2.0) -> Iterator[D
             yield name, topics.topics[topic]
 
 
-def expand_paths(patterns: list[str] | str, what: str) -> list[Path]:
-    """Files named by paths or glob patterns, sorted; each pattern must match something."""
+def expand_paths(patterns: list[str] | str, what: str) -> list[tuple[Path, str]]:
+    """Files named by paths or glob patterns, sorted, each with its name for the train/eval
+    split: the path relative to the pattern's fixed directory, so that moving a corpus (or
+    running from another folder) keeps every document in its split. Each pattern must match."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise DataError(f"no {what} given")
-    paths = []
+    files = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             raise DataError(f"{what} {pattern!r} matches no file")
-        paths += [Path(m) for m in matches if Path(m).is_file()]
-    return paths
+        fixed = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+        base = os.path.dirname(fixed)
+        files += [(Path(m), os.path.relpath(m, base or ".")) for m in matches if Path(m).is_file()]
+    return files
 
 
 def text_files(patterns, split: str = "train", eval_percent: float = 2.0) -> Iterator[Document]:
-    for path in expand_paths(patterns, "text file"):
-        if in_split(str(path), split, eval_percent):
+    for path, name in expand_paths(patterns, "text file"):
+        if in_split(name, split, eval_percent):
             yield str(path), path.read_text(encoding="utf-8", errors="replace")
 
 
 def jsonl_files(patterns, field: str = "text", split: str = "train",
                 eval_percent: float = 2.0) -> Iterator[Document]:
-    for path in expand_paths(patterns, "JSONL file"):
+    for path, key in expand_paths(patterns, "JSONL file"):
         with path.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
                 name = f"{path}:{number}"
-                if not in_split(name, split, eval_percent):
+                if not in_split(f"{key}:{number}", split, eval_percent):
                     continue
                 try:
                     record = json.loads(line)
