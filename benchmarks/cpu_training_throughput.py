@@ -93,6 +93,9 @@ def main():
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (= cores here)")
+    parser.add_argument("--dense-variant", action="store_true",
+                        help="also time ours with a dense MLP of the MoE's active width in place "
+                             "of the MoE (where the CPU step's time goes)")
     args = parser.parse_args()
 
     from qnext_jax.config import ModelConfig
@@ -100,19 +103,25 @@ def main():
     config = ModelConfig.from_yaml(args.config)
     batches = random_rows(config.vocab_size, args.batch, args.seq_len, args.warmup + args.steps)
     tokens = args.batch * args.seq_len
-    results = {}
-    for name, run in (
+    active_width = (config.num_experts_per_tok * config.moe_intermediate_size
+                    + config.shared_expert_intermediate_size)
+    no_mtp = config.replace(mtp_num_hidden_layers=0)
+    runs = [
         ("qnext_jax (with MTP, as trained)", lambda: time_ours(config, batches, args.warmup)),
-        ("qnext_jax (no MTP)",
-         lambda: time_ours(config.replace(mtp_num_hidden_layers=0), batches, args.warmup)),
+        ("qnext_jax (no MTP)", lambda: time_ours(no_mtp, batches, args.warmup)),
         ("transformers (no MTP)",
-         lambda: time_transformers(config.replace(mtp_num_hidden_layers=0), batches,
-                                   args.warmup, args.threads)),
-    ):
+         lambda: time_transformers(no_mtp, batches, args.warmup, args.threads)),
+    ]
+    if args.dense_variant:
+        dense = no_mtp.replace(num_experts=0, intermediate_size=active_width)
+        runs.append(("qnext_jax (no MTP, dense MLP for the MoE)",
+                     lambda: time_ours(dense, batches, args.warmup)))
+    results = {}
+    for name, run in runs:
         result = run()
         result["tokens_per_sec"] = tokens / result["seconds_per_step"]
         results[name] = result
-        print(f"{name:34s} {result['seconds_per_step']:7.2f} s/step  "
+        print(f"{name:42s} {result['seconds_per_step']:7.2f} s/step  "
               f"{result['tokens_per_sec']:8.0f} tok/s  loss {result['last_loss']:.3f}", flush=True)
     print(json.dumps({"batch": args.batch, "seq_len": args.seq_len, "results": results}, indent=1))
 
