@@ -14,8 +14,8 @@ from qnext_jax.train.step import make_trainer
 # Lipschitz in the gradient, so comparing parameters compares the sharded gradients.
 OPTIMIZER = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10, eps=1e-3)
 
+# Pure data parallelism is the data axis of the first mesh (and of the 2-process test).
 MESHES = {
-    "data8": MeshConfig(data=8, fsdp=1),
     "data2_expert2_tensor2": MeshConfig(data=2, fsdp=1, expert=2, tensor=2),
     "fsdp4_expert2": MeshConfig(fsdp=4, expert=2),
     "expert4_tensor2": MeshConfig(fsdp=1, expert=4, tensor=2),
