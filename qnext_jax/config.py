@@ -253,12 +253,7 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
         """Reads the `model:` section of a preset in `configs/` (or a file of only model keys)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping, got {type(data).__name__}")
+        data = read_yaml_mapping(path)
         section = data.get("model", data)
         return cls.from_dict(section, where=f"{path} (model section)")
 
@@ -353,6 +348,21 @@ class ModelConfig:
         delta_rule = self.linear_num_value_heads * (2 * chunk_size * (2 * dk + 2 * dv) + 6 * dk * dv)
         forward = 2 * weights + attention_layers * attention + deltanet_layers * delta_rule
         return 3.0 * forward
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: {}); a missing file, invalid YAML or another
+    kind of document is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping, got {type(data).__name__}")
+    return data
 
 
 def _check_choice(config: ModelConfig, name: str, choices: tuple[str, ...]) -> None:

@@ -47,6 +47,14 @@ def test_bad_overrides_name_the_key(override, message):
 def test_missing_file_and_key_listing(tmp_path):
     with pytest.raises(ConfigError, match="config file .*absent.yaml does not exist"):
         load_run_config(tmp_path / "absent.yaml")
+    (tmp_path / "broken.yaml").write_text("train:\n  steps: [1\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_run_config(tmp_path / "broken.yaml")
+    (tmp_path / "list.yaml").write_text("- train\n")
+    with pytest.raises(ConfigError, match="list.yaml must hold a mapping, got list"):
+        load_run_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match=r"override 'data.paths=\[a': '\[a' is not a valid YAML"):
+        load_run_config(None, ["data.paths=[a"])
     keys = all_keys()
     assert keys["train.steps"] == 1000 and keys["mesh.fsdp"] == -1 and "model.preset" in keys
     small = all_keys(REPO_ROOT / "configs" / "small.yaml")

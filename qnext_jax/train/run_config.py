@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from qnext_jax.config import ConfigError, ModelConfig, RopeScaling, nearest
+from qnext_jax.config import ConfigError, ModelConfig, RopeScaling, nearest, read_yaml_mapping
 from qnext_jax.data.build import TOKENIZER_FILE, DataConfig
 from qnext_jax.parallel.mesh import MeshConfig
 from qnext_jax.train.losses import LossConfig
@@ -93,13 +93,7 @@ def all_keys(config_file: str | Path | None = None) -> dict[str, Any]:
 def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections {list(SECTIONS)}")
-        for section, entries in loaded.items():
+        for section, entries in read_yaml_mapping(path).items():
             _check_section(section, where=str(path))
             if not isinstance(entries, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
@@ -112,7 +106,10 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
         _check_section(section, where="the command line")
         if key == "model.preset":
             values["model"] = {}  # a preset on the command line replaces the file's model
-        values[section][name] = yaml.safe_load(text)
+        try:
+            values[section][name] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {override!r}: {text!r} is not a valid YAML value") from None
     return build_run_config(values)
 
 
