@@ -47,11 +47,17 @@ def test_packed_rows_give_each_document_its_own_logits(tiny_config):
     rng = np.random.default_rng(0)
     documents = [rng.integers(0, tiny_config.vocab_size, n) for n in lengths]
     packed_ids = jnp.asarray(np.concatenate(documents))[None]
-    segment_ids = jnp.asarray(np.repeat([1, 2, 3], lengths))[None]
     positions = jnp.asarray(np.concatenate([np.arange(n) for n in lengths]))[None]
     forward = jax.jit(lambda ids, pos, seg: model(ids, positions=pos, segment_ids=seg))
-    packed = forward(packed_ids, positions, segment_ids)
     unmasked = forward(packed_ids, positions, None)
+    # A reused id (1, 2, 1) is still three documents: a boundary is where the id changes, for
+    # attention as for the conv and the delta rule.
+    for ids in ([1, 2, 3], [1, 2, 1]):
+        packed = forward(packed_ids, positions, jnp.asarray(np.repeat(ids, lengths))[None])
+        _check_each_document_alone(forward, packed, unmasked, documents, lengths)
+
+
+def _check_each_document_alone(forward, packed, unmasked, documents, lengths):
     start = 0
     for doc, n in zip(documents, lengths):
         ids = jnp.asarray(doc)[None]

@@ -9,6 +9,7 @@ from qnext_jax.config import ModelConfig
 from qnext_jax.model.norms import RMSNorm
 from qnext_jax.model.params import cast, compute_dtype, normal_param
 from qnext_jax.model.rope import apply_rotary
+from qnext_jax.ops.segments import document_index
 
 
 class GatedAttention(nnx.Module):
@@ -41,8 +42,11 @@ class GatedAttention(nnx.Module):
 
         mask = None
         if segment_ids is not None:
-            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-            mask = same_segment[:, None]  # [B, 1, T, S]
+            # Documents as the conv and the delta rule see them (a new one wherever the id
+            # changes), not raw ids: a row may reuse an id for a later, separate document.
+            documents = document_index(segment_ids)
+            same_document = documents[:, :, None] == documents[:, None, :]  # [B, T, S]
+            mask = same_document[:, None]  # [B, 1, T, S]
         # GQA inside: query head n reads kv head n // (N / K), HF's repeat_kv grouping.
         out = jax.nn.dot_product_attention(
             query, key, value, mask=mask, is_causal=True, scale=self.config.head_dim ** -0.5
