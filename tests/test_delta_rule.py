@@ -10,7 +10,7 @@ import pytest
 
 from qnext_jax.ops import gated_delta_rule, l2_normalize
 
-B, T, HK, HV, DK, DV = 2, 150, 2, 4, 16, 8
+B, T, HK, HV, DK, DV = 2, 150, 2, 4, 16, 16
 
 
 def numpy_recurrence(q, k, v, g, beta, segment_ids, state0):
@@ -197,6 +197,37 @@ def test_unit_lower_inverse_matches_numpy(variant):
     expected = np.linalg.inv(np.eye(64) + lower)
     np.testing.assert_allclose(inverse, expected, atol=1e-5 * np.abs(expected).max())
     assert np.all(np.triu(inverse, 1) == 0)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas-loop"])
+def test_pallas_pads_head_dims_the_kernels_cannot_take(impl):
+    """dk = 24 and dv = 40 are no kernel block sizes: the kernels run on zero-padded heads
+    (32, 64), exactly: values against the float64 recurrence, gradients against the reference."""
+    rng = np.random.default_rng(7)
+    dk, dv, length = 24, 40, 37
+    q, k = rng.normal(size=(2, 1, length, HK, dk))
+    v = rng.normal(size=(1, length, HV, dv))
+    g = -rng.uniform(0.0, 1.5, size=(1, length, HV))
+    beta = rng.uniform(0.0, 1.0, size=(1, length, HV))
+    segments = np.repeat([[1, 2]], [20, length - 20], axis=1)
+    state0 = rng.normal(size=(1, HV, dk, dv))
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, beta, state0)]
+
+    def loss(impl, q, k, v, g, beta, state0):
+        out, state = gated_delta_rule(q, k, v, g, beta, segment_ids=jnp.asarray(segments),
+                                      initial_state=state0, normalize_qk=True, **IMPLS[impl])
+        return jnp.sum(jnp.sin(out)) + jnp.sum(state ** 2), (out, state)
+
+    grads, (out, state) = jax.grad(loss, argnums=range(1, 7), has_aux=True)(impl, *args)
+    qn = np.asarray(l2_normalize(args[0]), np.float64) * dk ** -0.5
+    kn = np.asarray(l2_normalize(args[1]), np.float64)
+    expected_out, expected_state = numpy_recurrence(qn, kn, v, g, beta, segments, state0)
+    assert out.shape == v.shape and state.shape == state0.shape
+    np.testing.assert_allclose(out, expected_out, atol=2e-5 * np.abs(expected_out).max())
+    np.testing.assert_allclose(state, expected_state, atol=2e-5 * np.abs(expected_state).max())
+    reference, _ = jax.grad(loss, argnums=range(1, 7), has_aux=True)("reference", *args)
+    for name, ref, got in zip("q k v g beta state0".split(), reference, grads):
+        np.testing.assert_allclose(got, ref, atol=5e-5 * float(jnp.abs(ref).max()), err_msg=name)
 
 
 def test_pallas_rejects_bad_chunk_and_backend():

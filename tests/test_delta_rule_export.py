@@ -51,3 +51,20 @@ def test_forward_and_backward_export(platform, backend, custom_call, dtype):
     assert text.count(custom_call) == 6, text.count(custom_call)
     grads = exported.out_avals[1:]
     assert [g.shape for g in grads] == [a.shape for a in args[:6]]
+
+
+@pytest.mark.parametrize("platform, backend", [("tpu", "mosaic"), ("cuda", "triton")])
+def test_value_head_dim_that_is_no_block_size_exports(platform, backend):
+    """dv = 96 (a user's `linear_value_head_dim`): the kernels take zero-padded heads."""
+    shape = jax.ShapeDtypeStruct
+    dtype, dv = jnp.bfloat16, 96
+    args = (
+        shape((B, T, HK, D), dtype), shape((B, T, HK, D), dtype), shape((B, T, HV, dv), dtype),
+        shape((B, T, HV), jnp.float32), shape((B, T, HV), dtype),
+        shape((B, HV, D, dv), jnp.float32), shape((B, T), jnp.int32),
+    )
+    exported = export.export(
+        train_step_of_delta_rule(backend), platforms=[platform],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+    )(*args)
+    assert [g.shape for g in exported.out_avals[1:]] == [a.shape for a in args[:6]]

@@ -15,15 +15,18 @@ the custom VJP is taken with respect to them, so the chain rule back to g runs i
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
 from qnext_jax.ops.chunked_delta import kernels
-from qnext_jax.ops.chunked_delta.layout import chunk_decays, pad_to_chunks
+from qnext_jax.ops.chunked_delta.chunk_math import l2_normalize
 from qnext_jax.ops.chunked_delta.kernels import BACKENDS, KernelConfig
+from qnext_jax.ops.chunked_delta.layout import chunk_decays, pad_to_chunks
 
 F32 = jnp.float32
+log = logging.getLogger(__name__)
 
 
 def default_backend() -> str:
@@ -51,12 +54,15 @@ def delta_rule_pallas(
     batch, length, key_heads, key_dim = q.shape
     value_heads, value_dim = v.shape[2:]
     compute_dtype = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
+    value_block = min(value_block, _kernel_dim(value_dim))
+    padded_key_dim, padded_value_dim = _kernel_dim(key_dim), _round_up(value_dim, value_block)
+    if (padded_key_dim, padded_value_dim) != (key_dim, value_dim):
+        q, k, v, initial_state, normalize_qk = _pad_head_dims(
+            q, k, v, initial_state, normalize_qk, padded_key_dim, padded_value_dim)
     cfg = KernelConfig(
         chunk=chunk_size, group=value_heads // key_heads, compute_dtype=compute_dtype,
-        backend=backend, value_block=min(value_block, value_dim), normalize_qk=normalize_qk,
+        backend=backend, value_block=value_block, normalize_qk=normalize_qk,
     )
-    if value_dim % cfg.value_block:
-        raise ValueError(f"value head dim {value_dim} must be a multiple of {cfg.value_block}")
 
     q, k, v, g, beta, docs = pad_to_chunks(q, k, v, g, beta, docs, chunk_size)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
@@ -73,7 +79,35 @@ def delta_rule_pallas(
         cfg, qh, kh, vh, heads_first(beta.astype(F32)), gamma, start, end,
         docs.astype(jnp.int32), initial_state.astype(F32),
     )
-    return heads_first(out)[:, :length], final_state
+    return heads_first(out)[:, :length, :, :value_dim], final_state[..., :key_dim, :value_dim]
+
+
+def _kernel_dim(size: int) -> int:
+    """The head size the kernels take: a power of two (Triton's block shapes) of at least 16
+    (the smallest tensor-core product)."""
+    return max(16, 1 << (size - 1).bit_length())
+
+
+def _round_up(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def _pad_head_dims(q, k, v, initial_state, normalize_qk, key_dim, value_dim):
+    """Zero-pads the key and value head dims to kernel sizes. Exact: every value column of the
+    state evolves on its own (a zero column of v stays a zero column of S and of o), and zero
+    key components add nothing to k^T S, q^T S or k^T k, so the padded rows of S stay zero.
+    q and k are normalised here first, as the in-kernel normalisation would scale by the
+    padded dk."""
+    log.info("gated delta rule: head dims dk=%d, dv=%d padded to %d, %d for the Pallas kernels",
+             q.shape[-1], v.shape[-1], key_dim, value_dim)
+    if normalize_qk:
+        q = l2_normalize(q.astype(F32), q.shape[-1] ** -0.5).astype(q.dtype)
+        k = l2_normalize(k.astype(F32)).astype(k.dtype)
+    pad = lambda x, size: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+    q, k, v = pad(q, key_dim), pad(k, key_dim), pad(v, value_dim)
+    initial_state = jnp.pad(initial_state, [(0, 0), (0, 0), (0, key_dim - initial_state.shape[2]),
+                                            (0, value_dim - initial_state.shape[3])])
+    return q, k, v, initial_state, False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
