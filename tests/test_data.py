@@ -156,10 +156,30 @@ def test_prepare_command_writes_rows_a_prepared_run_reads(tmp_path):
         np.testing.assert_array_equal(stored[len(fresh) - 1][0], fresh[len(fresh) - 1][0])
     with pytest.raises(DataError, match="prepared rows in .* are 16 tokens long; this run needs 33"):
         packed_rows(prepared, tokenizer, 33, "train")
-    with pytest.raises(DataError, match="tokenizer .* has 300 tokens but the model's vocab_size is 256"):
+    with pytest.raises(DataError, match="tokenizer .* has 300 tokens but model.vocab_size is 256"):
         make_tokenizer(prepared, 256, tmp_path / "run")
     assert main(["prepare", "--source", "text", "--paths", str(tmp_path / "none*.txt"),
                  "--seq-len", "15", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_prepare_with_a_large_tokenizer_checks_only_a_given_vocab_size(tmp_path, capsys):
+    """A tokenizer.json of 9,000 tokens (more than the default BPE's 8,192) prepares as it is;
+    a --vocab-size given beside it is the bound, and the error names that option."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from qnext_jax.data.__main__ import main
+
+    vocab = {f"w{i}": i for i in range(9000)} | {"<|endoftext|>": 9000, "<unk>": 9001}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(f"w{i}" for i in range(0, 9000, 7)))
+    common = ["prepare", "--source", "text", "--paths", str(corpus), "--tokenizer",
+              str(tmp_path / "tokenizer.json"), "--seq-len", "15", "--eval-percent", "0"]
+    assert main(common + ["--out", str(tmp_path / "out")]) == 0
+    assert main(common + ["--vocab-size", "5000", "--out", str(tmp_path / "bounded")]) == 2
+    assert "has 9002 tokens but --vocab-size is 5000" in capsys.readouterr().err
 
 
 def test_data_config_errors(tmp_path):

@@ -11,6 +11,8 @@ from qnext_jax.data.build import TOKENIZER_FILE, DataConfig, make_tokenizer, pac
 from qnext_jax.data.pipeline import write_array_record_rows
 from qnext_jax.data.sources import DataError
 
+DEFAULT_BPE_VOCAB = 8192
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qnext_jax.data")
@@ -20,7 +22,9 @@ def main(argv=None) -> int:
     prepare.add_argument("--paths", nargs="*", default=[], help="files or globs")
     prepare.add_argument("--jsonl-field", default="text")
     prepare.add_argument("--tokenizer", help="tokenizer.json (default: train a byte-level BPE)")
-    prepare.add_argument("--vocab-size", type=int, default=8192, help="for the default BPE")
+    prepare.add_argument("--vocab-size", type=int, default=None,
+                         help=f"the default BPE's size (default {DEFAULT_BPE_VOCAB}); with "
+                              "--tokenizer, an upper bound checked against it (default: none)")
     prepare.add_argument("--seq-len", type=int, required=True, help="training sequence length T")
     prepare.add_argument("--eval-percent", type=float, default=2.0)
     prepare.add_argument("--out", required=True, help="output directory")
@@ -30,9 +34,13 @@ def main(argv=None) -> int:
                             tokenizer=args.tokenizer, eval_percent=args.eval_percent)
         config.check_paths()
         out = Path(args.out)
-        tokenizer = make_tokenizer(config, args.vocab_size, out)
-        tokenizer.save(out / TOKENIZER_FILE)
-        for split in ("train", "eval"):
+        out.mkdir(parents=True, exist_ok=True)
+        vocab_size = args.vocab_size
+        if vocab_size is None and args.tokenizer is None:
+            vocab_size = DEFAULT_BPE_VOCAB
+        tokenizer = make_tokenizer(config, vocab_size, out, write=False, vocab_setting="--vocab-size")
+        tokenizer.save(out / TOKENIZER_FILE)  # replaces one an earlier `prepare` left there
+        for split in ("train", "eval") if args.eval_percent > 0 else ("train",):
             rows = packed_rows(config, tokenizer, args.seq_len + 1, split)
             write_array_record_rows(out / split, rows.tokens, rows.segment_ids,
                                     extra_metadata={"tokenizer": tokenizer.source})

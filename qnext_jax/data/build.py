@@ -41,10 +41,11 @@ class DataConfig:
         check_known_keys(values, cls, "data")
         return cls(**values)
 
-    def check_paths(self) -> None:
-        """Fails before anything is compiled if a path is missing."""
+    def check_paths(self, evaluate: bool = True) -> None:
+        """Fails before anything is compiled if a path is missing (the eval split's only
+        when the run evaluates)."""
         if self.source == "prepared":
-            for split in ("train", "eval"):
+            for split in ("train", "eval") if evaluate else ("train",):
                 ArrayRecordRows(Path(self.paths[0]) / split)
         elif self.source in ("text", "jsonl"):
             expand_paths(list(self.paths), f"{self.source} file")
@@ -62,9 +63,15 @@ def documents(config: DataConfig, split: str):
     raise DataError("prepared data has no documents, only rows")
 
 
-def make_tokenizer(config: DataConfig, vocab_size: int, cache_dir: Path) -> TextTokenizer:
+def make_tokenizer(config: DataConfig, vocab_size: int | None, cache_dir: Path, *,
+                   write: bool = True, vocab_setting: str = "model.vocab_size") -> TextTokenizer:
     """The configured tokenizer; else the one cached in `cache_dir` (a resumed run keeps its
-    tokenizer); else a byte-level BPE of `vocab_size` trained on the training split."""
+    tokenizer); else a byte-level BPE of `vocab_size` trained on the training split. With
+    `write`, whichever it is is saved to `cache_dir` (one process of a multi-process run
+    writes; every process trains the same deterministic BPE, so none waits on a shared file).
+
+    vocab_size also bounds a given tokenizer (None: no bound); `vocab_setting` is the name of
+    the setting it came from, for the error."""
     cached = Path(cache_dir) / TOKENIZER_FILE
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
@@ -73,14 +80,17 @@ def make_tokenizer(config: DataConfig, vocab_size: int, cache_dir: Path) -> Text
     elif cached.is_file():
         tokenizer = load_tokenizer(cached)
     else:
+        if vocab_size is None:
+            raise DataError(f"{vocab_setting} is needed to train the default byte-level BPE")
         tokenizer = train_byte_level_bpe((text for _, text in documents(config, "train")), vocab_size)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise DataError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but "
+            f"{vocab_setting} is {vocab_size}; use a larger {vocab_setting}"
+        )
+    if write and not cached.is_file():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         tokenizer.save(cached)
-    if tokenizer.vocab_size > vocab_size:
-        raise DataError(
-            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's "
-            f"vocab_size is {vocab_size}; use a larger model.vocab_size"
-        )
     return tokenizer
 
 
