@@ -63,21 +63,21 @@ def documents(config: DataConfig, split: str):
     raise DataError("prepared data has no documents, only rows")
 
 
-def make_tokenizer(config: DataConfig, vocab_size: int | None, cache_dir: Path, *,
+def make_tokenizer(config: DataConfig, vocab_size: int | None, cache_dir: Path | None, *,
                    write: bool = True, vocab_setting: str = "model.vocab_size") -> TextTokenizer:
-    """The configured tokenizer; else the one cached in `cache_dir` (a resumed run keeps its
+    """The configured tokenizer; else the one cached in `cache_dir`, if any (a resumed run keeps its
     tokenizer); else a byte-level BPE of `vocab_size` trained on the training split. With
     `write`, whichever it is is saved to `cache_dir` (one process of a multi-process run
     writes; every process trains the same deterministic BPE, so none waits on a shared file).
 
     vocab_size also bounds a given tokenizer (None: no bound); `vocab_setting` is the name of
     the setting it came from, for the error."""
-    cached = Path(cache_dir) / TOKENIZER_FILE
+    cached = Path(cache_dir) / TOKENIZER_FILE if cache_dir is not None else None
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     elif config.source == "prepared":
         tokenizer = load_tokenizer(Path(config.paths[0]) / TOKENIZER_FILE)
-    elif cached.is_file():
+    elif cached is not None and cached.is_file():
         tokenizer = load_tokenizer(cached)
     else:
         if vocab_size is None:
@@ -88,7 +88,7 @@ def make_tokenizer(config: DataConfig, vocab_size: int | None, cache_dir: Path, 
             f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but "
             f"{vocab_setting} is {vocab_size}; use a larger {vocab_setting}"
         )
-    if write and not cached.is_file():
+    if write and cached is not None and not cached.is_file():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         tokenizer.save(cached)
     return tokenizer
