@@ -36,9 +36,12 @@ def main(argv: list[str]) -> int:
 
     initialize_from_env()  # before anything touches the devices
 
+    import jax
+
     from qnext_jax.config import ConfigError
-    from qnext_jax.train.loop import TrainingError, new_run_dir, train
+    from qnext_jax.train.loop import TrainingError, train
     from qnext_jax.train.run_config import load_run_config
+    from qnext_jax.train.run_dir import new_run_dir
 
     try:
         # The default run, unless a config file or a Hugging Face checkpoint
@@ -48,7 +51,8 @@ def main(argv: list[str]) -> int:
             config_path = DEFAULT_RUN
         config = load_run_config(config_path, overrides)
         run_dir = Path(config.train.run_dir) if config.train.run_dir else new_run_dir()
-        print(f"run_dir: {run_dir}")
+        if jax.process_index() == 0:
+            print(f"run_dir: {run_dir}")
         last, _ = train(config, run_dir)
     except (ConfigError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)

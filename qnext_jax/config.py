@@ -334,7 +334,10 @@ class ModelConfig:
         h, c = self.hidden_size, self.param_counts()
         per_expert = 3 * h * self.moe_intermediate_size
         inactive = (self.num_experts - self.num_experts_per_tok) * per_expert
-        weights = c["main"] - self.vocab_size * h - self.num_moe_layers * inactive
+        # The embedding lookup is free; the LM head is a matmul, and with tied embeddings the
+        # head *is* the table, which param_counts holds once: keep it then.
+        lookup_only = 0 if self.tie_word_embeddings else self.vocab_size * h
+        weights = c["main"] - lookup_only - self.num_moe_layers * inactive
         if self.mtp_num_hidden_layers:
             mtp_inactive = self.mtp_num_hidden_layers * inactive if self.mtp_uses_moe else 0
             weights += self.mtp_depth * (c["mtp"] - mtp_inactive + self.vocab_size * h)

@@ -94,6 +94,11 @@ def config_from_hf(path_or_dict, **overrides) -> ModelConfig:
     values["mtp_num_hidden_layers"] = hf.get(
         "mtp_num_hidden_layers", hf.get("num_nextn_predict_layers", 1)
     )
+    # Compute in the dtype the checkpoint was stored in (a bf16 release computes in bf16);
+    # parameters stay fp32 unless asked (`param_dtype`).
+    stored = hf.get("dtype") or hf.get("torch_dtype")
+    if stored in ("float32", "bfloat16", "float16"):
+        values["dtype"] = stored
     values.update(overrides)
     return ModelConfig.from_dict(values, where="config.json")
 
@@ -105,7 +110,8 @@ def config_to_hf(config: ModelConfig, fmt: Literal["v4", "v5"] = "v5") -> dict[s
     out: dict[str, Any] = {
         "architectures": ["Qwen3NextForCausalLM"],
         "model_type": "qwen3_next",
-        "torch_dtype": "bfloat16" if config.param_dtype == "bfloat16" else "float32",
+        # The dtype transformers loads and computes in: ours computes in `dtype`.
+        "torch_dtype": config.dtype,
     }
     for key in _COPIED:
         out[key] = getattr(config, key)

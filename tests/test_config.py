@@ -27,7 +27,10 @@ HUB_80B = {
 def test_80b_preset_matches_the_hub_config(repo_root):
     preset = ModelConfig.from_yaml(repo_root / "configs/qwen3_next_80b_a3b.yaml")
     from_hub = ModelConfig.from_hf(HUB_80B)
-    assert from_hub == preset.replace(dtype="float32")
+    # The compute dtype is the checkpoint's (torch_dtype bfloat16), as in the preset.
+    assert from_hub == preset and from_hub.dtype == "bfloat16"
+    assert ModelConfig.from_hf({**HUB_80B, "torch_dtype": "float32"}).dtype == "float32"
+    assert ModelConfig.from_hf(HUB_80B, dtype="float32").dtype == "float32"
     assert [i for i, t in enumerate(preset.mixer_types) if t == FULL_ATTENTION] == list(range(3, 48, 4))
     assert preset.rotary_dim == 64 and preset.rope_theta == 1e7
     assert preset.block_size == 4 and preset.num_blocks == 12

@@ -169,8 +169,9 @@ def test_unexpected_tensor_and_missing_directory(hf_checkpoint, tmp_path):
 
 
 def test_bfloat16_checkpoint_dtypes_come_from_headers(hf_checkpoint, tmp_path):
-    """A bf16 checkpoint (as released) loads into fp32 parameters, A_log and dt_bias in fp32,
-    and into bf16 parameters on request."""
+    """A bf16 checkpoint (as released) loads into fp32 parameters computing in bf16 (the
+    checkpoint's dtype) or, on request, fp32; into bf16 parameters on request, A_log and
+    dt_bias kept fp32."""
     hf_model, directory, input_ids, _ = hf_checkpoint
     copy.deepcopy(hf_model).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     from transformers import Qwen3NextForCausalLM
@@ -183,7 +184,8 @@ def test_bfloat16_checkpoint_dtypes_come_from_headers(hf_checkpoint, tmp_path):
     expected = hf_logits(rounded, input_ids)
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
-    model = load_hf_checkpoint(tmp_path / "bf16")
+    assert load_hf_checkpoint(tmp_path / "bf16").config.dtype == "bfloat16"  # the file's dtype
+    model = load_hf_checkpoint(tmp_path / "bf16", compute_dtype="float32")
     assert model.embed[...].dtype == jnp.float32
     assert relative_error(model(jnp.asarray(input_ids)).logits, expected) <= 1e-4
     model16 = load_hf_checkpoint(tmp_path / "bf16", dtype=jnp.bfloat16, compute_dtype="bfloat16")

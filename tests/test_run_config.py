@@ -61,3 +61,32 @@ def test_missing_file_and_key_listing(tmp_path):
     assert small["model.hidden_size"] == 256 and small["model.num_experts"] == 32
     assert small["train.steps"] == 200 and small["optimizer.learning_rate"] == 2e-3
     assert small["optimizer.total_steps"] == "train.steps"
+
+
+def test_a_resume_that_changes_the_trajectory_names_the_keys(tmp_path):
+    """Only keys that change what the remaining steps compute are refused; the step count,
+    the mesh, logging and the like may change; a derived key says what it follows."""
+    from qnext_jax.train.run_dir import check_resume_config, write_config
+
+    saved = load_run_config(None, ["train.steps=200"])
+    write_config(tmp_path, saved.to_dict())
+    free = load_run_config(None, ["train.steps=200", "mesh.expert=4", "train.log_every=1",
+                                  "train.micro_batches=2", "model.remat_policy=full"])
+    logged = []
+    check_resume_config(tmp_path, free.to_dict(), (), logged.append)
+    assert logged == []
+    extended = load_run_config(None, ["train.steps=400", "data.seed=1"])
+    with pytest.raises(ConfigError) as refused:
+        check_resume_config(tmp_path, extended.to_dict(), (), logged.append)
+    message = str(refused.value)
+    assert "data.seed: 0 -> 1\n" in message
+    assert "optimizer.total_steps: 200 -> 400 (follows train.steps unless set)" in message
+    assert "optimizer.warmup_steps: 20 -> 40 (follows optimizer.total_steps unless set)" in message
+    assert "pass data.seed=0 optimizer.total_steps=200 optimizer.warmup_steps=20" in message
+    accepted = ("data.seed", "optimizer.total_steps", "optimizer.warmup_steps")
+    check_resume_config(tmp_path, extended.to_dict(), accepted, logged.append)
+    assert logged[0] == "resuming with a changed data.seed: 0 -> 1 (accepted)" and len(logged) == 3
+    with pytest.raises(ConfigError, match="names 'optimiser.total_steps', which is no key"):
+        from qnext_jax.train.run_config import check_run_config
+
+        check_run_config(load_run_config(None, ["train.accept_changes=[optimiser.total_steps]"]))

@@ -1,11 +1,14 @@
 """The training loop in-process: a run of 2N steps equals N steps, stopped, then resumed for N
 (every loss, final parameters, bit for bit on CPU); a poisoned batch stops the run naming its
-step and leaves no checkpoint after it; a missing data path fails before compiling."""
+step and leaves no checkpoint after it; evaluation that is off, impossible or failing; a resume
+that would change the trajectory; preemption on the final step still exports; bad input fails
+before compiling."""
 
 import io
 import json
+import os
 import random
-import xml.etree.ElementTree as ElementTree
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,9 @@ import pytest
 
 import qnext_jax.train.loop as loop
 from conftest import REPO_ROOT
+from qnext_jax.config import ConfigError
 from qnext_jax.data.sources import DataError
+from qnext_jax.train.evaluation import Evaluator
 from qnext_jax.train.run_config import load_run_config
 
 
@@ -62,7 +67,25 @@ def test_stopped_and_resumed_run_equals_uninterrupted(corpus, tmp_path):
     assert rows[2]["model_tflops"] > 0 and "mfu" not in rows[2]  # no peak FLOPs for a CPU
     shown = progress.getvalue()
     assert "6/6" in shown and "tok/s" in shown and "ETA" in shown and "GFLOP/s" in shown
+    assert "dtypes: parameters float32, compute float32" in shown
     check_tensorboard_and_plots(whole, rows)
+    check_tensorboard_and_plots(split, [json.loads(line) for line in
+                                        (split / "metrics.jsonl").read_text().splitlines()])
+
+    # Extending the finished run: a changed trajectory is refused before any compilation,
+    # naming each key; accepted, the run goes on.
+    with pytest.raises(ConfigError) as refused:
+        loop.train(config_for(corpus, split, 7, "optimizer.learning_rate=0.5",
+                              "optimizer.total_steps=8"), split, stream=io.StringIO())
+    message = str(refused.value)
+    assert "optimizer.learning_rate: 0.0003 -> 0.5" in message
+    assert "optimizer.total_steps: 6 -> 8" in message and "train.steps" not in message
+    assert "train.accept_changes=[optimizer.learning_rate,optimizer.total_steps]" in message
+    shown = io.StringIO()
+    last, _ = loop.train(config_for(corpus, split, 7, "optimizer.total_steps=8",
+                                    "train.accept_changes=[optimizer.total_steps]"),
+                         split, stream=shown)
+    assert last["step"] == 7 and "changed optimizer.total_steps: 6 -> 8 (accepted)" in shown.getvalue()
 
 
 def check_tensorboard_and_plots(run_dir, rows):
@@ -71,19 +94,20 @@ def check_tensorboard_and_plots(run_dir, rows):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     for tag, key in (("train/loss", "loss"), ("train/mtp_loss", "mtp_loss"),
-                     ("train/tokens_per_sec", "tokens_per_sec"), ("eval/ce_loss", "eval_loss")):
+                     ("train/tokens_per_sec", "tokens_per_sec"), ("eval/ce_loss", "eval_loss"),
+                     ("eval/mtp_loss", "eval_mtp_loss")):
         logged = [(r["step"], r[key]) for r in rows if key in r]
         read = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in read] == [s for s, _ in logged]
         np.testing.assert_allclose([v for _, v in read], [v for _, v in logged], rtol=1e-6)
+    for name in ("loss_curves.png", "loss_curves.svg", "expert_load.png", "expert_load.svg"):
+        assert (run_dir / name).stat().st_size > 1000, name
+    for layer in ("layer 3", "mtp 1.0"):  # the heatmap names every MoE layer
+        assert layer in (run_dir / "expert_load.svg").read_text()
 
-    svg = "{http://www.w3.org/2000/svg}"
-    curves = ElementTree.parse(run_dir / "loss_curves.svg").getroot()
-    labels = "".join(curves.itertext())
-    assert "train (CE)" in labels and "MTP" in labels and "eval (CE)" in labels
-    assert len(curves.findall(f"{svg}polyline")) == 3
-    heatmap = ElementTree.parse(run_dir / "expert_load.svg").getroot()
-    assert len(heatmap.findall(f"{svg}rect/{svg}title")) == 5 * 8  # (MoE layer, expert) cells
+
+def checkpoint_steps(run_dir):
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def test_poisoned_batch_stops_with_the_step_named(corpus, tmp_path, monkeypatch):
@@ -102,8 +126,70 @@ def test_poisoned_batch_stops_with_the_step_named(corpus, tmp_path, monkeypatch)
     with pytest.raises(loop.TrainingError, match="non-finite loss at step 5"):
         loop.train(config_for(corpus, run_dir, 6, "train.log_every=3", "train.eval_every=100"),
                    run_dir, stream=io.StringIO())
-    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved == [3]
+    assert checkpoint_steps(run_dir) == [3]
+
+
+def refuse_to_compile(*args, **kwargs):
+    raise AssertionError("compiled a trainer for a run that cannot work")
+
+
+def test_evaluation_off_or_impossible(corpus, tmp_path, monkeypatch):
+    # No held-out data: evaluation must be off, and then the run trains.
+    with pytest.raises(ConfigError, match="data.eval_percent=0 holds out no documents.*eval_every=0"):
+        loop.train(config_for(corpus, tmp_path / "a", 2, "data.eval_percent=0"), tmp_path / "a")
+    last, _ = loop.train(config_for(corpus, tmp_path / "b", 3, "data.eval_percent=0",
+                                    "train.eval_every=0"), tmp_path / "b", stream=io.StringIO())
+    assert last["step"] == 3 and "eval_loss" not in last
+    # An eval split smaller than one batch fails before anything is compiled.
+    monkeypatch.setattr(loop, "make_trainer", refuse_to_compile)
+    with pytest.raises(DataError, match=r"the eval split has \d+ rows of 33 tokens, fewer than one "
+                                        r"batch \(train.batch_size=64\)"):
+        loop.train(config_for(corpus, tmp_path / "c", 2, "train.batch_size=64"), tmp_path / "c",
+                   stream=io.StringIO())
+
+
+@pytest.mark.parametrize("fail_at, checkpoint_every", [(3, 3), (2, 3)])
+def test_a_failing_evaluation_keeps_the_checkpoint_of_its_step(corpus, tmp_path, monkeypatch,
+                                                               fail_at, checkpoint_every):
+    """eval_every == checkpoint_every: the save comes first; an eval step that is no save step
+    saves before the error goes up."""
+    evaluate = Evaluator.__call__
+
+    def failing(self, state):
+        if int(state.step) == fail_at:
+            raise RuntimeError("eval data went away")
+        return evaluate(self, state)
+
+    monkeypatch.setattr(Evaluator, "__call__", failing)
+    run_dir = tmp_path / "run"
+    with pytest.raises(loop.TrainingError, match=f"evaluation at step {fail_at} failed "
+                                                 r"\(RuntimeError: eval data went away\)"):
+        loop.train(config_for(corpus, run_dir, 6, f"train.eval_every={fail_at}",
+                              f"train.checkpoint_every={checkpoint_every}"),
+                   run_dir, stream=io.StringIO())
+    assert checkpoint_steps(run_dir) == [fail_at]
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        == list(range(1, fail_at))  # the failed step's row was never written
+
+
+def test_preemption_on_the_final_step_still_exports(corpus, tmp_path, monkeypatch):
+    place = loop.global_batch
+    calls = {"n": 0}
+
+    def preempted_on_the_last_batch(local, sharding, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return place(local, sharding, rows)
+
+    monkeypatch.setattr(loop, "global_batch", preempted_on_the_last_batch)
+    run_dir = tmp_path / "run"
+    shown = io.StringIO()
+    loop.train(config_for(corpus, run_dir, 2, "train.export_hf=true", "train.eval_every=0"),
+               run_dir, stream=shown)
+    assert "SIGTERM: saved a checkpoint at step 2; exiting" in shown.getvalue()
+    assert checkpoint_steps(run_dir) == [2]
+    assert (run_dir / "hf" / "config.json").is_file() and (run_dir / "hf" / "tokenizer.json").is_file()
 
 
 def test_missing_data_path_fails_before_compiling(tmp_path):

@@ -84,7 +84,7 @@ def load_hf_checkpoint(
     """Loads a HF Qwen3-Next directory (config.json + safetensors, single file or indexed).
 
     dtype: parameter dtype (float32 or bfloat16). compute_dtype: activation dtype (the
-    config's `dtype`; default float32). shardings: optional function from a parameter
+    config's `dtype`; default: the checkpoint's, config.json `dtype` / `torch_dtype`). shardings: optional function from a parameter
     path to the sharding its array is placed on. config_overrides: ModelConfig fields that are
     not in config.json (e.g. delta_rule_impl="reference", mtp_depth=2).
     """

@@ -44,5 +44,6 @@ def save_hf_checkpoint(model, directory, *, dtype: str | None = None, config_for
     hf_config = config.to_hf(config_format)
     if dtype is not None:
         hf_config["torch_dtype"] = dtype
+    hf_config["dtype"] = hf_config["torch_dtype"]  # the name transformers>=5 writes and reads
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
     return directory

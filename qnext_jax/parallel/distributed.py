@@ -16,24 +16,74 @@ NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
 
 
+def _count(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "1"))
+    except ValueError:
+        return 1
+
+
+def multi_process_environment() -> str | None:
+    """The launcher that describes this process as one of several, or None for a
+    single-process run. Besides our own variables, the schedulers whose variables
+    `jax.distributed.initialize()` reads by itself: SLURM (srun), Open MPI (mpirun), a
+    Kubernetes indexed Job or JobSet, and a multi-host Cloud TPU slice. A launcher that starts
+    a single task (one srun task, one pod) is a single-process run: nothing to join."""
+    env = os.environ
+    if env.get(COORDINATOR_ENV):
+        return "explicit"
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(name in env for name in slurm) and _count("SLURM_NTASKS") > 1:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and _count("OMPI_COMM_WORLD_SIZE") > 1:
+        return "open_mpi"
+    if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
+        return "kubernetes"
+    workers = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    if len([w for w in workers.split(",") if w.strip()]) > 1:
+        return "cloud_tpu"
+    return None
+
+
 def initialize_from_env() -> bool:
-    """`jax.distributed.initialize` when the environment names a coordinator; returns whether
-    this is a multi-process run. Must run before anything touches the devices."""
-    address = os.environ.get(COORDINATOR_ENV)
-    if not address:
+    """`jax.distributed.initialize` when the environment describes a multi-process job
+    (`multi_process_environment`); returns whether it does. Must run before anything touches
+    the devices. JAX's own detection then finds the coordinator, process count and id,
+    except with our variables, which name them."""
+    launcher = multi_process_environment()
+    if launcher is None:
         return False
-    missing = [name for name in (NUM_PROCESSES_ENV, PROCESS_ID_ENV) if name not in os.environ]
-    if missing:
-        raise MeshError(f"{COORDINATOR_ENV} is set but {missing} are not")
     # Collectives between the CPU devices of several processes go through gloo (XLA:CPU has no
     # other transport); the setting touches only the CPU client, so GPU/TPU runs are unaffected.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if launcher != "explicit":
+        jax.distributed.initialize()
+        return True
+    missing = [name for name in (NUM_PROCESSES_ENV, PROCESS_ID_ENV) if name not in os.environ]
+    if missing:
+        raise MeshError(f"{COORDINATOR_ENV} is set but {missing} are not")
     jax.distributed.initialize(
-        coordinator_address=address,
+        coordinator_address=os.environ[COORDINATOR_ENV],
         num_processes=int(os.environ[NUM_PROCESSES_ENV]),
         process_id=int(os.environ[PROCESS_ID_ENV]),
     )
     return True
+
+
+def broadcast_text(text: str | None, max_bytes: int = 4096) -> str:
+    """Process 0's `text`, on every process (the others may pass None)."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    buffer = np.zeros(max_bytes, np.uint8)
+    if jax.process_index() == 0:
+        encoded = text.encode()
+        if len(encoded) > max_bytes:
+            raise ValueError(f"text of {len(encoded)} bytes exceeds the {max_bytes}-byte broadcast")
+        buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return bytes(received[received != 0]).decode()
 
 
 def process_rows(global_rows: int, sharding: NamedSharding) -> slice:

@@ -1,144 +1,114 @@
-"""The two end-of-run pictures, as SVG files (no plotting library needed; any browser shows
-them): the loss curves (train CE, MTP, eval) and a heatmap of the expert load per MoE layer."""
+"""The two end-of-run pictures (matplotlib, PNG and SVG), drawn from `metrics.jsonl`:
+
+- loss_curves: train CE and MTP loss, each raw (thin) and smoothed (a debiased exponential
+  moving average, as TensorBoard draws it), and the held-out eval points;
+- expert_load: per MoE layer and expert, the share of routed tokens relative to uniform
+  (1 = its fair share), on a diverging colour scale centred at 1, with a colour bar.
+"""
 
 from __future__ import annotations
 
-import json
 import math
-from html import escape
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-WIDTH, HEIGHT = 720, 420
-LEFT, RIGHT, TOP, BOTTOM = 70, 150, 40, 50
-SERIES = (("ce_loss", "train (CE)", "#1f77b4"), ("mtp_loss", "MTP", "#ff7f0e"),
-          ("eval_loss", "eval (CE)", "#2ca02c"))
+from qnext_jax.train.metrics_log import read_metrics
 
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values covering [low, high]."""
-    if high <= low:
-        high = low + 1.0
-    raw = (high - low) / count
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = min((m * magnitude for m in (1, 2, 2.5, 5, 10)), key=lambda s: abs(s - raw))
-    first = math.ceil(low / step) * step
-    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+TRAIN_SERIES = (("ce_loss", "train CE", "tab:blue"), ("mtp_loss", "train MTP", "tab:orange"))
+EVAL_SERIES = (("eval_loss", "eval CE", "tab:green"), ("eval_mtp_loss", "eval MTP", "tab:red"))
+FORMATS = ("png", "svg")
 
 
-def _text(x, y, text, anchor="middle", size=12, extra=""):
-    return (f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" '
-            f'font-family="sans-serif"{extra}>{escape(str(text))}</text>')
+def smoothed(values, weight: float) -> np.ndarray:
+    """Debiased EMA: s_t = (w s_{t-1} + (1 - w) x_t) / (1 - w^t), so the start is not
+    pulled towards zero."""
+    out, average = np.empty(len(values)), 0.0
+    for t, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out[t - 1] = average / (1 - weight ** t)
+    return out
 
 
-def loss_curves_svg(rows: list[dict], title: str = "loss") -> str:
-    series = []
-    for key, label, colour in SERIES:
-        points = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
-        if points:
-            series.append((label, colour, points))
-    if not series:
+def _points(rows: list[dict], key: str):
+    pairs = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def loss_curves_figure(rows: list[dict], title: str, log_steps: bool = False) -> Figure:
+    figure = Figure(figsize=(9, 5.2), layout="constrained")
+    axes = figure.add_subplot()
+    drawn = 0
+    for key, label, colour in TRAIN_SERIES:
+        steps, values = _points(rows, key)
+        if not len(steps):
+            continue
+        # A time constant of a tenth of the points: smooth, yet following the trend.
+        weight = max(0.0, 1 - 10 / len(values))
+        axes.plot(steps, values, color=colour, alpha=0.3, linewidth=0.8)
+        axes.plot(steps, smoothed(values, weight), color=colour, linewidth=2,
+                  label=f"{label} (last {values[-1]:.3f})")
+        drawn += 1
+    for key, label, colour in EVAL_SERIES:
+        steps, values = _points(rows, key)
+        if not len(steps):
+            continue
+        axes.plot(steps, values, color=colour, marker="o", linewidth=1.5,
+                  label=f"{label} (last {values[-1]:.3f})")
+        drawn += 1
+    if not drawn:
         raise ValueError("no loss values to plot")
-    steps = [s for _, _, pts in series for s, _ in pts]
-    values = [v for _, _, pts in series for _, v in pts]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    y0, y1 = min(values), max(values)
-    pad = 0.05 * (y1 - y0 or 1.0)
-    y0, y1 = y0 - pad, y1 + pad
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-    sx = lambda s: LEFT + (s - x0) / (x1 - x0) * plot_w
-    sy = lambda v: TOP + (y1 - v) / (y1 - y0) * plot_h
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}">',
-             '<rect width="100%" height="100%" fill="white"/>',
-             _text(WIDTH / 2, 24, title, size=15)]
-    for tick in nice_ticks(y0, y1):
-        y = sy(tick)
-        parts.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + plot_w}" y2="{y:.1f}" '
-                     'stroke="#ddd"/>')
-        parts.append(_text(LEFT - 6, y + 4, f"{tick:g}", anchor="end", size=11))
-    for tick in nice_ticks(x0, x1):
-        x = sx(tick)
-        parts.append(f'<line x1="{x:.1f}" y1="{TOP + plot_h}" x2="{x:.1f}" y2="{TOP + plot_h + 4}" '
-                     'stroke="black"/>')
-        parts.append(_text(x, TOP + plot_h + 18, f"{tick:g}", size=11))
-    parts.append(f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" '
-                 'stroke="black"/>')
-    parts.append(_text(LEFT + plot_w / 2, HEIGHT - 10, "step"))
-    parts.append(_text(18, TOP + plot_h / 2, "loss (nats/token)",
-                       extra=f' transform="rotate(-90 18 {TOP + plot_h / 2:.1f})"'))
-    for i, (label, colour, points) in enumerate(series):
-        path = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in points)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for s, v in points if len(points) < 60 else points[-1:]:
-            parts.append(f'<circle cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="2.5" fill="{colour}"/>')
-        y = TOP + 14 + 20 * i
-        parts.append(f'<line x1="{WIDTH - RIGHT + 12}" y1="{y}" x2="{WIDTH - RIGHT + 36}" y2="{y}" '
-                     f'stroke="{colour}" stroke-width="3"/>')
-        parts.append(_text(WIDTH - RIGHT + 42, y + 4, f"{label} {points[-1][1]:.3f}", anchor="start"))
-    parts.append("</svg>")
-    return "\n".join(parts)
+    if log_steps:
+        axes.set_xscale("log")
+    axes.set_xlabel("step" + (" (log scale)" if log_steps else ""))
+    axes.set_ylabel("loss (nats / token)")
+    axes.set_title(f"{title}  (thin: as logged, thick: smoothed)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="upper right")
+    return figure
 
 
-def _load_colour(ratio: float) -> str:
-    """White at the uniform load (ratio 1), blue below, red above; saturates at 0 and 3."""
-    if ratio >= 1:
-        t = min((ratio - 1) / 2, 1.0)
-        r, g, b = 255, 255 * (1 - t), 255 * (1 - t)
-    else:
-        t = 1 - max(ratio, 0.0)
-        r, g, b = 255 * (1 - t), 255 * (1 - 0.6 * t), 255
-    return f"rgb({r:.0f},{g:.0f},{b:.0f})"
-
-
-def expert_load_svg(load, layer_names: list[str], title: str) -> str:
+def expert_load_figure(load, layer_names: list[str], title: str) -> Figure:
     """load: [layers, experts], the fraction of routed choices each expert received."""
     load = np.asarray(load, np.float64)
     layers, experts = load.shape
-    cell = max(6, min(28, (WIDTH - 160) // max(experts, 1)))
-    width = 120 + experts * cell + 40
-    height = 60 + layers * cell + 70
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
-             '<rect width="100%" height="100%" fill="white"/>',
-             _text(width / 2, 24, title, size=15)]
-    for row in range(layers):
-        y = 40 + row * cell
-        parts.append(_text(112, y + cell / 2 + 4, layer_names[row], anchor="end", size=11))
-        for e in range(experts):
-            ratio = load[row, e] * experts
-            parts.append(f'<rect x="{120 + e * cell}" y="{y}" width="{cell}" height="{cell}" '
-                         f'fill="{_load_colour(ratio)}" stroke="#eee">'
-                         f'<title>{escape(layer_names[row])}, expert {e}: {ratio:.2f} x uniform'
-                         '</title></rect>')
-    y = 40 + layers * cell + 18
-    parts.append(_text(120 + experts * cell / 2, y, f"expert (0..{experts - 1})", size=11))
-    for i, ratio in enumerate((0, 0.5, 1, 2, 3)):
-        x = 120 + i * 80
-        parts.append(f'<rect x="{x}" y="{y + 12}" width="18" height="12" '
-                     f'fill="{_load_colour(ratio)}" stroke="#999"/>')
-        parts.append(_text(x + 22, y + 22, f"{ratio:g} x uniform", anchor="start", size=10))
-    parts.append("</svg>")
-    return "\n".join(parts)
+    ratio = load * experts
+    figure = Figure(figsize=(max(6.0, min(16.0, 3 + 0.25 * experts)), max(3.0, 1.6 + 0.35 * layers)),
+                    layout="constrained")
+    axes = figure.add_subplot()
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(ratio.max())))
+    image = axes.imshow(ratio, cmap="RdBu_r", norm=norm, aspect="auto", interpolation="nearest")
+    axes.set_yticks(range(layers), layer_names)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel(f"expert (0..{experts - 1})")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="routed tokens / uniform share")
+    return figure
 
 
-def write_run_plots(run_dir: Path, layer_names: list[str]) -> list[Path]:
-    """loss_curves.svg and expert_load.svg from `run_dir/metrics.jsonl`."""
-    rows = read_metrics(run_dir / "metrics.jsonl")
+def write_run_plots(run_dir: Path, layer_names: list[str], log_steps: bool = False) -> list[Path]:
+    """loss_curves.{png,svg} and expert_load.{png,svg} from `run_dir/metrics.jsonl`."""
+    rows = read_metrics(run_dir)
     written = []
     if rows:
-        path = run_dir / "loss_curves.svg"
-        path.write_text(loss_curves_svg(rows, f"loss ({run_dir.name})"))
-        written.append(path)
+        figure = loss_curves_figure(rows, f"loss ({run_dir.name})", log_steps)
+        written += _save(figure, run_dir / "loss_curves")
     loads = [r for r in rows if r.get("expert_load")]
     if loads:
         last = loads[-1]
-        path = run_dir / "expert_load.svg"
-        path.write_text(expert_load_svg(last["expert_load"], layer_names,
-                                        f"expert load at step {last['step']} (share of routed tokens)"))
-        written.append(path)
+        figure = expert_load_figure(last["expert_load"], layer_names,
+                                    f"expert load at step {last['step']}")
+        written += _save(figure, run_dir / "expert_load")
     return written
+
+
+def _save(figure: Figure, stem: Path) -> list[Path]:
+    paths = [stem.with_suffix(f".{fmt}") for fmt in FORMATS]
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text
+        for path in paths:
+            figure.savefig(path, dpi=110)
+    return paths

@@ -12,7 +12,6 @@ shows the achieved TFLOP/s instead).
 from __future__ import annotations
 
 import sys
-import time
 
 # Dense bf16 peak TFLOP/s per device (vendor data sheets; SXM parts for NVIDIA).
 PEAK_TFLOPS = {
@@ -72,23 +71,25 @@ class Throughput:
 
 
 class ProgressBar:
-    """One line redrawn in place on a terminal; one line per update otherwise (logs, CI)."""
+    """A tqdm bar redrawn in place on a terminal, with our fields after it; on anything else
+    (a log file, CI, `nohup`, a cluster's output) one plain line per update, no carriage
+    returns."""
 
-    def __init__(self, total_steps: int, stream=None, width: int = 24):
+    def __init__(self, total_steps: int, stream=None, initial: int = 0):
         self.total_steps = total_steps
         self.stream = stream if stream is not None else sys.stdout
-        self.width = width
         self.in_place = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.started = time.perf_counter()
-        self._drawn = False
+        self._bar = None
+        if self.in_place:
+            from tqdm import tqdm
 
-    def line(self, row: dict, eta: float | None) -> str:
-        step = row["step"]
-        filled = int(self.width * step / self.total_steps)
-        bar = "#" * filled + "." * (self.width - filled)
-        text = (f"[{bar}] {step}/{self.total_steps}  loss {row['loss']:.4f}  "
-                f"ce {row['ce_loss']:.4f}  mtp {row['mtp_loss']:.4f}  lbl {row['lbl_loss']:.3f}  "
-                f"{row['tokens_per_sec']:,.0f} tok/s  ")
+            self._bar = tqdm(total=total_steps, initial=initial, file=self.stream,
+                             dynamic_ncols=True, bar_format="{n_fmt}/{total_fmt} |{bar:24}| {postfix}")
+
+    @staticmethod
+    def fields(row: dict, eta: float | None) -> str:
+        text = (f"loss {row['loss']:.4f}  ce {row['ce_loss']:.4f}  mtp {row['mtp_loss']:.4f}  "
+                f"lbl {row['lbl_loss']:.3f}  {row['tokens_per_sec']:,.0f} tok/s  ")
         if "mfu" in row:
             text += f"MFU {100 * row['mfu']:.1f}%  "
         else:
@@ -98,25 +99,26 @@ class ProgressBar:
             text += f"  eval {row['eval_loss']:.4f}"
         return text
 
+    def line(self, row: dict, eta: float | None) -> str:
+        return f"step {row['step']}/{self.total_steps}  {self.fields(row, eta)}"
+
     def update(self, row: dict, eta: float | None) -> None:
-        text = self.line(row, eta)
-        if self.in_place:
-            self.stream.write("\r\x1b[2K" + text)
-            self._drawn = True
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        if self._bar is None:
+            self.stream.write(self.line(row, eta) + "\n")
+            self.stream.flush()
+            return
+        self._bar.set_postfix_str(self.fields(row, eta), refresh=False)
+        self._bar.update(row["step"] - self._bar.n)
 
     def message(self, text: str) -> None:
-        """A line of its own that leaves the bar intact below it."""
-        if self._drawn:
-            self.stream.write("\n")
-            self._drawn = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        """A line of its own; on a terminal the bar is redrawn below it."""
+        if self._bar is None:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+        else:
+            self._bar.write(text, file=self.stream)
 
     def close(self) -> None:
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

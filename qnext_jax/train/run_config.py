@@ -16,7 +16,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -35,20 +35,29 @@ class TrainConfig:
     micro_batches: int = 1
     seed: int = 0  # parameter initialisation
     log_every: int = 10
-    eval_every: int = 200
+    eval_every: int = 200  # 0: no evaluation
     eval_batches: int = 8
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     run_dir: str | None = None  # default: a new folder under runs/
     init_from_hf: str | None = None  # a Hugging Face Qwen3-Next directory to start from
     export_hf: bool = False  # write the final model in Hugging Face format to run_dir/hf
+    export_dtype: Literal["float32", "bfloat16"] | None = None  # None: the compute dtype
     peak_tflops: float | None = None  # per device, for MFU; None: looked up by device kind
+    # Keys whose change a resume accepts (the schedule of an extended run, say); any other
+    # change that alters the trajectory is an error.
+    accept_changes: tuple[str, ...] = ()
+    wandb_project: str | None = None  # also log to Weights & Biases
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: offline without network
+    plot_log_steps: bool = False  # loss curves over a log-scaled step axis
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every",
-                     "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+                     "eval_batches", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0 (0: no evaluation), got {self.eval_every}")
 
 
 SECTIONS: dict[str, type] = {
@@ -68,6 +77,21 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+
+
+def check_run_config(config: RunConfig) -> None:
+    """What no single section can check on its own."""
+    if config.train.eval_every and config.data.eval_percent == 0 and config.data.source != "prepared":
+        raise ConfigError(
+            "data.eval_percent=0 holds out no documents to evaluate on; turn evaluation off "
+            "with train.eval_every=0, or hold some out (data.eval_percent > 0)"
+        )
+    known = set(all_keys())
+    for key in config.train.accept_changes:
+        if key not in known:
+            close = nearest(key, sorted(known))
+            hint = f" (did you mean {close}?)" if close else ""
+            raise ConfigError(f"train.accept_changes names {key!r}, which is no key{hint}")
 
 
 def all_keys(config_file: str | Path | None = None) -> dict[str, Any]:
@@ -149,7 +173,8 @@ def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
 
 def hf_model_config(directory) -> ModelConfig:
     """The model a Hugging Face directory holds (without MTP when it has no mtp.* tensors), with
-    fp32 parameters: training keeps fp32 master weights whatever the checkpoint's dtype."""
+    fp32 parameters: training keeps fp32 master weights whatever the checkpoint's dtype. The
+    compute dtype is the checkpoint's (config.json `dtype` / `torch_dtype`)."""
     from qnext_jax.convert.load import read_hf_config
     from qnext_jax.convert.safetensors_dir import SafetensorsDir
 

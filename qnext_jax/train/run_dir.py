@@ -1,0 +1,121 @@
+"""The run directory: one per run, shared by its processes, and the configuration it was
+trained with, which a resumed run must not silently change.
+
+Process 0 names a new directory and the others follow it (each process stamping its own time
+would split one run over several folders). `config.json` holds the resolved run configuration;
+a resume compares the new one with it key by key. Keys that only choose how the same steps are
+computed or reported (the mesh, micro-batches, remat, logging and checkpoint cadence, the step
+count itself) may change; any other difference (schedule, batch, sequence length, data,
+model, loss) would change the trajectory and is an error naming the keys, unless
+`train.accept_changes` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from qnext_jax.config import ConfigError
+from qnext_jax.parallel.distributed import broadcast_text
+from qnext_jax.train.optimizer import OptimizerConfig
+
+CONFIG_FILE = "config.json"
+
+# Dotted keys (or whole sections, ending in ".") that a resumed run may change freely.
+FREE_TO_CHANGE = (
+    "mesh.",
+    "train.steps", "train.micro_batches", "train.log_every", "train.eval_every",
+    "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.run_dir",
+    "train.export_hf", "train.export_dtype", "train.peak_tflops", "train.wandb_project",
+    "train.wandb_mode", "train.accept_changes", "train.plot_log_steps",
+    # Used only to create the initial state, which a resume restores instead.
+    "train.seed", "train.init_from_hf",
+    # The same function computed another way.
+    "model.remat_policy", "model.delta_rule_impl", "model.moe_impl",
+)
+
+# Keys that follow another unless set: (the key they follow, the rule), to say why a key the
+# user never wrote has changed.
+DERIVED = {
+    "optimizer.total_steps": ("train.steps", lambda steps: steps),
+    "optimizer.warmup_steps": ("optimizer.total_steps",
+                               lambda total: min(OptimizerConfig.warmup_steps, total // 10)),
+}
+
+
+def new_run_dir(root: Path = Path("runs")) -> Path:
+    """runs/<date-time>, named by process 0 for every process."""
+    path = None
+    if _is_main():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, n = root / stamp, 1
+        while path.exists():
+            path, n = root / f"{stamp}-{n}", n + 1
+    return Path(broadcast_text(None if path is None else str(path)))
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def flat_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, entries in config.items()
+            for key, value in entries.items()}
+
+
+def trajectory_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, current value)} for keys that change the trajectory."""
+    old, new = flat_config(saved), flat_config(current)
+    changes = {}
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == free or (free.endswith(".") and key.startswith(free))
+               for free in FREE_TO_CHANGE):
+            continue
+        if old.get(key) != new.get(key):
+            changes[key] = (old.get(key), new.get(key))
+    return changes
+
+
+def check_resume_config(run_dir: Path, current: dict, accepted: tuple[str, ...], log) -> None:
+    """Raises ConfigError if resuming `run_dir` with `current` would change its trajectory in
+    keys not listed in `accepted`; logs the accepted changes."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        log(f"{path} is missing: cannot check that the resumed run keeps its configuration")
+        return
+    changes = trajectory_changes(json.loads(path.read_text()), current)
+    refused = {k: v for k, v in changes.items() if k not in accepted}
+    if refused:
+        lines = [f"  {key}: {old!r} -> {new!r}{_derivation(key, new, current)}"
+                 for key, (old, new) in refused.items()]
+        keep = " ".join(f"{key}={json.dumps(old)}" for key, (old, _) in refused.items())
+        raise ConfigError(
+            f"resuming {run_dir} with a configuration that changes its trajectory:\n"
+            + "\n".join(lines)
+            + f"\nto continue as it was trained, pass {keep}; to change it deliberately "
+            f"(extending the schedule, say), pass train.accept_changes=[{','.join(refused)}]"
+        )
+    for key, (old, new) in changes.items():
+        log(f"resuming with a changed {key}: {old!r} -> {new!r} (accepted)")
+
+
+def _derivation(key: str, value, current: dict) -> str:
+    if key not in DERIVED:
+        return ""
+    source, rule = DERIVED[key]
+    followed = flat_config(current).get(source)
+    return f" (follows {source} unless set)" if followed is not None and rule(followed) == value else ""
+
+
+def write_config(run_dir: Path, config: dict) -> None:
+    """Process 0 writes config.json (atomically: a resume reads it back)."""
+    if not _is_main():
+        return
+    path = run_dir / CONFIG_FILE
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(config, indent=1))
+    partial.replace(path)
