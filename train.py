@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if last:
+    if last and jax.process_index() == 0:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}"
               + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
     return 0

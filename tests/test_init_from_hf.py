@@ -93,6 +93,17 @@ def test_step_zero_loss_equals_transformers_and_export_round_trips(hf_directory,
                                          nnx.to_flat_state(nnx.state(exported, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(ours.get_value()),
                                       np.asarray(theirs.get_value()), err_msg=str(path))
+    # The folder is a model transformers loads, tokenizes for and generates with.
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    published = AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
+    assert published.dtype == torch.float32  # it trained in fp32 (the checkpoint's dtype)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf")
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer("w3 w4")["input_ids"] == [5, 6]
+    generation = GenerationConfig.from_pretrained(run_dir / "hf")
+    assert generation.eos_token_id is not None
+    prompt = torch.tensor([[5, 6, 7]])
+    assert published.generate(prompt, max_new_tokens=3, do_sample=False).shape == (1, 6)
 
 
 def test_hf_tensors_are_built_on_their_shardings(hf_directory):

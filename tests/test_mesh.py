@@ -78,3 +78,45 @@ def test_80b_step_lowers_on_a_64_device_abstract_mesh():
     text = lower_train_step(trainer, global_batch=64, sequence_length=256).as_text()
     assert "mhlo.num_partitions = 64" in text
     assert text.count("all_to_all") >= 4  # the expert-parallel dispatch and return, fwd and bwd
+
+
+LAUNCHERS = {
+    "explicit": {"JAX_COORDINATOR_ADDRESS": "host0:1234"},
+    "slurm": {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+              "SLURM_PROCID": "1", "SLURM_LOCALID": "0"},
+    "open_mpi": {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.0.0.1:34911",
+                 "OMPI_COMM_WORLD_SIZE": "4"},
+    "kubernetes": {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"},
+    "cloud_tpu": {"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"},
+}
+SINGLE_TASK = [
+    {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+     "SLURM_LOCALID": "0"},  # `srun -n 1` or a batch script outside srun
+    {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "1"},
+    {"KUBERNETES_SERVICE_HOST": "10.0.0.1"},  # a pod that is not part of an indexed job
+    {"TPU_WORKER_HOSTNAMES": "localhost"},  # a single-host TPU VM
+]
+ALL_VARIABLES = {name for env in (*LAUNCHERS.values(), *SINGLE_TASK) for name in env}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_multi_process_launchers_are_recognised(launcher, monkeypatch):
+    from qnext_jax.parallel.distributed import multi_process_environment
+
+    for name in ALL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert multi_process_environment() is None
+    for name, value in LAUNCHERS[launcher].items():
+        monkeypatch.setenv(name, value)
+    assert multi_process_environment() == launcher
+
+
+@pytest.mark.parametrize("env", SINGLE_TASK)
+def test_single_task_launchers_are_single_process_runs(env, monkeypatch):
+    from qnext_jax.parallel.distributed import multi_process_environment
+
+    for name in ALL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert multi_process_environment() is None

@@ -1,12 +1,13 @@
 """`python train.py` as users run it, in subprocesses: a two-step smoke run on the tiny config;
 preemption (SIGTERM) and a hard kill (SIGKILL, most likely mid-save) both leave a checkpoint
-from which the resumed run continues exactly like an uninterrupted one; bad input fails with a
-clear message and exit status 2."""
+from which the resumed run continues exactly like an uninterrupted one, with one process and
+with two that agree on the step; bad input fails with a clear message and exit status 2."""
 
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,6 +122,63 @@ def test_preemption_and_kill_resume_exactly(corpus, tmp_path):
         rows = metrics(run_dir)  # steps logged after the last checkpoint were dropped
         assert [r["step"] for r in rows] == list(range(1, final + 1))
         assert all(r["loss"] == uninterrupted[r["step"]] for r in rows)  # bit for bit
+
+
+def two_processes(args, cwd, devices_each=4):
+    """`args` as process 0 and 1 of a job on localhost, each with `devices_each` CPU devices."""
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    processes = []
+    for rank in (0, 1):
+        env = {**ENV, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(rank), "XLA_FLAGS":
+               f"--xla_force_host_platform_device_count={devices_each} --xla_cpu_multi_thread_eigen=false"}
+        processes.append(subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def finish(processes, timeout=300):
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
+@pytest.mark.slow
+def test_two_processes_preempted_on_one_save_together_and_resume_exactly(corpus, tmp_path):
+    """SIGTERM reaches process 1 only; JAX's preemption sync point stops both at the same step,
+    both save it (one checkpoint) and exit 0. Without train.run_dir, process 0 names the run
+    directory and process 1 follows. The resumed two-process run logs exactly the losses of an
+    uninterrupted one."""
+    work = tmp_path / "work"
+    work.mkdir()
+    long_run = [arg for arg in tiny_run(corpus, "unused") if not arg.startswith("train.run_dir")]
+    processes = two_processes(long_run + ["train.steps=1000", "train.eval_every=0",
+                                          "optimizer.total_steps=20"], work)
+    deadline = time.monotonic() + 240
+    while not list(work.glob("runs/*/metrics.jsonl")) or len(metrics(
+            next(work.glob("runs/*")))) < 2:
+        assert all(p.poll() is None for p in processes), processes[0].communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the two processes logged no steps in time"
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)
+    out = finish(processes)
+    [run_dir] = list((work / "runs").iterdir())  # one directory for both processes
+    [stopped] = [int(p.name) for p in (run_dir / "checkpoints").iterdir()]
+    assert f"preemption notice: saved a checkpoint at step {stopped}; exiting" in out[0]
+    assert metrics(run_dir)[-1]["step"] == stopped
+    assert len(list((run_dir / "tensorboard").iterdir())) == 1  # process 0 alone writes logs
+
+    final = stopped + 2
+    common = ["train.eval_every=0", "optimizer.total_steps=20", f"train.steps={final}"]
+    reference = tmp_path / "reference"
+    finish(two_processes(tiny_run(corpus, reference, *common), work))
+    resumed = finish(two_processes(tiny_run(corpus, run_dir, *common), work))
+    assert f"resumed from step {stopped}" in resumed[0]
+    assert [(r["step"], r["loss"]) for r in metrics(run_dir)] == \
+        [(r["step"], r["loss"]) for r in metrics(reference)]  # bit for bit
 
 
 @pytest.mark.parametrize("args, message", [

@@ -4,8 +4,9 @@ tokenizer files and a generation config.
 
 Files that came with the model (a `train.init_from_hf` directory, or the folder of the
 tokenizer.json a run used) are copied as they are: Qwen's tokenizer_config.json carries its
-special tokens and chat template, its generation_config.json the sampling defaults. A model
-trained with our own tokenizer gets files written from what we know of it.
+special tokens and chat template, its generation_config.json the sampling defaults (with the
+token ids it lacks filled in). A model trained with our own tokenizer gets files written from
+what we know of it.
 """
 
 from __future__ import annotations
@@ -46,18 +47,20 @@ def write_tokenizer_files(directory: Path, tokenizer_json: Path, origin: Path | 
 
 def write_generation_config(directory: Path, config: ModelConfig, end_of_text_id: int,
                             origin: Path | None) -> None:
-    directory = Path(directory)
+    """The origin's generation config (its sampling defaults) with the token ids it lacks
+    filled in, else a greedy one; generation stops at end-of-text unless the model names
+    another eos."""
+    generation = {}
     if origin is not None and (origin / GENERATION_FILE).is_file():
-        shutil.copyfile(origin / GENERATION_FILE, directory / GENERATION_FILE)
-        return
+        generation = json.loads((origin / GENERATION_FILE).read_text())
     eos = config.eos_token_id if config.eos_token_id is not None else end_of_text_id
-    generation = {
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": eos,
-        "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos,
-        "do_sample": False,
-    }
-    (directory / GENERATION_FILE).write_text(json.dumps(generation, indent=2))
+    defaults = {"bos_token_id": config.bos_token_id, "eos_token_id": eos,
+                "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos,
+                "do_sample": False}
+    for key, value in defaults.items():
+        if generation.get(key) is None:
+            generation[key] = value
+    (Path(directory) / GENERATION_FILE).write_text(json.dumps(generation, indent=2))
 
 
 def tokenizer_origin(init_from_hf: str | None, tokenizer: str | None) -> Path | None:
