@@ -32,7 +32,7 @@ def time_ours(config, batches, warmup: int) -> dict:
 
     from qnext_jax.parallel.axes import ShardingRules
     from qnext_jax.parallel.mesh import MeshConfig, make_mesh
-    from qnext_jax.train.batch import batch_from_packed_rows
+    from qnext_jax.data.batch import batch_from_packed_rows
     from qnext_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
     from qnext_jax.train.step import make_trainer
 

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qnext_jax.data.batch import batch_from_packed_rows, positions_from_segments
 from qnext_jax.model.moe import RouterStats, route, router_stats
 from qnext_jax.model.transformer import ModelOutput
-from qnext_jax.train.batch import batch_from_packed_rows, positions_from_segments
 from qnext_jax.train.losses import (
     LossConfig, load_balancing_loss, loss_terms, mtp_targets, normalizers, token_cross_entropy,
 )

@@ -65,15 +65,18 @@ LONG = ["train.steps=1000", "train.eval_every=1000", "mesh.fsdp=1", "mesh.expert
 
 def test_two_step_smoke_run(corpus, tmp_path):
     run_dir = tmp_path / "smoke"
-    done = run(tiny_run(corpus, run_dir, "train.steps=2"))  # evaluates at the end
+    done = run(tiny_run(corpus, run_dir, "train.steps=2", "train.wandb_project=smoke",
+                        "train.wandb_mode=offline"))  # evaluates at the end
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: step 2" in done.stdout and "ETA" in done.stdout
+    assert "\r" not in done.stdout  # no terminal: plain lines
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("loss", "ce_loss", "lbl_loss", "mtp_loss", "grad_norm", "lr", "tokens_per_sec"):
         assert all(isinstance(r[key], float) for r in rows), key
     assert "eval_loss" in rows[1]
-    for name in ("config.json", "tokenizer.json", "loss_curves.svg", "expert_load.svg",
+    for name in ("config.json", "tokenizer.json", "loss_curves.png", "expert_load.png",
                  "checkpoints/2"):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

@@ -13,8 +13,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO_ROOT, TESTS_DIR
+from qnext_jax.data.batch import Batch
 from qnext_jax.model import Qwen3NextModel
-from qnext_jax.train.batch import Batch
 from qnext_jax.train.losses import LossConfig, loss_terms, normalizers
 from step_setup import MESHES, MeshConfig, packed_batch, tiny_config, trainer_for
 

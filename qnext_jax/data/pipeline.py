@@ -16,7 +16,7 @@ import grain
 import numpy as np
 
 from qnext_jax.data.sources import DataError
-from qnext_jax.train.batch import Batch, batch_from_packed_rows
+from qnext_jax.data.batch import Batch, batch_from_packed_rows
 
 METADATA_FILE = "rows.json"
 

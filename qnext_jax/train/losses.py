@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from qnext_jax.config import ConfigError, check_known_keys
+from qnext_jax.data.batch import Batch
 from qnext_jax.model.moe import RouterStats
-from qnext_jax.train.batch import Batch
 
 LBL_FORMULAS = ("global", "hf_pooled")
 

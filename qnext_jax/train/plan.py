@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 
 from qnext_jax.config import ModelConfig
+from qnext_jax.data.batch import Batch
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshConfig, make_abstract_mesh
-from qnext_jax.train.batch import Batch
 from qnext_jax.train.losses import LossConfig
 from qnext_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from qnext_jax.train.step import Trainer, abstract_state, make_trainer, map_with_shardings

@@ -22,10 +22,10 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from qnext_jax.config import ConfigError, ModelConfig
+from qnext_jax.data.batch import Batch
 from qnext_jax.model import Qwen3NextModel
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshError, batch_shards
-from qnext_jax.train.batch import Batch
 from qnext_jax.train.losses import LossConfig, all_router_stats, loss_terms, normalizers
 
 
