@@ -50,18 +50,29 @@ def main(argv: list[str]) -> int:
         if config_path is None and not from_hf:
             config_path = DEFAULT_RUN
         config = load_run_config(config_path, overrides)
-        run_dir = Path(config.train.run_dir) if config.train.run_dir else new_run_dir()
-        if jax.process_index() == 0:
+        named = config.train.run_dir is not None
+        run_dir = Path(config.train.run_dir) if named else new_run_dir()
+        is_main = jax.process_index() == 0
+        if is_main:
             print(f"run_dir: {run_dir}")
-        last, _ = train(config, run_dir)
+        try:
+            last, _ = train(config, run_dir)
+        except BaseException:
+            if not named and is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # a run that could not start leaves no folder behind
+            raise
     except (ConfigError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if last and jax.process_index() == 0:
-        print(f"done: step {last['step']}, loss {last['loss']:.4f}"
-              + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
+    if last and is_main:
+        summary = f"step {last['step']}, loss {last['loss']:.4f}" + (
+            f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else "")
+        if last["step"] < config.train.steps:
+            again = "the same command" + ("" if named else f" with train.run_dir={run_dir}")
+            print(f"stopped before the end: {summary}; to resume, run {again}")
+        else:
+            print(f"done: {summary}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

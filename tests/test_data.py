@@ -147,7 +147,7 @@ def test_prepare_command_writes_rows_a_prepared_run_reads(tmp_path):
                  "--seq-len", "15", "--eval-percent", "10", "--out", str(out)]) == 0
     prepared = DataConfig(source="prepared", paths=(str(out),))
     prepared.check_paths()
-    tokenizer = make_tokenizer(prepared, 300, tmp_path / "run")
+    tokenizer = make_tokenizer(prepared, 300)
     direct = DataConfig(source="jsonl", paths=(str(corpus),), tokenizer=str(out / "tokenizer.json"),
                         eval_percent=10)
     for split in ("train", "eval"):
@@ -157,7 +157,7 @@ def test_prepare_command_writes_rows_a_prepared_run_reads(tmp_path):
     with pytest.raises(DataError, match="prepared rows in .* are 16 tokens long; this run needs 33"):
         packed_rows(prepared, tokenizer, 33, "train")
     with pytest.raises(DataError, match="tokenizer .* has 300 tokens but model.vocab_size is 256"):
-        make_tokenizer(prepared, 256, tmp_path / "run")
+        make_tokenizer(prepared, 256)
     assert main(["prepare", "--source", "text", "--paths", str(tmp_path / "none*.txt"),
                  "--seq-len", "15", "--out", str(tmp_path / "x")]) == 2
 

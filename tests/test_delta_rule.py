@@ -199,13 +199,18 @@ def test_unit_lower_inverse_matches_numpy(variant):
     assert np.all(np.triu(inverse, 1) == 0)
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas-loop"])
-def test_pallas_pads_head_dims_the_kernels_cannot_take(impl):
+@pytest.mark.parametrize("impl, normalize", [("pallas", True), ("pallas-loop", True),
+                                             ("pallas", False)])
+def test_pallas_pads_head_dims_the_kernels_cannot_take(impl, normalize):
     """dk = 24 and dv = 40 are no kernel block sizes: the kernels run on zero-padded heads
-    (32, 64), exactly: values against the float64 recurrence, gradients against the reference."""
+    (32, 64), exactly: values against the float64 recurrence, gradients against the reference.
+    Normalised here or in the kernels."""
     rng = np.random.default_rng(7)
     dk, dv, length = 24, 40, 37
     q, k = rng.normal(size=(2, 1, length, HK, dk))
+    if not normalize:
+        q = np.asarray(l2_normalize(jnp.asarray(q, jnp.float32)), np.float64) * dk ** -0.5
+        k = np.asarray(l2_normalize(jnp.asarray(k, jnp.float32)), np.float64)
     v = rng.normal(size=(1, length, HV, dv))
     g = -rng.uniform(0.0, 1.5, size=(1, length, HV))
     beta = rng.uniform(0.0, 1.0, size=(1, length, HV))
@@ -215,12 +220,14 @@ def test_pallas_pads_head_dims_the_kernels_cannot_take(impl):
 
     def loss(impl, q, k, v, g, beta, state0):
         out, state = gated_delta_rule(q, k, v, g, beta, segment_ids=jnp.asarray(segments),
-                                      initial_state=state0, normalize_qk=True, **IMPLS[impl])
+                                      initial_state=state0, normalize_qk=normalize, **IMPLS[impl])
         return jnp.sum(jnp.sin(out)) + jnp.sum(state ** 2), (out, state)
 
     grads, (out, state) = jax.grad(loss, argnums=range(1, 7), has_aux=True)(impl, *args)
-    qn = np.asarray(l2_normalize(args[0]), np.float64) * dk ** -0.5
-    kn = np.asarray(l2_normalize(args[1]), np.float64)
+    qn, kn = q, k
+    if normalize:
+        qn = np.asarray(l2_normalize(args[0]), np.float64) * dk ** -0.5
+        kn = np.asarray(l2_normalize(args[1]), np.float64)
     expected_out, expected_state = numpy_recurrence(qn, kn, v, g, beta, segments, state0)
     assert out.shape == v.shape and state.shape == state0.shape
     np.testing.assert_allclose(out, expected_out, atol=2e-5 * np.abs(expected_out).max())

@@ -68,3 +68,5 @@ def test_value_head_dim_that_is_no_block_size_exports(platform, backend):
         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
     )(*args)
     assert [g.shape for g in exported.out_avals[1:]] == [a.shape for a in args[:6]]
+    # The kernels see v heads-first, padded to whole chunks and to dv = 128.
+    assert "tensor<1x4x256x128xbf16>" in exported.mlir_module()

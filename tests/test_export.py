@@ -13,6 +13,7 @@ from qnext_jax.config import ModelConfig
 from qnext_jax.convert import load_hf_checkpoint, save_hf_checkpoint
 from qnext_jax.convert.publish import (tokenizer_origin, write_generation_config,
                                        write_tokenizer_files)
+from qnext_jax.data.tokenizer import load_tokenizer
 from qnext_jax.train.export import export_dtype
 from qnext_jax.train.run_config import load_run_config
 
@@ -44,7 +45,7 @@ def test_a_bf16_release_trains_in_bf16_and_exports_in_bf16(tmp_path):
     model = load_hf_checkpoint(release)
     save_hf_checkpoint(model, out, dtype=export_dtype(config))
     origin = tokenizer_origin(str(release), None)
-    write_tokenizer_files(out, release / "tokenizer.json", origin, 1024)
+    write_tokenizer_files(out, load_tokenizer(release / "tokenizer.json"), origin, 1024)
     write_generation_config(out, model.config, end_of_text_id=0, origin=origin)
 
     published = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -67,7 +68,7 @@ def test_our_own_tokenizer_gets_its_config_and_a_generation_config(tmp_path):
     config = ModelConfig(eos_token_id=None, bos_token_id=None)  # a replica's: no ids of its own
     out = tmp_path / "export"
     out.mkdir()
-    write_tokenizer_files(out, tmp_path / "tokenizer.json", None, 4096)
+    write_tokenizer_files(out, load_tokenizer(tmp_path / "tokenizer.json"), None, 4096)
     write_generation_config(out, config, end_of_text_id=0, origin=None)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.eos_token_id == 0

@@ -97,10 +97,18 @@ SINGLE_TASK = [
     {"TPU_WORKER_HOSTNAMES": "localhost"},  # a single-host TPU VM
 ]
 ALL_VARIABLES = {name for env in (*LAUNCHERS.values(), *SINGLE_TASK) for name in env}
+ALL_VARIABLES.add("QNEXT_JAX_SINGLE_PROCESS")
+
+
+@pytest.fixture
+def kubernetes_installed(monkeypatch):
+    import qnext_jax.parallel.distributed as distributed
+
+    monkeypatch.setattr(distributed, "_installed", lambda module: module == "kubernetes")
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
-def test_multi_process_launchers_are_recognised(launcher, monkeypatch):
+def test_multi_process_launchers_are_recognised(launcher, monkeypatch, kubernetes_installed):
     from qnext_jax.parallel.distributed import multi_process_environment
 
     for name in ALL_VARIABLES:
@@ -109,10 +117,13 @@ def test_multi_process_launchers_are_recognised(launcher, monkeypatch):
     for name, value in LAUNCHERS[launcher].items():
         monkeypatch.setenv(name, value)
     assert multi_process_environment() == launcher
+    if launcher != "explicit":  # separate runs that a launcher's variables would join
+        monkeypatch.setenv("QNEXT_JAX_SINGLE_PROCESS", "1")
+        assert multi_process_environment() is None
 
 
 @pytest.mark.parametrize("env", SINGLE_TASK)
-def test_single_task_launchers_are_single_process_runs(env, monkeypatch):
+def test_single_task_launchers_are_single_process_runs(env, monkeypatch, kubernetes_installed):
     from qnext_jax.parallel.distributed import multi_process_environment
 
     for name in ALL_VARIABLES:

@@ -90,3 +90,27 @@ def test_a_resume_that_changes_the_trajectory_names_the_keys(tmp_path):
         from qnext_jax.train.run_config import check_run_config
 
         check_run_config(load_run_config(None, ["train.accept_changes=[optimiser.total_steps]"]))
+
+
+def test_with_a_capacity_factor_the_mesh_and_micro_batches_change_the_trajectory(tmp_path):
+    """Which tokens overflow an expert depends on the tokens per device and micro-batch."""
+    from qnext_jax.train.run_dir import trajectory_changes
+
+    dropless = load_run_config(None, []).to_dict()
+    assert trajectory_changes(dropless, load_run_config(None, ["mesh.expert=4",
+                                                               "train.micro_batches=2"]).to_dict()) == {}
+    capped = load_run_config(None, ["model.moe_capacity_factor=1.25"]).to_dict()
+    changed = load_run_config(None, ["model.moe_capacity_factor=1.25", "mesh.expert=4",
+                                     "train.micro_batches=2", "train.log_every=1"]).to_dict()
+    assert set(trajectory_changes(capped, changed)) == {"mesh.expert", "train.micro_batches"}
+
+
+def test_keys_added_since_a_run_was_saved_count_only_when_not_default():
+    from qnext_jax.train.run_dir import trajectory_changes
+
+    current = load_run_config(None, []).to_dict()
+    older = {section: dict(entries) for section, entries in current.items()}
+    del older["loss"]["z_loss_weight"]  # as if the key did not exist when the run started
+    assert trajectory_changes(older, current) == {}
+    raised = load_run_config(None, ["loss.z_loss_weight=0.01"]).to_dict()
+    assert set(trajectory_changes(older, raised)) == {"loss.z_loss_weight"}

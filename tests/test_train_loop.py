@@ -162,14 +162,36 @@ def test_a_failing_evaluation_keeps_the_checkpoint_of_its_step(corpus, tmp_path,
 
     monkeypatch.setattr(Evaluator, "__call__", failing)
     run_dir = tmp_path / "run"
+    saved = "saved" if fail_at % checkpoint_every == 0 else "saved now"
     with pytest.raises(loop.TrainingError, match=f"evaluation at step {fail_at} failed "
-                                                 r"\(RuntimeError: eval data went away\)"):
+                                                 r"\(RuntimeError: eval data went away\); the "
+                                                 f"checkpoint of step {fail_at} is {saved},"):
         loop.train(config_for(corpus, run_dir, 6, f"train.eval_every={fail_at}",
                               f"train.checkpoint_every={checkpoint_every}"),
                    run_dir, stream=io.StringIO())
     assert checkpoint_steps(run_dir) == [fail_at]
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
         == list(range(1, fail_at))  # the failed step's row was never written
+
+
+def test_any_failure_after_training_began_saves_the_last_good_step(corpus, tmp_path, monkeypatch):
+    place = loop.global_batch
+    calls = {"n": 0}
+
+    def data_lost(local, sharding, rows):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the batch of step 5 cannot be read: steps 1-4 are done
+            raise OSError("the data disk went away")
+        return place(local, sharding, rows)
+
+    monkeypatch.setattr(loop, "global_batch", data_lost)
+    run_dir = tmp_path / "run"
+    shown = io.StringIO()
+    with pytest.raises(OSError, match="the data disk went away"):
+        loop.train(config_for(corpus, run_dir, 6, "train.log_every=3", "train.eval_every=0"),
+                   run_dir, stream=shown)
+    assert checkpoint_steps(run_dir) == [3, 4]
+    assert "saved a checkpoint at step 4 before stopping on the error below" in shown.getvalue()
 
 
 def test_preemption_on_the_final_step_still_exports(corpus, tmp_path, monkeypatch):

@@ -25,10 +25,11 @@ GENERATION_FILE = "generation_config.json"
 END_OF_TEXT = "<|endoftext|>"
 
 
-def write_tokenizer_files(directory: Path, tokenizer_json: Path, origin: Path | None,
+def write_tokenizer_files(directory: Path, tokenizer, origin: Path | None,
                           model_max_length: int) -> None:
+    """tokenizer: the run's (anything with `save(path)`)."""
     directory = Path(directory)
-    shutil.copyfile(tokenizer_json, directory / TOKENIZER_FILE)
+    tokenizer.save(directory / TOKENIZER_FILE)
     companions = [origin / name for name in TOKENIZER_COMPANIONS
                   if origin is not None and (origin / name).is_file()]
     if any(path.name == "tokenizer_config.json" for path in companions):

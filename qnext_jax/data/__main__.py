@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         vocab_size = args.vocab_size
         if vocab_size is None and args.tokenizer is None:
             vocab_size = DEFAULT_BPE_VOCAB
-        tokenizer = make_tokenizer(config, vocab_size, None, vocab_setting="--vocab-size")
+        tokenizer = make_tokenizer(config, vocab_size, vocab_setting="--vocab-size")
         tokenizer.save(out / TOKENIZER_FILE)  # replaces one an earlier `prepare` left there
         for split in ("train", "eval") if args.eval_percent > 0 else ("train",):
             rows = packed_rows(config, tokenizer, args.seq_len + 1, split)

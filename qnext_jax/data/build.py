@@ -45,8 +45,14 @@ class DataConfig:
         """Fails before anything is compiled if a path is missing (the eval split's only
         when the run evaluates)."""
         if self.source == "prepared":
+            directory = Path(self.paths[0])
+            if evaluate and (directory / "train").is_dir() and not (directory / "eval").is_dir():
+                raise DataError(
+                    f"prepared data in {directory} has no eval split (prepared with "
+                    "--eval-percent 0); turn evaluation off with train.eval_every=0"
+                )
             for split in ("train", "eval") if evaluate else ("train",):
-                ArrayRecordRows(Path(self.paths[0]) / split)
+                ArrayRecordRows(directory / split)
         elif self.source in ("text", "jsonl"):
             expand_paths(list(self.paths), f"{self.source} file")
         if self.tokenizer is not None and not Path(self.tokenizer).exists():
@@ -63,21 +69,19 @@ def documents(config: DataConfig, split: str):
     raise DataError("prepared data has no documents, only rows")
 
 
-def make_tokenizer(config: DataConfig, vocab_size: int | None, cache_dir: Path | None, *,
-                   write: bool = True, vocab_setting: str = "model.vocab_size") -> TextTokenizer:
-    """The configured tokenizer; else the one cached in `cache_dir`, if any (a resumed run keeps its
-    tokenizer); else a byte-level BPE of `vocab_size` trained on the training split. With
-    `write`, whichever it is is saved to `cache_dir` (one process of a multi-process run
-    writes; every process trains the same deterministic BPE, so none waits on a shared file).
+def make_tokenizer(config: DataConfig, vocab_size: int | None, cached: Path | None = None, *,
+                   vocab_setting: str = "model.vocab_size") -> TextTokenizer:
+    """The configured tokenizer; else the prepared data's; else `cached`, if it exists (a
+    resumed run keeps its tokenizer); else a byte-level BPE of `vocab_size` trained on the
+    training split (deterministic: every process of a run trains the same one).
 
     vocab_size also bounds a given tokenizer (None: no bound); `vocab_setting` is the name of
     the setting it came from, for the error."""
-    cached = Path(cache_dir) / TOKENIZER_FILE if cache_dir is not None else None
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
     elif config.source == "prepared":
         tokenizer = load_tokenizer(Path(config.paths[0]) / TOKENIZER_FILE)
-    elif cached is not None and cached.is_file():
+    elif cached is not None and Path(cached).is_file():
         tokenizer = load_tokenizer(cached)
     else:
         if vocab_size is None:
@@ -88,9 +92,6 @@ def make_tokenizer(config: DataConfig, vocab_size: int | None, cache_dir: Path |
             f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but "
             f"{vocab_setting} is {vocab_size}; use a larger {vocab_setting}"
         )
-    if write and cached is not None and not cached.is_file():
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tokenizer.save(cached)
     return tokenizer
 
 

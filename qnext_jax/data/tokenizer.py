@@ -36,7 +36,11 @@ class TextTokenizer:
         return self.tokenizer.decode(list(ids))
 
     def save(self, path: Path) -> None:
-        self.tokenizer.save(str(path))
+        """Atomically: a reader (a resumed run, another process) never sees half a file."""
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        self.tokenizer.save(str(partial))
+        partial.replace(path)
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:

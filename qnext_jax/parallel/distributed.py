@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -14,6 +15,9 @@ from qnext_jax.parallel.mesh import MeshError
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # host:port of process 0
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAX_PROCESS_ID"
+# Set to 1 where a launcher's variables describe several tasks that are separate runs (an
+# indexed Kubernetes Job used as a sweep, say).
+SINGLE_PROCESS_ENV = "QNEXT_JAX_SINGLE_PROCESS"
 
 
 def _count(name: str) -> int:
@@ -23,21 +27,30 @@ def _count(name: str) -> int:
         return 1
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def multi_process_environment() -> str | None:
     """The launcher that describes this process as one of several, or None for a
     single-process run. Besides our own variables, the schedulers whose variables
     `jax.distributed.initialize()` reads by itself: SLURM (srun), Open MPI (mpirun), a
-    Kubernetes indexed Job or JobSet, and a multi-host Cloud TPU slice. A launcher that starts
-    a single task (one srun task, one pod) is a single-process run: nothing to join."""
+    Kubernetes indexed Job or JobSet (with the `kubernetes` package, which JAX needs to find
+    its peers), and a multi-host Cloud TPU slice. A launcher that starts a single task (one
+    srun task, one pod) is a single-process run: nothing to join; QNEXT_JAX_SINGLE_PROCESS=1
+    says so where the variables would suggest otherwise."""
     env = os.environ
     if env.get(COORDINATOR_ENV):
         return "explicit"
+    if env.get(SINGLE_PROCESS_ENV, "") not in ("", "0"):
+        return None
     slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
     if all(name in env for name in slurm) and _count("SLURM_NTASKS") > 1:
         return "slurm"
     if "OMPI_MCA_orte_hnp_uri" in env and _count("OMPI_COMM_WORLD_SIZE") > 1:
         return "open_mpi"
-    if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
+    if ("KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env
+            and _installed("kubernetes")):  # JAX asks the Kubernetes API for its peers with it
         return "kubernetes"
     workers = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
     if len([w for w in workers.split(",") if w.strip()]) > 1:

@@ -12,7 +12,6 @@ from flax import nnx
 
 from qnext_jax.convert.publish import tokenizer_origin, write_generation_config, write_tokenizer_files
 from qnext_jax.convert.save import save_hf_checkpoint
-from qnext_jax.data.build import TOKENIZER_FILE
 
 
 def export_dtype(config) -> str:
@@ -37,7 +36,6 @@ def export_hf(trainer, state, config, run_dir: Path, tokenizer) -> Path:
     save_hf_checkpoint(model, directory, dtype=export_dtype(config), fetch=fetch, write=write)
     if write:
         origin = tokenizer_origin(config.train.init_from_hf, config.data.tokenizer)
-        write_tokenizer_files(directory, run_dir / TOKENIZER_FILE, origin,
-                              config.model.max_position_embeddings)
+        write_tokenizer_files(directory, tokenizer, origin, config.model.max_position_embeddings)
         write_generation_config(directory, config.model, tokenizer.end_of_text_id, origin)
     return directory

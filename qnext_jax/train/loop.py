@@ -6,7 +6,8 @@ non-finite loss is an error naming its step, and no checkpoint is ever written o
 start the checkpoint's save, then evaluate, then write the metrics. An evaluation that fails
 saves the state it was evaluating (if this step was no save step) before the error goes up;
 a metrics sink that fails is switched off (metrics_log); any other failure after training
-began saves the last completed step before it goes up. Nothing done is lost.
+began saves the last completed step before it goes up. With several processes a save needs
+all of them, so there every evaluation step is a save step and a failure saves nothing more.
 
 Metrics stay on the device between log steps (no sync per step). At the end (or at
 preemption) the loss curves and the expert-load heatmap are drawn into run_dir.
@@ -22,9 +23,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from qnext_jax.config import ConfigError
 from qnext_jax.convert.load import load_hf_state
 from qnext_jax.convert.safetensors_dir import SafetensorsDir
-from qnext_jax.data.build import make_tokenizer, packed_rows
+from qnext_jax.data.build import TOKENIZER_FILE, make_tokenizer, packed_rows
 from qnext_jax.data.pipeline import batch_dataset
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.distributed import global_batch
@@ -62,14 +64,24 @@ def train(config: RunConfig, run_dir: Path, stream=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
     start = checkpoints.latest_step() or 0
+    if start > tc.steps:
+        checkpoints.close()
+        raise ConfigError(f"train.steps={tc.steps} is below step {start} of the latest checkpoint "
+                          f"in {run_dir}; pass train.steps >= {start}")
     bar = ProgressBar(tc.steps, stream, initial=start) if is_main else None
     log = bar.message if bar else (lambda text: None)
     try:
         if start:
             check_resume_config(run_dir, config.to_dict(), tc.accept_changes, log)
+            if start == tc.steps:
+                log(f"{run_dir} is already trained to step {start} of {tc.steps}: no steps to run")
         write_config(run_dir, config.to_dict())
 
-        tokenizer = make_tokenizer(config.data, config.model.vocab_size, run_dir, write=is_main)
+        # A resumed run keeps the tokenizer it trained with; a fresh one makes its own.
+        tokenizer = make_tokenizer(config.data, config.model.vocab_size,
+                                   run_dir / TOKENIZER_FILE if start else None)
+        if is_main:
+            tokenizer.save(run_dir / TOKENIZER_FILE)
         row_length = tc.seq_len + 1
         train_rows = packed_rows(config.data, tokenizer, row_length, "train")
         processes, rank = jax.process_count(), jax.process_index()
@@ -139,8 +151,8 @@ class _Run:
         self.saved_step = -1
 
     def save(self, step: int, state) -> None:
+        self.saved_step = step  # first: a save cut short is never started again over itself
         self.checkpoints.save(step, state, self.train_data.get_state(), force=True)
-        self.saved_step = step
 
     def steps(self, state: TrainState, start: int, evaluate) -> TrainState:
         tc = self.tc
@@ -149,6 +161,10 @@ class _Run:
         window_start, first_step = time.perf_counter(), start + 1
         done, intact = start, True  # the last completed step; whether `state` still holds it
         self.saved_step = start
+        # A save is a collective: with several processes, one that fails alone cannot save
+        # by itself. So there every evaluation step is also a save step, and a failure does
+        # not save (the others would wait for it in the next step).
+        alone = jax.process_count() == 1
         try:
             for step in range(start + 1, tc.steps + 1):
                 local = next(self.train_data)
@@ -159,8 +175,8 @@ class _Run:
                 pending.append((step, metrics))
                 final = step == tc.steps
                 stop = preemption.reached(step)  # the same step on every process
-                save = final or step % tc.checkpoint_every == 0 or stop
                 evaluating = evaluate is not None and (step % tc.eval_every == 0 or final)
+                save = final or step % tc.checkpoint_every == 0 or stop or (evaluating and not alone)
                 logging = save or evaluating or step % tc.log_every == 0
                 if step == first_step and not logging:
                     # Time from the end of the first (compiling) step, logged with its window.
@@ -188,9 +204,13 @@ class _Run:
                     break
         except TrainingError:
             raise  # a non-finite loss or a failed evaluation: handled where it was raised
+        except KeyboardInterrupt:
+            if preemption.requested:  # the second Ctrl-C: stop now, no save
+                raise
+            self._failing(alone, intact, done, state, pending)
+            raise
         except BaseException:
-            if intact and done > self.saved_step:
-                self._save_before_failing(done, state, pending)
+            self._failing(alone, intact, done, state, pending)
             raise
         finally:
             preemption.restore()
@@ -200,7 +220,7 @@ class _Run:
         try:
             return evaluate(state)
         except Exception as error:
-            saved = self.saved_step == step
+            saved = self.saved_step == step  # always, with several processes
             if not saved:
                 self.save(step, state)
             raise TrainingError(
@@ -209,8 +229,14 @@ class _Run:
                 "resumes from it"
             ) from error
 
-    def _save_before_failing(self, step: int, state, pending) -> None:
-        """The run is going down with `state` intact at `step`: keep it, if its losses are good."""
+    def _failing(self, alone: bool, intact: bool, step: int, state, pending) -> None:
+        """The run is going down with `state` at `step`: keep it if the state is intact (not
+        consumed by a step that failed), its losses are good, and this process can save alone."""
+        if not intact or step <= self.saved_step:
+            return
+        if not alone:
+            self.log(f"not saving step {step} before stopping: a save needs every process")
+            return
         try:
             _fetch_and_check(pending)
             self.save(step, state)

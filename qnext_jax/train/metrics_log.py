@@ -71,11 +71,14 @@ class MetricsLog:
         # in the same second would otherwise share a name (the second truncating the first).
         events = run_dir / "tensorboard"
         starts = len(list(events.glob("events.out.tfevents.*"))) if events.is_dir() else 0
+        # Any earlier start logged steps after `resumed_at` that are lost (all of them when a
+        # run died before its first checkpoint): TensorBoard hides them from the purge step on.
         self.events = SummaryWriter(str(events), filename_suffix=f".{starts:04d}",
-                                    purge_step=resumed_at + 1 if resumed_at else None)
+                                    purge_step=resumed_at + 1 if starts else None)
         self.wandb = None
         if wandb_project is not None:
-            self.wandb = _start_wandb(run_dir, wandb_project, wandb_mode, run_config, log)
+            self.wandb = _start_wandb(run_dir, wandb_project, wandb_mode, run_config,
+                                      resumed_at, log)
         self._failed: set[str] = set()
 
     def write(self, row: dict) -> None:
@@ -108,21 +111,29 @@ class MetricsLog:
             self._guard("W&B", self.wandb.finish)
 
 
-def _start_wandb(run_dir: Path, project: str, mode: str, run_config: dict, log):
-    """One W&B run per run directory: its id is kept in run_dir, so a resumed run continues
-    it. Mode `auto` goes online only when credentials exist and the server answers, else
-    offline (upload later with `wandb sync run_dir/wandb/offline-run-*`)."""
+def _start_wandb(run_dir: Path, project: str, mode: str, run_config: dict, resumed_at: int, log):
+    """One W&B run per run: its id is kept in run_dir, so a resumed run continues it (a fresh
+    start takes a new id). Online, a resume rewinds the W&B history to the checkpoint's step,
+    as TensorBoard's purge does; offline runs cannot rewind (W&B then keeps the first value
+    of a step logged twice). Mode `auto` goes online only when credentials exist and the
+    server answers, else offline (upload later with `wandb sync run_dir/wandb/offline-run-*`)."""
     import wandb
 
     id_file = run_dir / WANDB_ID_FILE
-    if not id_file.exists():
+    if not resumed_at or not id_file.exists():
         id_file.write_text(secrets.token_hex(4))
+    run_id = id_file.read_text().strip()
     if mode == "auto":
         mode, reason = _wandb_auto_mode()
         log(f"W&B: {mode} ({reason})")
-    run = wandb.init(project=project, dir=str(run_dir), id=id_file.read_text().strip(),
-                     name=run_dir.name, resume="allow", mode=mode, config=run_config)
-    return run
+    common = dict(project=project, dir=str(run_dir), name=run_dir.name, mode=mode,
+                  config=run_config)
+    if resumed_at and mode == "online":
+        try:
+            return wandb.init(resume_from=f"{run_id}?_step={resumed_at}", **common)
+        except Exception as error:  # rewinding is a server feature; continue without it
+            log(f"W&B: cannot rewind run {run_id} to step {resumed_at} ({error}); resuming it")
+    return wandb.init(id=run_id, resume="allow", **common)
 
 
 def _wandb_auto_mode() -> tuple[str, str]:

@@ -53,6 +53,11 @@ class OptimizerConfig:
         return cls(**values)
 
 
+def default_warmup_steps(total_steps: int) -> int:
+    """Warmup when a run config leaves it unset: a tenth of the schedule, at most the default."""
+    return min(OptimizerConfig.warmup_steps, total_steps // 10)
+
+
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     peak, warmup, total = config.learning_rate, config.warmup_steps, config.total_steps
     final = peak * config.final_lr_fraction

@@ -7,12 +7,15 @@ process that enters it while another enters the next step hangs them both.
 - One process: SIGTERM (and a first Ctrl-C) set a flag that the loop reads after each step.
 - Several processes: JAX's preemption service (started by `jax.distributed.initialize`, its
   own SIGTERM handler on every process) tells every process of a notice to any of them, and
-  `reached_preemption_sync_point(step)` becomes true on all of them at the same step.
+  `reached_preemption_sync_point(step)` becomes true on all of them at the same step. Ctrl-C
+  is turned into a SIGTERM to go the same way.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 
 import jax
 from jax.experimental import multihost_utils
@@ -25,7 +28,13 @@ class Preemption:
         self.multi_process = jax.process_count() > 1
         self.requested: str | None = None  # the signal's name, one process only
         self._previous = {}
-        if not self.multi_process:  # several processes: JAX's handler must stay in place
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python takes signals in the main thread only; they keep their defaults
+        if self.multi_process:
+            # JAX's SIGTERM handler must stay; a Ctrl-C (every rank of srun/mpirun gets one)
+            # becomes a SIGTERM, so that it too goes through the sync point.
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward)
+        else:
             for number in (signal.SIGTERM, signal.SIGINT):
                 self._previous[number] = signal.signal(number, self._handle)
 
@@ -33,6 +42,9 @@ class Preemption:
         if self.requested and number == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         self.requested = signal.Signals(number).name
+
+    def _forward(self, number, frame):
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
         if self.multi_process:

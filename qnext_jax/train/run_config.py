@@ -24,7 +24,7 @@ from qnext_jax.config import ConfigError, ModelConfig, RopeScaling, nearest, rea
 from qnext_jax.data.build import TOKENIZER_FILE, DataConfig
 from qnext_jax.parallel.mesh import MeshConfig
 from qnext_jax.train.losses import LossConfig
-from qnext_jax.train.optimizer import OptimizerConfig
+from qnext_jax.train.optimizer import OptimizerConfig, default_warmup_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,7 @@ def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
             entries["total_steps"] = sections["train"].steps  # the schedule spans the run
         if section == "optimizer" and "warmup_steps" not in entries:
             total = _coerce(section, cls, "total_steps", entries["total_steps"])
-            entries["warmup_steps"] = min(OptimizerConfig.warmup_steps, total // 10)
+            entries["warmup_steps"] = default_warmup_steps(total)
         typed = {name: _coerce(section, cls, name, value) for name, value in entries.items()}
         sections[section] = cls(**typed)
     return RunConfig(**sections)

@@ -13,6 +13,7 @@ model, loss) would change the trajectory and is an error naming the keys, unless
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import jax
 
 from qnext_jax.config import ConfigError
 from qnext_jax.parallel.distributed import broadcast_text
-from qnext_jax.train.optimizer import OptimizerConfig
+from qnext_jax.train.optimizer import default_warmup_steps
+from qnext_jax.train.run_config import all_keys
 
 CONFIG_FILE = "config.json"
 
@@ -37,13 +39,15 @@ FREE_TO_CHANGE = (
     # The same function computed another way.
     "model.remat_policy", "model.delta_rule_impl", "model.moe_impl",
 )
+# ...unless experts drop tokens over capacity: which ones depends on the tokens per device and
+# micro-batch and on the expert shards, and the dense MoE drops none.
+CAPACITY_DEPENDS_ON = ("mesh.", "train.micro_batches", "model.moe_impl")
 
 # Keys that follow another unless set: (the key they follow, the rule), to say why a key the
 # user never wrote has changed.
 DERIVED = {
     "optimizer.total_steps": ("train.steps", lambda steps: steps),
-    "optimizer.warmup_steps": ("optimizer.total_steps",
-                               lambda total: min(OptimizerConfig.warmup_steps, total // 10)),
+    "optimizer.warmup_steps": ("optimizer.total_steps", default_warmup_steps),
 }
 
 
@@ -51,10 +55,15 @@ def new_run_dir(root: Path = Path("runs")) -> Path:
     """runs/<date-time>, named by process 0 for every process."""
     path = None
     if _is_main():
+        root.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         path, n = root / stamp, 1
-        while path.exists():
-            path, n = root / f"{stamp}-{n}", n + 1
+        while True:  # created here, so two runs started in the same second never share it
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                path, n = root / f"{stamp}-{n}", n + 1
     return Path(broadcast_text(None if path is None else str(path)))
 
 
@@ -67,13 +76,22 @@ def flat_config(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
             for key, value in entries.items()}
 
 
+def _matches(key: str, patterns) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
 def trajectory_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (saved value, current value)} for keys that change the trajectory."""
-    old, new = flat_config(saved), flat_config(current)
+    """{dotted key: (saved value, current value)} for keys that change the trajectory. A key
+    the saved config lacks (one added to the project since) counts only if its value is not
+    the default, which is what the older run computed with."""
+    old, new, defaults = flat_config(saved), flat_config(current), all_keys()
+    dropping = any(c.get("model", {}).get("moe_capacity_factor") is not None
+                   for c in (saved, current))
     changes = {}
     for key in sorted(old.keys() | new.keys()):
-        if any(key == free or (free.endswith(".") and key.startswith(free))
-               for free in FREE_TO_CHANGE):
+        if _matches(key, FREE_TO_CHANGE) and not (dropping and _matches(key, CAPACITY_DEPENDS_ON)):
+            continue
+        if key not in old and new[key] == defaults.get(key):
             continue
         if old.get(key) != new.get(key):
             changes[key] = (old.get(key), new.get(key))
@@ -92,7 +110,8 @@ def check_resume_config(run_dir: Path, current: dict, accepted: tuple[str, ...],
     if refused:
         lines = [f"  {key}: {old!r} -> {new!r}{_derivation(key, new, current)}"
                  for key, (old, new) in refused.items()]
-        keep = " ".join(f"{key}={json.dumps(old)}" for key, (old, _) in refused.items())
+        keep = " ".join(shlex.quote(f"{key}={json.dumps(old, separators=(',', ':'))}")
+                        for key, (old, _) in refused.items())
         raise ConfigError(
             f"resuming {run_dir} with a configuration that changes its trajectory:\n"
             + "\n".join(lines)

@@ -54,8 +54,10 @@ def delta_rule_pallas(
     batch, length, key_heads, key_dim = q.shape
     value_heads, value_dim = v.shape[2:]
     compute_dtype = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
-    value_block = min(value_block, _kernel_dim(value_dim))
-    padded_key_dim, padded_value_dim = _kernel_dim(key_dim), _round_up(value_dim, value_block)
+    # Kernels hold whole [chunk, dv] and [dk, dv] tiles, which Triton takes only in powers of
+    # two: pad dv (and dk) to the next one, then tile dv by the value block.
+    padded_key_dim, padded_value_dim = _kernel_dim(key_dim), _kernel_dim(value_dim)
+    value_block = min(value_block, padded_value_dim)
     if (padded_key_dim, padded_value_dim) != (key_dim, value_dim):
         q, k, v, initial_state, normalize_qk = _pad_head_dims(
             q, k, v, initial_state, normalize_qk, padded_key_dim, padded_value_dim)
@@ -86,10 +88,6 @@ def _kernel_dim(size: int) -> int:
     """The head size the kernels take: a power of two (Triton's block shapes) of at least 16
     (the smallest tensor-core product)."""
     return max(16, 1 << (size - 1).bit_length())
-
-
-def _round_up(size: int, multiple: int) -> int:
-    return -(-size // multiple) * multiple
 
 
 def _pad_head_dims(q, k, v, initial_state, normalize_qk, key_dim, value_dim):
