@@ -127,11 +127,20 @@ def test_preemption_and_kill_resume_exactly(corpus, tmp_path):
         assert all(r["loss"] == uninterrupted[r["step"]] for r in rows)  # bit for bit
 
 
-def two_processes(args, cwd, devices_each=4):
-    """`args` as process 0 and 1 of a job on localhost, each with `devices_each` CPU devices."""
-    with socket.socket() as probe:  # a free port for the coordinator
+def free_ports(count):
+    """Ports free now, distinct (all probes are held open together)."""
+    probes = [socket.socket() for _ in range(count)]
+    for probe in probes:
         probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
+    ports = [probe.getsockname()[1] for probe in probes]
+    for probe in probes:
+        probe.close()
+    return ports
+
+
+def two_processes(args, cwd, port, devices_each=4):
+    """`args` as process 0 and 1 of a job on localhost (its coordinator on `port`), each with
+    `devices_each` CPU devices."""
     processes = []
     for rank in (0, 1):
         env = {**ENV, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
@@ -158,8 +167,9 @@ def test_two_processes_preempted_on_one_save_together_and_resume_exactly(corpus,
     work = tmp_path / "work"
     work.mkdir()
     long_run = [arg for arg in tiny_run(corpus, "unused") if not arg.startswith("train.run_dir")]
+    ports = free_ports(3)
     processes = two_processes(long_run + ["train.steps=1000", "train.eval_every=0",
-                                          "optimizer.total_steps=20"], work)
+                                          "optimizer.total_steps=20"], work, ports[0])
     deadline = time.monotonic() + 240
     while not list(work.glob("runs/*/metrics.jsonl")) or len(metrics(
             next(work.glob("runs/*")))) < 2:
@@ -177,8 +187,8 @@ def test_two_processes_preempted_on_one_save_together_and_resume_exactly(corpus,
     final = stopped + 2
     common = ["train.eval_every=0", "optimizer.total_steps=20", f"train.steps={final}"]
     reference = tmp_path / "reference"
-    finish(two_processes(tiny_run(corpus, reference, *common), work))
-    resumed = finish(two_processes(tiny_run(corpus, run_dir, *common), work))
+    finish(two_processes(tiny_run(corpus, reference, *common), work, ports[1]))
+    resumed = finish(two_processes(tiny_run(corpus, run_dir, *common), work, ports[2]))
     assert f"resumed from step {stopped}" in resumed[0]
     assert [(r["step"], r["loss"]) for r in metrics(run_dir)] == \
         [(r["step"], r["loss"]) for r in metrics(reference)]  # bit for bit
