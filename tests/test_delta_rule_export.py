@@ -28,45 +28,39 @@ def train_step_of_delta_rule(backend):
     return jax.jit(jax.value_and_grad(loss, argnums=range(6)))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize(
-    "platform, backend, custom_call",
-    [("tpu", "mosaic", "tpu_custom_call"), ("cuda", "triton", TRITON_CALL)],
-)
-def test_forward_and_backward_export(platform, backend, custom_call, dtype):
+def export_train_step(platform, backend, dtype, value_dim=D):
+    """-> (the exported forward + backward, the argument shapes)."""
     shape = jax.ShapeDtypeStruct
     args = (
-        shape((B, T, HK, D), dtype), shape((B, T, HK, D), dtype), shape((B, T, HV, D), dtype),
+        shape((B, T, HK, D), dtype), shape((B, T, HK, D), dtype), shape((B, T, HV, value_dim), dtype),
         shape((B, T, HV), jnp.float32), shape((B, T, HV), dtype),
-        shape((B, HV, D, D), jnp.float32), shape((B, T), jnp.int32),
+        shape((B, HV, D, value_dim), jnp.float32), shape((B, T), jnp.int32),
     )
     exported = export.export(
         train_step_of_delta_rule(backend), platforms=[platform],
         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
     )(*args)
     assert exported.platforms == (platform,)
+    assert [g.shape for g in exported.out_avals[1:]] == [a.shape for a in args[:6]]
+    return exported, args
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize(
+    "platform, backend, custom_call",
+    [("tpu", "mosaic", "tpu_custom_call"), ("cuda", "triton", TRITON_CALL)],
+)
+def test_forward_and_backward_export(platform, backend, custom_call, dtype):
+    exported, _ = export_train_step(platform, backend, dtype)
     text = exported.mlir_module()
     # Six kernel calls: prepare, state pass, output (forward); prepare again, the reverse
     # state pass, the per-chunk gradients (backward).
     assert text.count(custom_call) == 6, text.count(custom_call)
-    grads = exported.out_avals[1:]
-    assert [g.shape for g in grads] == [a.shape for a in args[:6]]
 
 
 @pytest.mark.parametrize("platform, backend", [("tpu", "mosaic"), ("cuda", "triton")])
 def test_value_head_dim_that_is_no_block_size_exports(platform, backend):
     """dv = 96 (a user's `linear_value_head_dim`): the kernels take zero-padded heads."""
-    shape = jax.ShapeDtypeStruct
-    dtype, dv = jnp.bfloat16, 96
-    args = (
-        shape((B, T, HK, D), dtype), shape((B, T, HK, D), dtype), shape((B, T, HV, dv), dtype),
-        shape((B, T, HV), jnp.float32), shape((B, T, HV), dtype),
-        shape((B, HV, D, dv), jnp.float32), shape((B, T), jnp.int32),
-    )
-    exported = export.export(
-        train_step_of_delta_rule(backend), platforms=[platform],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-    )(*args)
-    assert [g.shape for g in exported.out_avals[1:]] == [a.shape for a in args[:6]]
+    exported, _ = export_train_step(platform, backend, jnp.bfloat16, value_dim=96)
     # The kernels see v heads-first, padded to whole chunks and to dv = 128.
     assert "tensor<1x4x256x128xbf16>" in exported.mlir_module()
