@@ -28,11 +28,12 @@ _REMAT_POLICIES = {
 
 
 class ModelOutput(NamedTuple):
-    logits: jnp.ndarray  # [B, T, V] fp32
+    logits: jnp.ndarray | None  # [B, T, V] fp32; None when called with logits=False
     hidden: jnp.ndarray  # [B, T, E] after the final norm (what the head reads)
     router_stats: RouterStats | None  # fields [num_moe_layers, E] in layer order
     mtp_logits: tuple[jnp.ndarray, ...]  # depth k = 1..D: [B, T, V] fp32, position i predicts i+k+1
     mtp_router_stats: RouterStats | None  # fields [D * mtp MoE layers, E]
+    mtp_hidden: tuple[jnp.ndarray, ...] = ()  # depth k = 1..D: [B, T, E], what the head reads
 
 
 class Qwen3NextModel(nnx.Module):
@@ -53,19 +54,27 @@ class Qwen3NextModel(nnx.Module):
         table = constrain(cast(self.embed, compute_dtype(self.config)), ("vocab", None))
         return jnp.take(table, input_ids, axis=0)
 
-    def head(self, hidden):
-        """Shared output head: [B, T, E] -> fp32 logits [B, T, V]."""
+    def head_weight(self):
+        """(weight in the compute dtype, vocab_major): the tied embedding [V, E] or the LM
+        head [E, V]; for losses that apply the head themselves (ops/linear_cross_entropy)."""
         dtype = compute_dtype(self.config)
         if self.config.tie_word_embeddings:
-            return jnp.einsum("BTE,VE->BTV", hidden.astype(dtype), cast(self.embed, dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("BTE,EV->BTV", hidden.astype(dtype), cast(self.lm_head, dtype),
+            return cast(self.embed, dtype), True
+        return cast(self.lm_head, dtype), False
+
+    def head(self, hidden):
+        """Shared output head: [B, T, E] -> fp32 logits [B, T, V]."""
+        weight, vocab_major = self.head_weight()
+        spec = "BTE,VE->BTV" if vocab_major else "BTE,EV->BTV"
+        return jnp.einsum(spec, hidden.astype(weight.dtype), weight,
                           preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids, *, positions=None, segment_ids=None, valid=None, mtp=True):
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, valid=None, mtp=True,
+                 logits=True):
         """input_ids [B, T] int. positions [B, T] (default 0..T-1), segment_ids [B, T] for
         packed rows, valid [B, T] marks tokens counted in the router statistics (not padding).
-        `mtp=False` skips the MTP module (evaluation, generation)."""
+        `mtp=False` skips the MTP module (evaluation, generation); `logits=False` returns the
+        head's inputs only (`hidden`, `mtp_hidden`), for a loss that never forms the logits."""
         config = self.config
         batch, length = input_ids.shape
         if positions is None:
@@ -85,10 +94,10 @@ class Qwen3NextModel(nnx.Module):
             run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[config.remat_policy])
         h, stats = jax.lax.scan(run_block, h, block_state)
         hidden = self.final_norm(h)
-        logits = self.head(hidden)
+        main_logits = self.head(hidden) if logits else None
         router_stats = None if stats is None else _flatten_layers(stats)
 
-        mtp_logits, mtp_stats = [], []
+        mtp_hidden, mtp_stats = [], []
         if mtp and self.mtp is not None:
             previous = hidden
             for depth in range(1, config.mtp_depth + 1):
@@ -98,13 +107,15 @@ class Qwen3NextModel(nnx.Module):
                     previous, self.embed_tokens(ahead_ids),
                     rotary=rotary, segment_ids=segment_ids, valid=valid,
                 )
-                mtp_logits.append(self.head(previous))
+                mtp_hidden.append(previous)
                 if depth_stats is not None:
                     mtp_stats.append(depth_stats)
         mtp_router_stats = None
         if mtp_stats:
             mtp_router_stats = RouterStats(*(jnp.concatenate(p) for p in zip(*mtp_stats)))
-        return ModelOutput(logits, hidden, router_stats, tuple(mtp_logits), mtp_router_stats)
+        mtp_logits = tuple(self.head(h) for h in mtp_hidden) if logits else ()
+        return ModelOutput(main_logits, hidden, router_stats, mtp_logits, mtp_router_stats,
+                           tuple(mtp_hidden))
 
 
 def _flatten_layers(stats: RouterStats) -> RouterStats:

@@ -44,8 +44,9 @@ class Evaluator:
                 model = nnx.merge(graphdef, params)
                 output = model(batch.input_ids, positions=batch.positions,
                                segment_ids=batch.segment_ids, valid=batch.valid,
-                               mtp=self.has_mtp)
-                terms = loss_terms(output, batch, normalizers(batch, mtp_depth), loss_config, 0.0)
+                               mtp=self.has_mtp, logits=not loss_config.fused_head)
+                terms = loss_terms(output, batch, normalizers(batch, mtp_depth), loss_config, 0.0,
+                                   head=model.head_weight())
             return terms["ce_loss"], terms["mtp_loss"]
 
         self.eval_step = eval_step

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from qnext_jax.config import ConfigError, check_known_keys
 from qnext_jax.data.batch import Batch
 from qnext_jax.model.moe import RouterStats
+from qnext_jax.ops.linear_cross_entropy import linear_cross_entropy
 
 LBL_FORMULAS = ("global", "hf_pooled")
 
@@ -34,10 +35,17 @@ class LossConfig:
     lbl_weight: float | None = None  # None: the model's router_aux_loss_coef
     lbl_formula: str = "global"
     z_loss_weight: float = 0.0  # router z-loss (ST-MoE); 0 disables it
+    # The LM head fused with the cross-entropy over token chunks (ops/linear_cross_entropy):
+    # the [B, T, V] logits are never held. False: the plain head and log-softmax.
+    fused_head: bool = True
+    head_chunk_tokens: int | None = None  # tokens per chunk per device; None: ~256 MiB of logits
 
     def __post_init__(self):
         if self.lbl_formula not in LBL_FORMULAS:
             raise ConfigError(f"loss.lbl_formula must be one of {LBL_FORMULAS}, got {self.lbl_formula!r}")
+        if self.head_chunk_tokens is not None and self.head_chunk_tokens < 1:
+            raise ConfigError(f"loss.head_chunk_tokens must be positive or null, got "
+                              f"{self.head_chunk_tokens}")
         for name in ("mtp_weight", "z_loss_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
@@ -117,18 +125,31 @@ def all_router_stats(output) -> RouterStats | None:
 
 
 def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl_coef: float,
-               fractions=None) -> dict[str, jnp.ndarray]:
+               fractions=None, head=None) -> dict[str, jnp.ndarray]:
     """This micro-batch's share of every loss term; they and their gradients add over
     micro-batches. `fractions` [layers, E]: global-batch f; None takes it from `output` (one
-    micro-batch: the batch's own counts are the global counts)."""
-    ce = jnp.sum(token_cross_entropy(output.logits, batch.targets) * batch.loss_mask)
+    micro-batch: the batch's own counts are the global counts). An `output` without logits
+    (the model called with logits=False) needs `head`, the model's `head_weight()`."""
+    def cross_entropy(logits, hidden, targets):
+        if logits is not None:
+            return token_cross_entropy(logits, targets)
+        if head is None:
+            raise ValueError("the model output has no logits: pass head=model.head_weight()")
+        weight, vocab_major = head
+        return linear_cross_entropy(hidden, weight, targets, vocab_major=vocab_major,
+                                    chunk_tokens=config.head_chunk_tokens)
+
+    ce = jnp.sum(cross_entropy(output.logits, output.hidden, batch.targets) * batch.loss_mask)
     terms = {"ce_loss": ce / norms.target_tokens}
 
+    depths = max(len(output.mtp_logits), len(output.mtp_hidden))
     mtp = jnp.zeros((), jnp.float32)
-    for k, logits in enumerate(output.mtp_logits, start=1):
+    for k in range(1, depths + 1):
         targets, mask = mtp_targets(batch, k)
-        mtp += jnp.sum(token_cross_entropy(logits, targets) * mask) / norms.mtp_target_tokens[k - 1]
-    terms["mtp_loss"] = mtp / max(len(output.mtp_logits), 1)
+        logits = output.mtp_logits[k - 1] if output.mtp_logits else None
+        hidden = output.mtp_hidden[k - 1] if output.mtp_hidden else None
+        mtp += jnp.sum(cross_entropy(logits, hidden, targets) * mask) / norms.mtp_target_tokens[k - 1]
+    terms["mtp_loss"] = mtp / max(depths, 1)
 
     stats = all_router_stats(output)
     lbl = z_loss = jnp.zeros((), jnp.float32)

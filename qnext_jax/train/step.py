@@ -113,18 +113,19 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
     )
     batch_sharding = rules.batch_sharding()
 
-    def forward(params, batch: Batch):
+    def forward(params, batch: Batch, *, logits=True):
         model = nnx.merge(graphdef, params)
-        return model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids,
-                     valid=batch.valid)
+        output = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids,
+                       valid=batch.valid, logits=logits)
+        return output, model.head_weight()
 
     def expert_counts(output):
         stats = all_router_stats(output)
         return jnp.zeros((0, 1)) if stats is None else stats.expert_counts  # [layers, E]
 
     def loss_fn(params, batch, norms, fractions):
-        output = forward(params, batch)
-        terms = loss_terms(output, batch, norms, loss_config, lbl_coef, fractions)
+        output, head = forward(params, batch, logits=not loss_config.fused_head)
+        terms = loss_terms(output, batch, norms, loss_config, lbl_coef, fractions, head)
         return terms["loss"], (terms, expert_counts(output))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -142,7 +143,7 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
         fractions = None
         if num_router_layers:
             def count(total, mb):  # forward only: the whole batch's routing, before gradients
-                return total + expert_counts(forward(params, mb)), None
+                return total + expert_counts(forward(params, mb, logits=False)[0]), None
 
             zero = jnp.zeros((num_router_layers, config.num_experts), jnp.float32)
             counts, _ = jax.lax.scan(count, zero, micro)

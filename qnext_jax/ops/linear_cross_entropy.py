@@ -1,0 +1,224 @@
+"""The LM head and cross-entropy fused over token chunks: exact, without ever holding the logits.
+
+    loss[b, t] = logsumexp_v(h[b, t] . W[:, v]) - h[b, t] . W[:, target[b, t]]
+
+The plain head materialises fp32 logits [B, T, V] and autodiff keeps them (and their gradient)
+for the backward pass: for Qwen3-Next's 151,936-token vocabulary that is 2.4 GB per 4K-token
+row, once more per MTP depth. Here the forward walks over chunks of tokens, keeping only each
+token's logsumexp; the backward recomputes one chunk's logits at a time and turns them into
+the chunk's hidden-state gradient and its share of the weight gradient. Peak memory is one
+chunk's logits, [chunk, V] fp32, whatever the sequence length.
+
+Our own custom VJP, because no maintained library does this where we run: tokamax's
+`linear_softmax_cross_entropy_loss` is tiled only on TPU (its XLA form, used on CPU and GPU,
+materialises the logits), takes no per-token mask, and returns a per-shard logsumexp when the
+vocabulary is sharded, so its gradients would be wrong under tensor parallelism.
+
+Under a mesh the forward and the backward are each one `shard_map`: every device takes its own
+tokens (batch and sequence shards) and its slice of the vocabulary (the `tensor` axis, as the
+head weight is sharded), the logsumexp and the target logit are combined over `tensor` (a
+vocabulary-parallel cross-entropy), the hidden-state gradient is summed over `tensor`, and the
+weight gradient is accumulated locally over every chunk and summed over the token shards once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from qnext_jax.parallel.axes import logical_spec, under_mesh
+
+# A chunk's fp32 logits are at most this many elements (256 MiB) unless asked otherwise.
+_CHUNK_LOGITS_ELEMENTS = 1 << 26
+_HIDDEN_AXES = ("batch", "sequence", "act_embed")
+
+
+def linear_cross_entropy(hidden, weight, targets, *, vocab_major: bool,
+                         chunk_tokens: int | None = None):
+    """-log softmax(hidden @ W)[target] per token, in fp32, without materialising the logits.
+
+    hidden: [B, T, E] (the compute dtype); targets: [B, T] int in [0, V).
+    weight: [V, E] when `vocab_major` (a tied embedding table), else [E, V] (an LM head); the
+        logits are accumulated in fp32 from operands in the compute dtype, as the plain head.
+    chunk_tokens: tokens per chunk on each device; None keeps a chunk's logits near 256 MiB.
+    Returns [B, T] fp32; differentiable in `hidden` and `weight`.
+    """
+    if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be [B, T, E] and targets [B, T]; got {hidden.shape} "
+                         f"and {targets.shape}")
+    width = weight.shape[1] if vocab_major else weight.shape[0]
+    if weight.ndim != 2 or width != hidden.shape[2]:
+        layout = "[V, E]" if vocab_major else "[E, V]"
+        raise ValueError(f"weight must be {layout} with E = {hidden.shape[2]}; got {weight.shape}")
+    return _fused(hidden, weight, targets.astype(jnp.int32), vocab_major, chunk_tokens)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused(hidden, weight, targets, vocab_major, chunk_tokens):
+    return _forward(hidden, weight, targets, vocab_major, chunk_tokens)[0]
+
+
+def _fused_fwd(hidden, weight, targets, vocab_major, chunk_tokens):
+    loss, lse = _forward(hidden, weight, targets, vocab_major, chunk_tokens)
+    return loss, (hidden, weight, targets, lse)
+
+
+def _fused_bwd(vocab_major, chunk_tokens, residuals, loss_grad):
+    hidden, weight, targets, lse = residuals
+    grad_hidden, grad_weight = _backward(hidden, weight, targets, lse, loss_grad,
+                                         vocab_major, chunk_tokens)
+    return grad_hidden, grad_weight, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+class _Axes:
+    """Mesh axes the computation is split over (empty without a mesh)."""
+
+    def __init__(self):
+        if not under_mesh():
+            self.tokens, self.vocab = (), ()
+            self.hidden = self.rows = self.weight = None
+            return
+        hidden = logical_spec(_HIDDEN_AXES)
+        vocab = logical_spec(("vocab",))[0]
+        self.tokens = _names(hidden[0]) + _names(hidden[1])
+        self.vocab = _names(vocab)
+        self.hidden = PartitionSpec(hidden[0], hidden[1], None)
+        self.rows = PartitionSpec(hidden[0], hidden[1])
+        self.weights = {True: PartitionSpec(vocab, None), False: PartitionSpec(None, vocab)}
+
+    def run(self, fn, in_specs, out_specs):
+        if not self.tokens and not self.vocab:
+            return fn
+        return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs,
+                             out_specs=out_specs, check_vma=False)
+
+    def vocab_index(self):
+        """This device's position along the vocabulary shards (0 without any)."""
+        index = 0
+        for name in self.vocab:
+            index = index * jax.lax.axis_size(name) + jax.lax.axis_index(name)
+        return index
+
+
+def _forward(hidden, weight, targets, vocab_major, chunk_tokens):
+    axes = _Axes()
+
+    def local(hidden, weight, targets):
+        chunk, unchunk = _chunker(hidden, weight, vocab_major, chunk_tokens)
+        offset = axes.vocab_index() * _vocab(weight, vocab_major)
+
+        def chunk_loss(_, chunk):
+            h, target = chunk
+            logits = _logits(h, weight, vocab_major)  # [C, V_local] fp32
+            top = _max_over(axes.vocab, jnp.max(logits, axis=-1))
+            total = _sum_over(axes.vocab, jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+            lse = top + jnp.log(total)
+            return None, (lse - _target_logit(logits, target, offset, axes.vocab), lse)
+
+        _, (loss, lse) = jax.lax.scan(chunk_loss, None, (chunk(hidden), chunk(targets)))
+        return unchunk(loss), unchunk(lse)
+
+    weight_spec = axes.weights[vocab_major] if axes.hidden is not None else None
+    return axes.run(local, (axes.hidden, weight_spec, axes.rows), (axes.rows, axes.rows))(
+        hidden, weight, targets)
+
+
+def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens):
+    axes = _Axes()
+
+    def local(hidden, weight, targets, lse, loss_grad):
+        chunk, unchunk = _chunker(hidden, weight, vocab_major, chunk_tokens)
+        vocab = _vocab(weight, vocab_major)
+        offset = axes.vocab_index() * vocab
+        operand_dtype = hidden.dtype
+
+        def chunk_grads(grad_weight, chunk):
+            h, target, chunk_lse, g = chunk
+            logits = _logits(h, weight, vocab_major)
+            local_target = target - offset
+            one_hot = (local_target[:, None] == jnp.arange(vocab)[None, :]).astype(jnp.float32)
+            grad_logits = (jnp.exp(logits - chunk_lse[:, None]) - one_hot) * g[:, None]
+            grad_logits = grad_logits.astype(operand_dtype)
+            spec = "CV,VE->CE" if vocab_major else "CV,EV->CE"
+            grad_h = jnp.einsum(spec, grad_logits, weight, preferred_element_type=jnp.float32)
+            spec = "CV,CE->VE" if vocab_major else "CV,CE->EV"
+            grad_weight += jnp.einsum(spec, grad_logits, h, preferred_element_type=jnp.float32)
+            return grad_weight, _sum_over(axes.vocab, grad_h)
+
+        grad_weight, grad_h = jax.lax.scan(
+            chunk_grads, jnp.zeros(weight.shape, jnp.float32),
+            tuple(chunk(x) for x in (hidden, targets, lse, loss_grad)))
+        grad_weight = _sum_over(axes.tokens, grad_weight)
+        return unchunk(grad_h).astype(hidden.dtype), grad_weight.astype(weight.dtype)
+
+    weight_spec = axes.weights[vocab_major] if axes.hidden is not None else None
+    rows = axes.rows
+    return axes.run(local, (axes.hidden, weight_spec, rows, rows, rows),
+                    (axes.hidden, weight_spec))(hidden, weight, targets, lse, loss_grad)
+
+
+def _logits(h, weight, vocab_major):
+    spec = "CE,VE->CV" if vocab_major else "CE,EV->CV"
+    return jnp.einsum(spec, h, weight.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def _target_logit(logits, target, offset, vocab_axes):
+    """logits[i, target[i]] where this device holds that column, combined over the shards."""
+    local = target - offset
+    held = (local >= 0) & (local < logits.shape[-1])
+    value = jnp.take_along_axis(logits, jnp.clip(local, 0, logits.shape[-1] - 1)[:, None],
+                                axis=-1)[:, 0]
+    return _sum_over(vocab_axes, jnp.where(held, value, 0.0))
+
+
+def _vocab(weight, vocab_major):
+    return weight.shape[0] if vocab_major else weight.shape[1]
+
+
+def _chunk_size(tokens, vocab, chunk_tokens):
+    if chunk_tokens is None:
+        chunk_tokens = max(16, 1 << int(math.log2(max(_CHUNK_LOGITS_ELEMENTS // vocab, 1))))
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    return min(chunk_tokens, tokens)
+
+
+def _chunker(hidden, weight, vocab_major, chunk_tokens):
+    """(chunk, unchunk): `chunk` flattens [B, T, ...] arrays of this device's tokens into
+    chunks [N, C, ...], padding the last with zeros (token 0, whose loss is dropped and whose
+    gradient is zero); `unchunk` is its inverse for [N, C, ...]."""
+    rows, length = hidden.shape[:2]
+    tokens = rows * length
+    size = _chunk_size(tokens, _vocab(weight, vocab_major), chunk_tokens)
+    count = -(-tokens // size)
+
+    def chunk(x):
+        flat = x.reshape(tokens, *x.shape[2:])
+        flat = jnp.pad(flat, [(0, count * size - tokens)] + [(0, 0)] * (x.ndim - 2))
+        return flat.reshape(count, size, *x.shape[2:])
+
+    def unchunk(x):
+        return x.reshape(count * size, *x.shape[2:])[:tokens].reshape(rows, length, *x.shape[2:])
+
+    return chunk, unchunk
+
+
+def _names(part) -> tuple[str, ...]:
+    if part is None:
+        return ()
+    return (part,) if isinstance(part, str) else tuple(part)
+
+
+def _sum_over(axes, x):
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def _max_over(axes, x):
+    return jax.lax.pmax(x, axes) if axes else x
