@@ -9,7 +9,7 @@ from qnext_jax.config import ConfigError, ModelConfig
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshConfig, MeshError, make_abstract_mesh, make_mesh
 from qnext_jax.train.plan import lower_train_step, planned_trainer, state_bytes_per_device
-from qnext_jax.train.step import check_batch_size
+from qnext_jax.train.step import check_batch_size, check_sequence_split
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,9 @@ def tiny():
 
 def test_minus_one_takes_the_remaining_devices():
     mesh = make_mesh(MeshConfig(data=2, fsdp=-1, expert=2))
-    assert dict(zip(mesh.axis_names, mesh.axis_sizes)) == {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
-    assert mesh.axis_types == (AxisType.Auto,) * 4
+    assert dict(zip(mesh.axis_names, mesh.axis_sizes)) == {
+        "data": 2, "fsdp": 2, "expert": 2, "sequence": 1, "tensor": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 5
     assert MeshConfig.from_dict({"expert": 4, "tensor": 2, "fsdp": 1}).resolve(8)["data"] == 1
 
 
@@ -58,6 +59,16 @@ def test_batch_must_split_over_batch_axes():
         check_batch_size(6, 1, mesh)
     with pytest.raises(MeshError, match="global batch 16 must split into 4 micro-batches"):
         check_batch_size(16, 4, mesh)
+
+
+def test_sequence_must_split_over_sequence_shards(tiny):
+    mesh = make_abstract_mesh(MeshConfig(fsdp=1, sequence=8), 8)
+    check_sequence_split(64, mesh, tiny)
+    with pytest.raises(MeshError, match="train.seq_len = 60 is not divisible by mesh.sequence = 8"):
+        check_sequence_split(60, mesh, tiny)
+    with pytest.raises(MeshError, match="leaves 2 tokens per shard, fewer than the DeltaNet conv "
+                                        "needs from its neighbour"):
+        check_sequence_split(16, mesh, tiny)
 
 
 def test_kv_heads_replicate_when_tensor_exceeds_them(tiny):

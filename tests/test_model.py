@@ -122,7 +122,7 @@ def test_remat_policies_give_the_same_gradients(tiny_config, policy):
     plain, remat = grads(tiny_config), grads(tiny_config.replace(remat_policy=policy))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         # Recomputation may fuse differently: equal up to fp32 rounding of each leaf's scale.
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.abs(a).max()) + 1e-12)
+        np.testing.assert_allclose(b, a, rtol=0, atol=5e-5 * float(jnp.abs(a).max()) + 1e-12)
 
 
 def test_bfloat16_compute_tracks_fp32(tiny_config):

@@ -1,5 +1,8 @@
 """Gated full attention (spec section 3): GQA, zero-centred q/k norms, partial RoPE, causal and
-segment-aware softmax attention, and an element-wise sigmoid output gate before o_proj."""
+document-masked softmax attention, and an element-wise sigmoid output gate before o_proj.
+
+The softmax attention is blockwise (never a [T, T] matrix); under a mesh it runs per device
+with the sequence split over `sequence` (parallel/context_parallel)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,11 @@ from qnext_jax.config import ModelConfig
 from qnext_jax.model.norms import RMSNorm
 from qnext_jax.model.params import cast, compute_dtype, normal_param
 from qnext_jax.model.rope import apply_rotary
+from qnext_jax.ops.blockwise_attention import blockwise_attention
 from qnext_jax.ops.segments import document_index
+from qnext_jax.parallel.axes import shard_map_logical, under_mesh
+from qnext_jax.parallel.context_parallel import attention_across_shards
+from qnext_jax.parallel.mesh import axis_size
 
 
 class GatedAttention(nnx.Module):
@@ -40,16 +47,50 @@ class GatedAttention(nnx.Module):
         query = apply_rotary(self.q_norm(query), cos, sin)
         key = apply_rotary(self.k_norm(key), cos, sin)
 
-        mask = None
-        if segment_ids is not None:
-            # Documents as the conv and the delta rule see them (a new one wherever the id
-            # changes), not raw ids: a row may reuse an id for a later, separate document.
-            documents = document_index(segment_ids)
-            same_document = documents[:, :, None] == documents[:, None, :]  # [B, T, S]
-            mask = same_document[:, None]  # [B, 1, T, S]
-        # GQA inside: query head n reads kv head n // (N / K), HF's repeat_kv grouping.
-        out = jax.nn.dot_product_attention(
-            query, key, value, mask=mask, is_causal=True, scale=self.config.head_dim ** -0.5
-        )  # [B, T, N, D]
+        documents = None if segment_ids is None else document_index(segment_ids)
+        scale = self.config.head_dim ** -0.5
+        if self.config.attention_impl == "xla":
+            out = _xla_attention(query, key, value, documents, scale)
+        elif under_mesh():
+            out = _attention_on_mesh(query, key, value, documents, scale)
+        else:
+            out = blockwise_attention(query, key, value, q_docs=documents, kv_docs=documents,
+                                      scale=scale)
         out = out * jax.nn.sigmoid(gate)
         return jnp.einsum("BTND,NDE->BTE", out, cast(self.o_proj, dtype))  # [B, T, E]
+
+
+def _xla_attention(query, key, value, documents, scale):
+    """The reference: XLA's attention with a [B, 1, T, T] mask of same-document pairs (documents
+    as the conv and the delta rule see them, not raw ids, which a row may reuse)."""
+    mask = None
+    if documents is not None:
+        mask = (documents[:, :, None] == documents[:, None, :])[:, None]
+    # GQA inside: query head n reads kv head n // (N / K), HF's repeat_kv grouping.
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True, scale=scale)
+
+
+def _attention_on_mesh(query, key, value, documents, scale):
+    """Each device attends its rows, its tensor-parallel query heads and its sequence shard's
+    queries to the whole row's keys (gathered over `sequence`)."""
+    batch, length, heads = query.shape[:3]
+    kv_heads = key.shape[2]
+    tensor = axis_size(jax.sharding.get_abstract_mesh(), "tensor")
+    if documents is None:
+        documents = jnp.zeros((batch, length), jnp.int32)
+    # With fewer kv heads than tensor ranks (or not a multiple), kv heads are replicated and
+    # each device picks the kv head of each of its query heads.
+    kv_sharded = kv_heads % tensor == 0
+    local_heads, group = heads // tensor, heads // kv_heads
+
+    def local(query, key, value, documents):
+        if not kv_sharded:
+            first = jax.lax.axis_index("tensor") * local_heads
+            wanted = (first + jnp.arange(local_heads)) // group
+            key, value = jnp.take(key, wanted, axis=2), jnp.take(value, wanted, axis=2)
+        return attention_across_shards(query, key, value, documents, scale=scale)
+
+    q_axes = ("batch", "sequence", "heads", "head_dim")
+    kv_axes = ("batch", "sequence", "kv_heads" if kv_sharded else None, "head_dim")
+    return shard_map_logical(local, (q_axes, kv_axes, kv_axes, ("batch", "sequence")), q_axes)(
+        query, key, value, documents)

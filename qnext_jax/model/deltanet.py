@@ -16,7 +16,9 @@ from qnext_jax.model.norms import GatedRMSNorm
 from qnext_jax.model.params import cast, compute_dtype, constant_param, normal_param, param
 from qnext_jax.ops import gated_delta_rule
 from qnext_jax.ops.causal_conv import causal_conv_silu
-from qnext_jax.parallel.axes import shard_map_per_device, under_mesh
+from qnext_jax.ops.segments import document_index
+from qnext_jax.parallel.axes import shard_map_logical, under_mesh
+from qnext_jax.parallel.context_parallel import conv_silu_across_shards, delta_rule_across_shards
 
 KEY_PROJ = ("embed", "key_heads", "head_dim")
 VALUE_PROJ = ("embed", "value_heads", "head_dim")
@@ -60,32 +62,45 @@ class GatedDeltaNet(nnx.Module):
         b = project("BTE,EH->BTH", self.b_proj)
         a = project("BTE,EH->BTH", self.a_proj)
 
-        query = causal_conv_silu(query, cast(self.conv_q, dtype), segment_ids=segment_ids)
-        key = causal_conv_silu(key, cast(self.conv_k, dtype), segment_ids=segment_ids)
-        value = causal_conv_silu(value, cast(self.conv_v, dtype), segment_ids=segment_ids)
-
         beta = jax.nn.sigmoid(b)  # in the activation dtype, as HF
         decay_rate = jnp.exp(self.A_log[...].astype(jnp.float32))
         g = -decay_rate * jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-        out = self._delta_rule(query, key, value, g, beta, segment_ids)  # [B, T, H, D]
-        out = self.norm(out, z)
+        convs = tuple(cast(w, dtype) for w in (self.conv_q, self.conv_k, self.conv_v))
+        out = self._conv_and_delta_rule(query, key, value, g, beta, convs, segment_ids)
+        out = self.norm(out, z)  # [B, T, H, D]
         return jnp.einsum("BTHD,HDE->BTE", out, cast(self.out_proj, dtype))
 
-    def _delta_rule(self, query, key, value, g, beta, segment_ids):
-        def run(query, key, value, g, beta, segment_ids):
-            out, _ = gated_delta_rule(query, key, value, g, beta, segment_ids=segment_ids,
-                                      impl=self.config.delta_rule_impl, normalize_qk=True)
-            return out
+    def _conv_and_delta_rule(self, query, key, value, g, beta, convs, segment_ids):
+        def rule(query, key, value, g, beta, documents, initial_state):
+            return gated_delta_rule(query, key, value, g, beta, segment_ids=documents,
+                                    initial_state=initial_state, impl=self.config.delta_rule_impl,
+                                    normalize_qk=True)
 
         if not under_mesh():
-            return run(query, key, value, g, beta, segment_ids)
-        # Rows and heads are independent: each device runs the rule (a Pallas kernel on GPU/TPU,
-        # which GSPMD could not partition) on its own rows and tensor-parallel heads. Value head
-        # h reads key head h // (Hv / Hk); both split contiguously over `tensor`, so each
-        # device's value heads find their key heads on the same device.
+            query, key, value = (causal_conv_silu(x, w, segment_ids=segment_ids)
+                                 for x, w in zip((query, key, value), convs))
+            return rule(query, key, value, g, beta, segment_ids, None)[0]
+
+        # Rows and heads are independent: each device runs the conv and the rule (a Pallas
+        # kernel on GPU/TPU, which GSPMD could not partition) on its own rows and tensor-parallel
+        # heads. Value head h reads key head h // (Hv / Hk); both split contiguously over
+        # `tensor`, so each device's value heads find their key heads on the same device. With
+        # the sequence split, the shards exchange conv halos and delta-rule states.
+        batch, length = query.shape[:2]
+        documents = (jnp.zeros((batch, length), jnp.int32) if segment_ids is None
+                     else document_index(segment_ids))  # over the whole row
+
+        def local(query, key, value, g, beta, conv_q, conv_k, conv_v, documents):
+            query, key, value = (conv_silu_across_shards(x, w, documents)
+                                 for x, w in zip((query, key, value), (conv_q, conv_k, conv_v)))
+            state = jnp.zeros((query.shape[0], value.shape[2], query.shape[3], value.shape[3]),
+                              jnp.float32)
+            return delta_rule_across_shards(rule, query, key, value, g, beta, documents, state)[0]
+
         heads = ("batch", "sequence", "key_heads", "head_dim")
         value_heads = ("batch", "sequence", "value_heads", "head_dim")
         gates = ("batch", "sequence", "value_heads")
-        rows = None if segment_ids is None else ("batch", "sequence")
-        return shard_map_per_device(run, (heads, heads, value_heads, gates, gates, rows), value_heads)(
-            query, key, value, g, beta, segment_ids)
+        in_axes = (heads, heads, value_heads, gates, gates, KEY_CONV, KEY_CONV, VALUE_CONV,
+                   ("batch", "sequence"))
+        return shard_map_logical(local, in_axes, value_heads)(
+            query, key, value, g, beta, *convs, documents)

@@ -30,9 +30,9 @@ LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
     "conv": None,
     "norm": None,
     "fused": None,  # the MTP's [embedding | hidden] input width
-    # Activations: every axis but tensor splits the batch outside the MoE.
+    # Activations: data, fsdp and expert split the rows outside the MoE; sequence their tokens.
     "batch": BATCH_AXES,
-    "sequence": None,
+    "sequence": "sequence",
     "act_embed": None,
     "act_vocab": None,
 }
@@ -139,11 +139,13 @@ def under_mesh() -> bool:
     return not mesh.empty and set(MESH_AXES) <= set(mesh.axis_names)
 
 
-def shard_map_per_device(fn, in_axes, out_axes):
+def shard_map_logical(fn, in_axes, out_axes):
     """jax.shard_map over the ambient mesh, specs given as logical axes (None for an argument
-    that is None), for a function with no collectives: each device computes on its shard alone.
-    The varying-axes check is off because such a function (e.g. a scan seeded with zeros) has
-    nothing to check and would otherwise need casts in numerics code that knows no mesh."""
+    that is None). `fn` computes on each device's shards and makes every collective it needs
+    explicit (the context-parallel exchanges over `sequence`). The varying-axes check is off:
+    numerics code that knows no mesh (a scan seeded with zeros) would otherwise need casts; so
+    every output axis is named in `out_axes`, and an input replicated over an axis (a weight)
+    gets its gradient summed over that axis, as shard_map does without the check."""
     spec = lambda axes: None if axes is None else logical_spec(axes)  # noqa: E731
     return jax.shard_map(
         fn, mesh=jax.sharding.get_abstract_mesh(),

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from qnext_jax.parallel.mesh import MeshError
+from qnext_jax.parallel.mesh import MeshError, axis_size
 
 # Set these three to run one process per host (or several on one host for CPU tests).
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"  # host:port of process 0
@@ -101,7 +101,8 @@ def broadcast_text(text: str | None, max_bytes: int = 4096) -> str:
 
 def process_rows(global_rows: int, sharding: NamedSharding) -> slice:
     """The rows of a [global_rows, ...] batch that this process's devices hold: what it loads."""
-    indices = sharding.addressable_devices_indices_map((global_rows, 1))
+    # The second dimension only has to split evenly over the sequence shards.
+    indices = sharding.addressable_devices_indices_map((global_rows, axis_size(sharding.mesh, "sequence")))
     starts = sorted({index[0].indices(global_rows)[0] for index in indices.values()})
     stops = sorted({index[0].indices(global_rows)[1] for index in indices.values()})
     rows = slice(starts[0], stops[-1])

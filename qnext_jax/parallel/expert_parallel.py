@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec
 
 from qnext_jax.ops.grouped_matmul import grouped_matmul
 from qnext_jax.parallel.axes import logical_spec
-from qnext_jax.parallel.mesh import BATCH_AXES, axis_size
+from qnext_jax.parallel.mesh import TOKEN_AXES, axis_size
 
 
 def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w):
@@ -61,10 +61,11 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w):
 
 def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
                         capacity_factor: float | None = None):
-    """The routed-expert output [N, E] for tokens [N, E] sharded over the batch axes; the
-    expert weights [X, E, F] / [X, F, E] sharded by the table (FSDP is gathered on entry)."""
+    """The routed-expert output [N, E] for tokens [N, E] sharded over the token axes (rows and
+    sequence shards); the expert weights [X, E, F] / [X, F, E] sharded by the table (FSDP is
+    gathered on entry)."""
     mesh = jax.sharding.get_abstract_mesh()
-    tokens_spec = PartitionSpec(BATCH_AXES, None)
+    tokens_spec = PartitionSpec(TOKEN_AXES, None)
     in_specs = (
         tokens_spec, tokens_spec, tokens_spec,
         logical_spec(("experts", None, "mlp")), logical_spec(("experts", None, "mlp")),

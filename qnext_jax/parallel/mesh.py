@@ -1,9 +1,13 @@
-"""The device mesh: four named axes sized by the config, checked against the devices at hand.
+"""The device mesh: five named axes sized by the config, checked against the devices at hand.
 
-  data    pure data parallelism (parameters replicated)
-  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
-  expert  data parallelism for the dense parts, expert parallelism inside the MoE
-  tensor  tensor parallelism over attention / DeltaNet heads and MLP widths
+  data      pure data parallelism (parameters replicated)
+  fsdp      data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+  expert    data parallelism for the dense parts, expert parallelism inside the MoE
+  sequence  context parallelism: each row's tokens split over devices (parallel/context_parallel)
+  tensor    tensor parallelism over attention / DeltaNet heads and MLP widths
+
+`sequence` sits next to `tensor`, the innermost axis, so that both land on the fastest links
+(the halo and state exchanges of context parallelism are small; tensor parallelism's are not).
 
 Every axis is `AxisType.Auto` (GSPMD propagation between the annotated points); JAX 0.10 would
 default to Explicit, so the types are always passed.
@@ -21,9 +25,12 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from qnext_jax.config import ConfigError, check_known_keys
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-# The axes a batch is split over (everything except tensor, whose ranks share their tokens).
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+# The axes the rows of a batch are split over; `sequence` splits each row's tokens, and tensor
+# ranks share their tokens.
 BATCH_AXES = ("data", "fsdp", "expert")
+# The axes tokens are split over: a flattened [rows * length] token axis is sharded over these.
+TOKEN_AXES = BATCH_AXES + ("sequence",)
 
 
 class MeshError(ConfigError):
@@ -37,6 +44,7 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     expert: int = 1
+    sequence: int = 1
     tensor: int = 1
 
     def __post_init__(self):

@@ -42,7 +42,7 @@ from qnext_jax.train.progress import ProgressBar, Throughput, peak_tflops_per_de
 from qnext_jax.train.run_config import RunConfig, check_run_config
 from qnext_jax.train.run_dir import check_resume_config, write_config
 from qnext_jax.train.step import (TrainState, abstract_model, abstract_state, check_batch_size,
-                                  make_trainer, router_layer_names)
+                                  check_sequence_split, make_trainer, router_layer_names)
 
 
 class TrainingError(RuntimeError):
@@ -61,6 +61,7 @@ def train(config: RunConfig, run_dir: Path, stream=None):
     mesh = make_mesh(config.mesh)
     rules = ShardingRules(config.model, mesh)
     check_batch_size(tc.batch_size, tc.micro_batches, mesh)
+    check_sequence_split(tc.seq_len, mesh, config.model)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
     start = checkpoints.latest_step() or 0

@@ -37,7 +37,8 @@ FREE_TO_CHANGE = (
     # Used only to create the initial state, which a resume restores instead.
     "train.seed", "train.init_from_hf",
     # The same function computed another way.
-    "model.remat_policy", "model.delta_rule_impl", "model.moe_impl", "loss.fused_head",
+    "model.remat_policy", "model.delta_rule_impl", "model.attention_impl",
+    "model.moe_impl", "loss.fused_head",
     "loss.head_chunk_tokens",
 )
 # ...unless experts drop tokens over capacity: which ones depends on the tokens per device and

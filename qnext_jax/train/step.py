@@ -21,11 +21,11 @@ import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from qnext_jax.config import ConfigError, ModelConfig
+from qnext_jax.config import LINEAR_ATTENTION, ConfigError, ModelConfig
 from qnext_jax.data.batch import Batch
 from qnext_jax.model import Qwen3NextModel
 from qnext_jax.parallel.axes import ShardingRules
-from qnext_jax.parallel.mesh import MeshError, batch_shards
+from qnext_jax.parallel.mesh import MeshError, axis_size, batch_shards
 from qnext_jax.train.losses import LossConfig, all_router_stats, loss_terms, normalizers
 
 
@@ -73,6 +73,19 @@ def check_batch_size(global_batch: int, micro_batches: int, mesh) -> None:
             f"global batch {global_batch} must split into {micro_batches} micro-batches whose "
             f"size is a multiple of the batch shards data*fsdp*expert = {shards}"
         )
+
+
+def check_sequence_split(seq_len: int, mesh, config: ModelConfig) -> None:
+    """Each sequence shard holds seq_len / mesh.sequence tokens: a whole number, and enough for
+    the DeltaNet conv's halo (which comes from the previous shard alone)."""
+    shards = axis_size(mesh, "sequence")
+    if seq_len % shards:
+        raise MeshError(f"train.seq_len = {seq_len} is not divisible by mesh.sequence = {shards}")
+    halo = config.linear_conv_kernel_dim - 1
+    if shards > 1 and seq_len // shards < halo and LINEAR_ATTENTION in config.mixer_types:
+        raise MeshError(
+            f"mesh.sequence = {shards} leaves {seq_len // shards} tokens per shard, fewer than the "
+            f"DeltaNet conv needs from its neighbour (linear_conv_kernel_dim - 1 = {halo})")
 
 
 def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
@@ -161,6 +174,7 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
 
     def train_step(state: TrainState, batch: Batch):
         check_batch_size(batch.input_ids.shape[0], micro_batches, mesh)
+        check_sequence_split(batch.input_ids.shape[1], mesh, config)
         with jax.sharding.use_abstract_mesh(abstract_mesh):
             norms = normalizers(batch, mtp_depth)
             if micro_batches == 1:
