@@ -60,11 +60,12 @@ def measure(length: int, variant: str, remat: str) -> dict:
 
 
 def activation_bytes(config, *, rows: int, length: int, sequence: int, tensor: int = 1,
-                     expert: int = 1, remat: str) -> float:
-    """Bytes of activations one device holds in the train step: `rows` rows of `length` tokens
+                     expert: int = 1, remat: str, cpu_tiled_experts: bool = False
+                     ) -> float:
+    """Bytes of temporaries one device holds in the train step: `rows` rows of `length` tokens
     split over `sequence` shards, heads over `tensor`, experts over `expert` (dropless).
 
-    Per token and layer, the tensors the backward pass reads (c: compute-dtype bytes):
+    Per token and layer, the forward tensors the backward pass reads (c: compute-dtype bytes):
       every layer   two norm outputs and the residual update: 3E c
       DeltaNet      q, k, v, z projections, conv outputs before/after SiLU, the rule's fp32
                     normalised q/k and WY terms (w, u), its output, the gated norm; with the
@@ -74,9 +75,13 @@ def activation_bytes(config, *, rows: int, length: int, sequence: int, tensor: i
       MoE           router logits and probabilities (fp32), the dispatch buffers (a token
                     rides to every expert shard when dropless: S rows out and back), the
                     grouped rows and the experts' gate/up/down activations (k choices), the
-                    shared expert's
-    remat "full" keeps only each block's input and recomputes one block at a time: the peak
-    is the saved inputs plus one block's working set. The loss holds one chunk of logits.
+                    shared expert's; on XLA:CPU (`cpu_tiled_experts`) also the tiled grouped
+                    matmul's per-tile copies of the expert weights and their gradients
+    The backward of a layer holds its forward tensors and as many cotangents (x2). remat
+    "full" keeps every layer's input and recomputes one layer at a time; "none" keeps every
+    layer's forward tensors. Also one chunk of the fused loss (logits, probabilities,
+    gradient). Not included: the parameter-sized temporaries (gradients, the optimizer's
+    update), see `parameter_temporaries`.
     """
     c = 2 if config.dtype in ("bfloat16", "float16") else 4
     f = 4
@@ -98,28 +103,36 @@ def activation_bytes(config, *, rows: int, length: int, sequence: int, tensor: i
     moe = 2 * config.num_experts * f + 4 * shards * hidden * c \
         + shards * top_k * (2 * hidden + 3 * width) * c \
         + (3 * config.shared_expert_intermediate_size // tensor + hidden) * c
+    tile_copies = 0
+    if cpu_tiled_experts and config.num_experts:
+        local_experts = config.num_experts // expert
+        tiles = (tokens * shards * top_k + local_experts * 63) / 64
+        tile_copies = 2 * 3 * tiles * hidden * width * c
     common = 3 * hidden * c
 
-    def layer(index_in_pattern):
-        mixer, uses_moe = config.layer_pattern[index_in_pattern]
+    def layer(mixer, uses_moe):  # (per-token bytes, per-layer bytes)
         mlp = moe if uses_moe else 3 * config.intermediate_size // tensor * c
-        return common + mlp + (deltanet if mixer == "linear_attention" else attention)
+        per_token = common + mlp + (deltanet if mixer == "linear_attention" else attention)
+        fixed = (tile_copies if uses_moe else 0) + (gathered_kv if mixer != "linear_attention" else 0)
+        return tokens * per_token + fixed
 
-    per_token_block = sum(layer(i) for i in range(config.block_size))
-    attention_layers_per_block = sum(m == "full_attention" for m, _ in
-                                     config.layer_pattern[: config.block_size])
-    mtp = (config.mtp_num_hidden_layers and
-           config.mtp_depth * (common + attention + (moe if config.mtp_uses_moe else 0) + 3 * hidden * c))
-    vocab = config.vocab_size // tensor
-    chunk = min(max(16, 1 << ((1 << 26) // vocab).bit_length() - 1), tokens)
-    loss = 3 * chunk * vocab * f + tokens * (hidden * c + 2 * f) * (1 + config.mtp_depth)
+    layers = [layer(m, moe) for m, moe in config.layer_pattern]
+    if config.mtp_num_hidden_layers:
+        layers += [layer("full_attention", config.mtp_uses_moe)] * (
+            config.mtp_num_hidden_layers * config.mtp_depth)
     if remat == "full":
-        saved = config.num_blocks * tokens * hidden * c
-        working = tokens * per_token_block + attention_layers_per_block * gathered_kv
+        held = len(layers) * tokens * hidden * c + 2 * max(layers)
     else:
-        saved = 0
-        working = config.num_blocks * (tokens * per_token_block + attention_layers_per_block * gathered_kv)
-    return saved + working + tokens * mtp + gathered_kv * bool(mtp) + loss
+        held = sum(layers) + max(layers)
+    vocab = config.vocab_size // tensor
+    chunk = min(max(256, 1 << ((1 << 24) // vocab).bit_length() - 1), tokens)
+    loss = 3 * chunk * vocab * f + tokens * (hidden * c + 2 * f) * (1 + config.mtp_depth)
+    return held + loss
+
+
+def parameter_temporaries(config) -> float:
+    """The gradients and the optimizer's update of replicated fp32 parameters: 2 x 4 B each."""
+    return 2 * 4 * config.param_counts()["total"]
 
 
 def analytic_80b_rows():
@@ -128,7 +141,8 @@ def analytic_80b_rows():
     config = ModelConfig.from_yaml(REPO_ROOT / "configs" / "qwen3_next_80b_a3b.yaml")
     rows = []
     # fsdp x expert shard the parameters and take one row each; sequence splits the rows.
-    for devices, fsdp, expert, sequence in ((64, 1, 8, 8), (128, 1, 8, 16), (256, 2, 8, 16)):
+    for devices, fsdp, expert, sequence in ((64, 1, 8, 8), (128, 1, 8, 16), (256, 2, 8, 16),
+                                            (256, 1, 8, 32)):
         for length in (32768, 131072, 262144):
             rows.append({
                 "devices": devices, "mesh": f"fsdp={fsdp},expert={expert},sequence={sequence}",
@@ -158,8 +172,9 @@ def main():
                    XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
         print(f"small replica, 1 row, mesh.sequence={DEVICES}, remat={args.remat}: "
               "per-device MiB (XLA:CPU temporaries; analytic model)\n")
-        print("| T | tokens/device | ours | plain attention + logits | analytic (ours) |")
-        print("|---|---|---|---|---|")
+        print("| T | tokens/device | ours | plain attention + logits | analytic (ours) | "
+              "measured / analytic |")
+        print("|---|---|---|---|---|---|")
         for length in LENGTHS:
             cells = []
             for variant in VARIANTS:
@@ -169,12 +184,13 @@ def main():
                 if result.returncode:
                     sys.exit(f"T={length} {variant} failed:\n{result.stderr[-4000:]}")
                 cells.append(json.loads(result.stdout.strip().splitlines()[-1])["temp"] / MiB)
-            model = activation_bytes(small, rows=1, length=length, sequence=DEVICES,
-                                     remat=args.remat) / MiB
+            model = (activation_bytes(small, rows=1, length=length, sequence=DEVICES,
+                                      remat=args.remat, cpu_tiled_experts=True)
+                     + parameter_temporaries(small)) / MiB
             print(f"| {length} | {length // DEVICES} | {cells[0]:.1f} | {cells[1]:.1f} | "
-                  f"{model:.1f} |", flush=True)
+                  f"{model:.1f} | {cells[0] / model:.2f} |", flush=True)
     print("\nQwen3-Next-80B-A3B, bf16, remat=full, one row per fsdp x expert shard: analytic "
-          "activation GiB per device\n")
+          "activation GiB per device (parameters and optimizer state: plan_80b_memory.py)\n")
     print("| devices | mesh | T | tokens/device | activations GiB |")
     print("|---|---|---|---|---|")
     for row in analytic_80b_rows():

@@ -120,3 +120,42 @@ def test_attention_over_shards_equals_one_device(shards):
     expected = jax.grad(lambda *a: loss(single, *a), argnums=(0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"grad {name}")
+
+
+def test_attention_layer_with_more_tensor_ranks_than_kv_heads_equals_one_device(repo_root):
+    """4 query heads, 2 kv heads on tensor = 4 (each rank picks its query head's kv head) and
+    sequence = 2: the layer's output and gradients are those of one device."""
+    from flax import nnx
+
+    from qnext_jax.config import ModelConfig
+    from qnext_jax.model.attention import GatedAttention
+    from qnext_jax.model.rope import rotary_tables
+    from qnext_jax.parallel.mesh import MeshConfig, make_mesh
+
+    config = ModelConfig.from_yaml(repo_root / "configs" / "tiny.yaml")
+    layer = GatedAttention(config, rngs=nnx.Rngs(0))
+    graph, params = nnx.split(layer)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(B, T, config.hidden_size)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    rotary = rotary_tables(positions, config, jnp.float32)
+
+    def loss(params, x):
+        out = nnx.merge(graph, params)(x, rotary=rotary, segment_ids=segments())
+        return jnp.sum(jnp.sin(out)), out
+
+    expected = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    mesh = make_mesh(MeshConfig(fsdp=1, sequence=2, tensor=4))
+
+    @jax.jit
+    def on_mesh(params, x):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    got = on_mesh(*jax.device_put((params, x), replicated))
+    np.testing.assert_allclose(got[0][1], expected[0][1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
+        # Sums over 2 sequence shards and 4 tensor ranks in another order: fp32 rounding.
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

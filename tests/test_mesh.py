@@ -61,6 +61,11 @@ def test_batch_must_split_over_batch_axes():
         check_batch_size(16, 4, mesh)
 
 
+def test_a_mesh_too_large_for_the_cpu_says_how_to_get_more_devices():
+    with pytest.raises(MeshError, match="xla_force_host_platform_device_count=N"):
+        make_mesh(MeshConfig(fsdp=1, sequence=16))
+
+
 def test_sequence_must_split_over_sequence_shards(tiny):
     mesh = make_abstract_mesh(MeshConfig(fsdp=1, sequence=8), 8)
     check_sequence_split(64, mesh, tiny)

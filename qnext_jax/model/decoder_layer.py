@@ -1,5 +1,6 @@
 """One pre-norm decoder layer (mixer + feed-forward) and a block of them: the unit of the scan."""
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -43,10 +44,33 @@ class DecoderLayer(nnx.Module):
         return h + update.astype(h.dtype), stats
 
 
+_REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer, recompute it in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_layer(layer: DecoderLayer, h, remat_policy: str, **inputs):
+    """layer(h, **inputs), under activation checkpointing unless `remat_policy` is "none".
+
+    Per layer, not per block: the backward pass then holds one layer's activations at a time
+    (plus every layer's input, one [T, E] each) instead of a whole block's, which at long
+    sequence lengths is the difference that matters."""
+    if remat_policy == "none":
+        return layer(h, **inputs)
+    graph, state = nnx.split(layer)
+
+    def forward(state, h):
+        return nnx.merge(graph, state)(h, **inputs)
+
+    return jax.checkpoint(forward, policy=_REMAT_POLICIES[remat_policy])(state, h)
+
+
 class DecoderBlock(nnx.Module):
     """One period of the layer pattern (for the 80B model: 3 DeltaNet layers, 1 attention)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.remat_policy = config.remat_policy
         pattern = config.layer_pattern[: config.block_size]
         self.layers = nnx.List(
             [DecoderLayer(config, mixer, moe, rngs=rngs) for mixer, moe in pattern]
@@ -56,7 +80,8 @@ class DecoderBlock(nnx.Module):
         """Returns h and the RouterStats of this block's MoE layers stacked on axis 0 (or None)."""
         all_stats = []
         for layer in self.layers:
-            h, stats = layer(h, rotary=rotary, segment_ids=segment_ids, valid=valid)
+            h, stats = run_layer(layer, h, self.remat_policy, rotary=rotary,
+                                 segment_ids=segment_ids, valid=valid)
             if stats is not None:
                 all_stats.append(stats)
         return h, stack_stats(all_stats)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qnext_jax.config import FULL_ATTENTION, ModelConfig
-from qnext_jax.model.decoder_layer import DecoderLayer, stack_stats
+from qnext_jax.model.decoder_layer import DecoderLayer, run_layer, stack_stats
 from qnext_jax.model.norms import RMSNorm
 from qnext_jax.model.params import cast, compute_dtype, normal_param
 
@@ -41,7 +41,8 @@ class MultiTokenPredictor(nnx.Module):
         h = jnp.einsum("BTC,CE->BTE", fused, cast(self.fc, dtype))  # [B, T, E]
         all_stats = []
         for layer in self.layers:
-            h, stats = layer(h, rotary=rotary, segment_ids=segment_ids, valid=valid)
+            h, stats = run_layer(layer, h, self.config.remat_policy, rotary=rotary,
+                                 segment_ids=segment_ids, valid=valid)
             if stats is not None:
                 all_stats.append(stats)
         return self.norm(h), stack_stats(all_stats)

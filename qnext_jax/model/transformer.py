@@ -21,11 +21,6 @@ from qnext_jax.parallel.axes import constrain
 
 HIDDEN_AXES = ("batch", "sequence", "act_embed")
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
 
 class ModelOutput(NamedTuple):
     logits: jnp.ndarray | None  # [B, T, V] fp32; None when called with logits=False
@@ -90,8 +85,6 @@ class Qwen3NextModel(nnx.Module):
             h, stats = block(h, rotary=rotary, segment_ids=segment_ids, valid=valid)
             return constrain(h, HIDDEN_AXES), stats
 
-        if config.remat_policy != "none":
-            run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[config.remat_policy])
         h, stats = jax.lax.scan(run_block, h, block_state)
         hidden = self.final_norm(h)
         main_logits = self.head(hidden) if logits else None

@@ -32,8 +32,10 @@ from jax.sharding import PartitionSpec
 
 from qnext_jax.parallel.axes import logical_spec, under_mesh
 
-# A chunk's fp32 logits are at most this many elements (256 MiB) unless asked otherwise.
-_CHUNK_LOGITS_ELEMENTS = 1 << 26
+# A chunk's fp32 logits are about this many elements (64 MiB) unless asked otherwise, and at
+# least _MIN_CHUNK_TOKENS rows, so that the chunk's matmuls stay large.
+_CHUNK_LOGITS_ELEMENTS = 1 << 24
+_MIN_CHUNK_TOKENS = 256
 _HIDDEN_AXES = ("batch", "sequence", "act_embed")
 
 
@@ -44,7 +46,7 @@ def linear_cross_entropy(hidden, weight, targets, *, vocab_major: bool,
     hidden: [B, T, E] (the compute dtype); targets: [B, T] int in [0, V).
     weight: [V, E] when `vocab_major` (a tied embedding table), else [E, V] (an LM head); the
         logits are accumulated in fp32 from operands in the compute dtype, as the plain head.
-    chunk_tokens: tokens per chunk on each device; None keeps a chunk's logits near 256 MiB.
+    chunk_tokens: tokens per chunk on each device; None keeps a chunk's logits near 64 MiB.
     Returns [B, T] fp32; differentiable in `hidden` and `weight`.
     """
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
@@ -83,7 +85,7 @@ class _Axes:
     def __init__(self):
         if not under_mesh():
             self.tokens, self.vocab = (), ()
-            self.hidden = self.rows = self.weight = None
+            self.hidden = self.rows = self.weights = None
             return
         hidden = logical_spec(_HIDDEN_AXES)
         vocab = logical_spec(("vocab",))[0]
@@ -92,6 +94,9 @@ class _Axes:
         self.hidden = PartitionSpec(hidden[0], hidden[1], None)
         self.rows = PartitionSpec(hidden[0], hidden[1])
         self.weights = {True: PartitionSpec(vocab, None), False: PartitionSpec(None, vocab)}
+
+    def weight_spec(self, vocab_major):
+        return None if self.weights is None else self.weights[vocab_major]
 
     def run(self, fn, in_specs, out_specs):
         if not self.tokens and not self.vocab:
@@ -114,8 +119,8 @@ def _forward(hidden, weight, targets, vocab_major, chunk_tokens):
         chunk, unchunk = _chunker(hidden, weight, vocab_major, chunk_tokens)
         offset = axes.vocab_index() * _vocab(weight, vocab_major)
 
-        def chunk_loss(_, chunk):
-            h, target = chunk
+        def chunk_loss(_, block):
+            h, target = block
             logits = _logits(h, weight, vocab_major)  # [C, V_local] fp32
             top = _max_over(axes.vocab, jnp.max(logits, axis=-1))
             total = _sum_over(axes.vocab, jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
@@ -125,7 +130,7 @@ def _forward(hidden, weight, targets, vocab_major, chunk_tokens):
         _, (loss, lse) = jax.lax.scan(chunk_loss, None, (chunk(hidden), chunk(targets)))
         return unchunk(loss), unchunk(lse)
 
-    weight_spec = axes.weights[vocab_major] if axes.hidden is not None else None
+    weight_spec = axes.weight_spec(vocab_major)
     return axes.run(local, (axes.hidden, weight_spec, axes.rows), (axes.rows, axes.rows))(
         hidden, weight, targets)
 
@@ -139,8 +144,8 @@ def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens
         offset = axes.vocab_index() * vocab
         operand_dtype = hidden.dtype
 
-        def chunk_grads(grad_weight, chunk):
-            h, target, chunk_lse, g = chunk
+        def chunk_grads(grad_weight, block):
+            h, target, chunk_lse, g = block
             logits = _logits(h, weight, vocab_major)
             local_target = target - offset
             one_hot = (local_target[:, None] == jnp.arange(vocab)[None, :]).astype(jnp.float32)
@@ -158,7 +163,7 @@ def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens
         grad_weight = _sum_over(axes.tokens, grad_weight)
         return unchunk(grad_h).astype(hidden.dtype), grad_weight.astype(weight.dtype)
 
-    weight_spec = axes.weights[vocab_major] if axes.hidden is not None else None
+    weight_spec = axes.weight_spec(vocab_major)
     rows = axes.rows
     return axes.run(local, (axes.hidden, weight_spec, rows, rows, rows),
                     (axes.hidden, weight_spec))(hidden, weight, targets, lse, loss_grad)
@@ -184,7 +189,8 @@ def _vocab(weight, vocab_major):
 
 def _chunk_size(tokens, vocab, chunk_tokens):
     if chunk_tokens is None:
-        chunk_tokens = max(16, 1 << int(math.log2(max(_CHUNK_LOGITS_ELEMENTS // vocab, 1))))
+        chunk_tokens = max(_MIN_CHUNK_TOKENS,
+                           1 << int(math.log2(max(_CHUNK_LOGITS_ELEMENTS // vocab, 1))))
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     return min(chunk_tokens, tokens)

@@ -90,7 +90,13 @@ class MeshConfig:
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     """A concrete mesh over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else list(devices)
-    sizes = config.resolve(len(devices))
+    try:
+        sizes = config.resolve(len(devices))
+    except MeshError as error:
+        if devices[0].platform != "cpu":
+            raise
+        raise MeshError(f"{error} (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                        "set before the program starts gives N devices)") from None
     shape = tuple(sizes[name] for name in MESH_AXES)
     if devices == jax.devices():
         # make_mesh orders devices for the physical topology (ICI rings, NVLink islands).

@@ -38,7 +38,7 @@ class LossConfig:
     # The LM head fused with the cross-entropy over token chunks (ops/linear_cross_entropy):
     # the [B, T, V] logits are never held. False: the plain head and log-softmax.
     fused_head: bool = True
-    head_chunk_tokens: int | None = None  # tokens per chunk per device; None: ~256 MiB of logits
+    head_chunk_tokens: int | None = None  # tokens per chunk per device; None: ~64 MiB of logits
 
     def __post_init__(self):
         if self.lbl_formula not in LBL_FORMULAS:
