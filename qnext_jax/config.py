@@ -90,9 +90,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     delta_rule_impl: Literal["auto", "reference", "chunked", "pallas"] = "auto"
-    # "blockwise": online softmax over key blocks, O(T * block) memory (ops/blockwise_attention);
-    # "xla": jax.nn.dot_product_attention with a [T, T] document mask (the reference).
-    attention_impl: Literal["auto", "blockwise", "xla"] = "auto"
+    # ops/causal_attention.py: "auto" is splash on TPU, blockwise elsewhere; "blockwise" is an
+    # online softmax over key blocks (O(T * block) memory); "splash" JAX's TPU kernel; "xla"
+    # jax.nn.dot_product_attention with a [T, T] document mask (the reference).
+    attention_impl: Literal["auto", "blockwise", "splash", "xla"] = "auto"
     moe_impl: Literal["ragged", "dense"] = "ragged"
     # Expert parallelism: None is dropless (each device's send buffer holds all its tokens for
     # every destination); a factor c sizes the buffers to c * tokens * k / expert-shards rows
@@ -171,7 +172,7 @@ class ModelConfig:
         _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
         _check_choice(self, "param_dtype", ("float32", "bfloat16"))
         _check_choice(self, "delta_rule_impl", ("auto", "reference", "chunked", "pallas"))
-        _check_choice(self, "attention_impl", ("auto", "blockwise", "xla"))
+        _check_choice(self, "attention_impl", ("auto", "blockwise", "splash", "xla"))
         _check_choice(self, "moe_impl", ("ragged", "dense"))
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise ConfigError(

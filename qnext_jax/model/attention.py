@@ -1,8 +1,9 @@
 """Gated full attention (spec section 3): GQA, zero-centred q/k norms, partial RoPE, causal and
 document-masked softmax attention, and an element-wise sigmoid output gate before o_proj.
 
-The softmax attention is blockwise (never a [T, T] matrix); under a mesh it runs per device
-with the sequence split over `sequence` (parallel/context_parallel)."""
+The softmax attention never forms a [T, T] matrix (ops/causal_attention: blockwise, or the
+splash kernel on TPU); under a mesh it runs per device with the sequence split over `sequence`
+(parallel/context_parallel)."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from qnext_jax.config import ModelConfig
 from qnext_jax.model.norms import RMSNorm
 from qnext_jax.model.params import cast, compute_dtype, normal_param
 from qnext_jax.model.rope import apply_rotary
-from qnext_jax.ops.blockwise_attention import blockwise_attention
+from qnext_jax.ops.causal_attention import causal_attention
 from qnext_jax.ops.segments import document_index
 from qnext_jax.parallel.axes import shard_map_logical, under_mesh
 from qnext_jax.parallel.context_parallel import attention_across_shards
@@ -52,10 +53,10 @@ class GatedAttention(nnx.Module):
         if self.config.attention_impl == "xla":
             out = _xla_attention(query, key, value, documents, scale)
         elif under_mesh():
-            out = _attention_on_mesh(query, key, value, documents, scale)
+            out = _attention_on_mesh(query, key, value, documents, scale, self.config.attention_impl)
         else:
-            out = blockwise_attention(query, key, value, q_docs=documents, kv_docs=documents,
-                                      scale=scale)
+            out = causal_attention(query, key, value, documents, documents, scale=scale,
+                                   impl=self.config.attention_impl)
         out = out * jax.nn.sigmoid(gate)
         return jnp.einsum("BTND,NDE->BTE", out, cast(self.o_proj, dtype))  # [B, T, E]
 
@@ -70,7 +71,7 @@ def _xla_attention(query, key, value, documents, scale):
     return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True, scale=scale)
 
 
-def _attention_on_mesh(query, key, value, documents, scale):
+def _attention_on_mesh(query, key, value, documents, scale, impl):
     """Each device attends its rows, its tensor-parallel query heads and its sequence shard's
     queries to the whole row's keys (gathered over `sequence`)."""
     batch, length, heads = query.shape[:3]
@@ -88,7 +89,7 @@ def _attention_on_mesh(query, key, value, documents, scale):
             first = jax.lax.axis_index("tensor") * local_heads
             wanted = (first + jnp.arange(local_heads)) // group
             key, value = jnp.take(key, wanted, axis=2), jnp.take(value, wanted, axis=2)
-        return attention_across_shards(query, key, value, documents, scale=scale)
+        return attention_across_shards(query, key, value, documents, scale=scale, impl=impl)
 
     q_axes = ("batch", "sequence", "heads", "head_dim")
     kv_axes = ("batch", "sequence", "kv_heads" if kv_sharded else None, "head_dim")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qnext_jax.ops.blockwise_attention import blockwise_attention
+from qnext_jax.ops.causal_attention import causal_attention
 from qnext_jax.ops.causal_conv import causal_conv_silu
 
 SEQUENCE = "sequence"
@@ -108,8 +108,8 @@ def delta_rule_across_shards(run, q, k, v, g, beta, docs, initial_state):
     return out, final_state
 
 
-def attention_across_shards(q, k, v, docs, *, scale: float):
-    """Blockwise attention of this shard's queries [B, t, N, D] over the whole row's keys."""
+def attention_across_shards(q, k, v, docs, *, scale: float, impl: str = "auto"):
+    """Attention of this shard's queries [B, t, N, D] over the whole row's keys."""
     keys, values, key_docs = (gather_sequence(x) for x in (k, v, docs))
-    return blockwise_attention(q, keys, values, q_docs=docs, kv_docs=key_docs,
-                               q_offset=shard_index() * q.shape[1], scale=scale)
+    shard = None if shard_count() == 1 else (shard_index(), shard_count())
+    return causal_attention(q, keys, values, docs, key_docs, scale=scale, impl=impl, shard=shard)

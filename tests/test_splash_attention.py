@@ -1,0 +1,109 @@
+"""TPU splash attention through our wrapper: in Pallas' interpret mode it equals the blockwise
+attention on packed rows (reused ids, GQA), values and gradients, also for the queries of a
+sequence shard; it lowers for TPU (Mosaic custom calls forward and backward); lengths its
+blocks cannot tile fall back to blockwise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from qnext_jax.ops.blockwise_attention import blockwise_attention
+from qnext_jax.ops.causal_attention import resolve_implementation
+from qnext_jax.ops.segments import document_index
+from qnext_jax.ops.splash_attention import splash_attention
+
+B, T, N, K, D = 1, 256, 4, 2, 64
+
+
+@pytest.fixture(scope="module")
+def operands():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(B, T, N, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(B, T, K, D)), jnp.float32) for _ in range(2))
+    segments = np.ones((B, T), np.int32)
+    segments[0, 90:200] = 2  # ids 1, 2, 1: three documents
+    return q, k, v, document_index(jnp.asarray(segments))
+
+
+def grads(fn, q, k, v):
+    return jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2))(q, k, v)
+
+
+def test_interpreted_splash_equals_blockwise(operands):
+    q, k, v, docs = operands
+    scale = D ** -0.5
+    ours = lambda q, k, v: splash_attention(q, k, v, docs, docs, scale=scale, interpret=True)  # noqa: E731
+    reference = lambda q, k, v: blockwise_attention(  # noqa: E731
+        q, k, v, q_docs=docs, kv_docs=docs, scale=scale)
+    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-5)
+    for name, a, b in zip("qkv", grads(ours, q, k, v), grads(reference, q, k, v)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"grad {name}")
+
+
+def test_interpreted_splash_for_the_second_of_two_sequence_shards(operands):
+    q, k, v, docs = operands
+    half = slice(T // 2, T)
+    ours = splash_attention(q[:, half], k, v, docs[:, half], docs, scale=0.125,
+                            shard=(jnp.int32(1), 2), interpret=True)
+    full = blockwise_attention(q, k, v, q_docs=docs, kv_docs=docs, scale=0.125)
+    np.testing.assert_allclose(ours, full[:, half], rtol=1e-5, atol=1e-5)
+
+
+def test_splash_lowers_for_tpu_forward_and_backward():
+    shape = jax.ShapeDtypeStruct
+
+    def train(q, k, v, docs):
+        return grads(lambda q, k, v: splash_attention(q, k, v, docs, docs, scale=0.0625), q, k, v)
+
+    args = (shape((B, 512, 16, 256), jnp.bfloat16), shape((B, 512, 2, 256), jnp.bfloat16),
+            shape((B, 512, 2, 256), jnp.bfloat16), shape((B, 512), jnp.int32))
+    exported = export.export(jax.jit(train), platforms=["tpu"])(*args)
+    text = exported.mlir_module()
+    # The forward kernel, then the backward's dq and dk/dv kernels.
+    assert text.count("tpu_custom_call") == 3, text.count("tpu_custom_call")
+    assert [a.shape for a in exported.out_avals] == [a.shape for a in args[:3]]
+
+
+def test_lengths_splash_cannot_tile_fall_back_to_blockwise():
+    assert resolve_implementation("splash", 256, 256) == "splash"
+    assert resolve_implementation("splash", 200, 200) == "blockwise"
+    assert resolve_implementation("auto", 256, 256) == "blockwise"  # CPU
+    with pytest.raises(ValueError, match="attention impl must be one of"):
+        resolve_implementation("flash", 256, 256)
+
+
+def test_interpreted_splash_across_two_sequence_shards(operands):
+    """attention_across_shards with splash: each shard switches to its own offset's kernel."""
+    from jax.sharding import AxisType, Mesh, PartitionSpec as P
+
+    from qnext_jax.parallel.context_parallel import attention_across_shards
+
+    q, k, v, docs = operands
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("sequence",), axis_types=(AxisType.Auto,))
+    acts = P(None, "sequence", None, None)
+    split = jax.jit(jax.shard_map(
+        lambda q, k, v, docs: attention_across_shards(q, k, v, docs, scale=0.125, impl="splash"),
+        mesh=mesh, in_specs=(acts, acts, acts, P(None, "sequence")), out_specs=acts,
+        check_vma=False))
+    full = blockwise_attention(q, k, v, q_docs=docs, kv_docs=docs, scale=0.125)
+    np.testing.assert_allclose(split(q, k, v, docs), full, rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_splash_attention_equals_blockwise(repo_root):
+    from flax import nnx
+
+    from qnext_jax.config import ModelConfig
+    from qnext_jax.model import Qwen3NextModel
+
+    config = ModelConfig.from_yaml(repo_root / "configs" / "tiny.yaml").replace(
+        num_hidden_layers=4, mtp_num_hidden_layers=0)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (1, 128)))
+    segments = jnp.asarray(np.r_[np.ones(50), 2 * np.ones(78)][None].astype(np.int32))
+
+    def logits(impl):
+        model = Qwen3NextModel(config.replace(attention_impl=impl), rngs=nnx.Rngs(0))
+        return model(ids, segment_ids=segments).logits
+
+    np.testing.assert_allclose(logits("splash"), logits("blockwise"), rtol=1e-5, atol=1e-5)
