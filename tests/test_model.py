@@ -121,8 +121,11 @@ def test_remat_policies_give_the_same_gradients(tiny_config, policy):
 
     plain, remat = grads(tiny_config), grads(tiny_config.replace(remat_policy=policy))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-        # Recomputation may fuse differently: equal up to fp32 rounding of each leaf's scale.
-        np.testing.assert_allclose(b, a, rtol=0, atol=5e-5 * float(jnp.abs(a).max()) + 1e-12)
+        # Recomputation may fuse differently (the custom VJPs recompute inside a checkpointed
+        # layer): equal up to fp32 rounding, 3e-5 of each leaf's norm and largest entry (the
+        # largest seen: 1.0e-5, an 8-entry leaf; a remat bug would show at O(1)).
+        assert np.linalg.norm(b - a) <= 3e-5 * np.linalg.norm(a) + 1e-12
+        np.testing.assert_allclose(b, a, rtol=0, atol=3e-5 * float(jnp.abs(a).max()) + 1e-12)
 
 
 def test_bfloat16_compute_tracks_fp32(tiny_config):

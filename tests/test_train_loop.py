@@ -109,6 +109,17 @@ def checkpoint_steps(run_dir):
     return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
+def test_sequence_split_run_has_the_losses_of_an_unsplit_run(corpus, tmp_path):
+    """The same run with every row over 4 sequence shards (fsdp=2 x sequence=4) and without
+    (fsdp=4 x expert=2): the logged losses agree to fp32 rounding, step by step."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    loop.train(config_for(corpus, whole, 2, "train.eval_every=0"), whole, stream=io.StringIO())
+    loop.train(config_for(corpus, split, 2, "train.eval_every=0", "mesh.fsdp=2", "mesh.expert=1",
+                          "mesh.sequence=4"), split, stream=io.StringIO())
+    assert len(losses(whole)) == 2
+    np.testing.assert_allclose(losses(split), losses(whole), rtol=1e-5)
+
+
 def test_poisoned_batch_stops_with_the_step_named(corpus, tmp_path, monkeypatch):
     calls = {"n": 0}
     place = loop.global_batch
