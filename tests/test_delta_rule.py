@@ -61,6 +61,8 @@ IMPLS = {
     "chunked": dict(impl="chunked"),
     "pallas": dict(impl="pallas", pallas_backend="interpret", chunk_size=16),
     "pallas-loop": dict(impl="pallas", pallas_backend="interpret_loop", chunk_size=16),
+    # 64-token chunks: the Triton-path inverse merges 4 x 4 blocks of 16 (one block at C = 16).
+    "pallas-loop-64": dict(impl="pallas", pallas_backend="interpret_loop", chunk_size=64),
 }
 
 
@@ -124,7 +126,7 @@ def _gradients(inputs, impl, dtype=jnp.float32):
     return [np.asarray(x, np.float64) for x in grads]
 
 
-@pytest.mark.parametrize("impl", ["chunked", "pallas", "pallas-loop"])
+@pytest.mark.parametrize("impl", ["chunked", "pallas", "pallas-loop", "pallas-loop-64"])
 def test_gradients_equal_reference(inputs, reference_gradients, impl):
     """d/d q, k, v, g, beta and the initial state, through the fused q/k normalisation."""
     for name, ref, got in zip("q k v g beta state0".split(), reference_gradients,
@@ -185,13 +187,25 @@ def test_rejects_bad_shapes():
                          impl="fast")
 
 
-@pytest.mark.parametrize("variant", ["unit_lower_inverse", "unit_lower_inverse_blocked"])
+def _from_16_blocks(lower, numerics):
+    """unit_lower_inverse_from_blocks on a whole matrix, assembled back for the comparison."""
+    from qnext_jax.ops.chunked_delta import chunk_math
+
+    count = lower.shape[-1] // 16
+    block = lambda i, j: lower[..., 16 * i:16 * (i + 1), 16 * j:16 * (j + 1)]  # noqa: E731
+    blocks = chunk_math.unit_lower_inverse_from_blocks(block, count, numerics)
+    zero = jnp.zeros(lower.shape[:-2] + (16, 16), jnp.float32)
+    return jnp.block([[blocks.get((i, j), zero) for j in range(count)] for i in range(count)])
+
+
+@pytest.mark.parametrize("variant", ["unit_lower_inverse", "unit_lower_inverse_blocked",
+                                     "from_16_blocks"])
 def test_unit_lower_inverse_matches_numpy(variant):
     from qnext_jax.ops.chunked_delta import chunk_math
 
     rng = np.random.default_rng(5)
     lower = np.tril(rng.uniform(-1, 1, size=(3, 64, 64)), -1)
-    invert = getattr(chunk_math, variant)
+    invert = _from_16_blocks if variant == "from_16_blocks" else getattr(chunk_math, variant)
     numerics = chunk_math.Numerics(jnp.float32)
     inverse = np.asarray(invert(jnp.asarray(lower, jnp.float32), numerics), np.float64)
     expected = np.linalg.inv(np.eye(64) + lower)

@@ -30,13 +30,23 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Numerics:
-    """How the chunk algebra multiplies: the operand dtype of the big matmuls (bf16 or fp32),
-    the precision of fp32 matmuls (the inverse and its gradient are always fp32), and which
-    (I + L)^-1 to use (masked full-tile matmuls in kernels, sliced blocks in XLA)."""
+    """How the chunk algebra multiplies.
+
+    compute_dtype: the operand dtype of every product (bf16 operands with fp32 accumulation for
+        bf16 training; fp32 when fp32 exactness is asked).
+    fp32_precision: the precision of products with fp32 operands (fp32 compute, and the
+        (I + L)^-1 arithmetic, which is fp32 in every mode).
+    inverse: which (I + L)^-1 (masked full-tile doubling in Mosaic kernels, sliced blocks in
+        XLA; the Triton kernels invert 16 x 16 blocks read from refs, see kernels.py).
+    transpose_by_dot: compute a transposed product (K Q^T, dA^T) as its own dot rather than
+        transposing a dot result that feeds another dot: on Hopper that pattern is behind
+        known Triton miscompiles (flash-linear-attention #640, triton #6124).
+    """
 
     compute_dtype: Any
     fp32_precision: Any = jax.lax.Precision.HIGHEST
     inverse: Callable | None = None
+    transpose_by_dot: bool = False
 
     def invert(self, lower):
         return (self.inverse or unit_lower_inverse)(lower, self)
@@ -65,15 +75,6 @@ def l2_normalize(x, scale=1.0):
     return x * (jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS) * scale)
 
 
-def l2_normalize_backward(x, d_y, scale=1.0):
-    """The input gradient of `l2_normalize` for y = scale x r, r = (|x|^2 + eps)^-1/2:
-    dx = scale (r dy - r^3 x (x . dy))."""
-    x = x.astype(F32)
-    r = jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
-    x_dot = jnp.sum(x * d_y, axis=-1, keepdims=True)
-    return scale * (r * d_y - (r * r * r * x_dot) * x)
-
-
 def iotas(size):
     rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
@@ -90,6 +91,18 @@ def decay_matrix(gamma_col, gamma_row, mask):
     """e^(gamma_r - gamma_s) where `mask`, else 0. Inside a document gamma only falls (g <= 0),
     so the exponent is clamped at 0 only to keep the masked-out half finite."""
     return jnp.where(mask, jnp.exp(jnp.minimum(gamma_col - gamma_row, 0.0)), 0.0)
+
+
+def causal_same_doc_transposed(docs_col, docs_row):
+    """causal_same_doc(...)^T: r <= s and tokens r, s in the same document."""
+    rows, cols = iotas(docs_col.shape[-2])
+    return (rows <= cols) & (docs_col == docs_row)
+
+
+def decay_matrix_transposed(gamma_col, gamma_row, mask_t):
+    """decay_matrix(...)^T from the same vectors (no transpose of a value): [s, r] =
+    e^(gamma_r - gamma_s) where mask_t = causal_same_doc_transposed(...)."""
+    return jnp.where(mask_t, jnp.exp(jnp.minimum(gamma_row - gamma_col, 0.0)), 0.0)
 
 
 def last_row_mask(col):
@@ -151,12 +164,46 @@ def unit_lower_inverse_blocked(lower, numerics):
     return inverse.reshape(batch_shape + (size, size))
 
 
+INVERSE_BLOCK = 16  # the smallest tensor-core product
+
+
+def unit_lower_inverse_from_blocks(lower_block, count, numerics):
+    """(I + L)^-1 by block forward substitution over `count` x `count` blocks of 16 x 16:
+
+        A_ii = (I + L_ii)^-1 (masked doubling, 3 levels),  A_ij = -A_ii sum_{j<=m<i} L_im A_mj.
+
+    lower_block(i, j) -> L_ij [16, 16] fp32 for j <= i (strictly lower when i == j), computed
+    by the caller from slices of its refs, so no value is ever sliced. About C^3 / 6 + C^2 * 16
+    multiply-adds for C = 16 count, against 2 C^3 per doubling level of the full tile.
+    Returns {(i, j): A_ij} for j <= i (the blocks above the diagonal are zero)."""
+    lower = {(i, j): lower_block(i, j) for i in range(count) for j in range(i + 1)}
+    inverse = {}
+    for i in range(count):
+        diagonal = unit_lower_inverse(lower[i, i], numerics)
+        inverse[i, i] = diagonal
+        for j in range(i):
+            coupled = sum(matmul(lower[i, m], inverse[m, j], numerics, exact=True)
+                          for m in range(j, i))
+            inverse[i, j] = -matmul(diagonal, coupled, numerics, exact=True)
+    return inverse
+
+
+def wy_lower(k_rows, k_cols, beta_col, gamma_col, gamma_row, mask, numerics, strict=True):
+    """L = beta_r (K K^T)[r, s] decay[r, s] on `mask`, strictly below the diagonal if `strict`:
+    (L, decay, K K^T). For the whole chunk k_rows = k_cols = K; for the block (i, j) of the
+    chunk, the keys of row block i and column block j (strict only on the diagonal)."""
+    gram = matmul(k_rows, k_cols, numerics, transpose_b=True)
+    decay = decay_matrix(gamma_col, gamma_row, mask)
+    lower = beta_col * gram * decay
+    if strict:
+        rows, cols = iotas(lower.shape[-1])
+        lower = jnp.where(rows > cols, lower, 0.0)
+    return lower, decay, gram
+
+
 def wy_transform(k, beta_col, gamma_col, gamma_row, mask, numerics):
     """(A, decay, K K^T) of one chunk and value head; A = (I + L)^-1 in fp32."""
-    rows, cols = iotas(k.shape[-2])
-    gram = matmul(k, k, numerics, transpose_b=True)
-    decay = decay_matrix(gamma_col, gamma_row, mask)
-    lower = jnp.where(rows > cols, beta_col * gram * decay, 0.0)
+    lower, decay, gram = wy_lower(k, k, beta_col, gamma_col, gamma_row, mask, numerics)
     return numerics.invert(lower), decay, gram
 
 
@@ -181,85 +228,127 @@ def output(q, state, v_new, start_col, scores, numerics):
     return inter + matmul(scores, v_new, numerics)
 
 
-def state_step_backward(d_state_end, d_out, w, k, q, start_col, end_col, scores, numerics):
+def local_dv(q, k, d_out, gamma_col, gamma_row, docs_col, docs_row, numerics):
+    """The intra-chunk part of dV_new: scores^T dO = ((K Q^T) * decay^T) dO, with K Q^T its
+    own product (not the transpose of Q K^T: see `Numerics.transpose_by_dot`)."""
+    if numerics.transpose_by_dot:
+        scores_t = matmul(k, q, numerics, transpose_b=True) * decay_matrix_transposed(
+            gamma_col, gamma_row, causal_same_doc_transposed(docs_col, docs_row))
+        return matmul(scores_t, d_out, numerics)
+    mask = causal_same_doc(docs_col, docs_row)
+    scores = matmul(q, k, numerics, transpose_b=True) * decay_matrix(gamma_col, gamma_row, mask)
+    return matmul(scores, d_out, numerics, transpose_a=True)
+
+
+def state_step_backward(d_state_end, d_out, d_v_local, w, k, q, start_col, end_col, numerics):
     """Reverse of `state_step` + `output` with respect to V_new and S0.
 
-    Returns (dV_new, dS0): dV_new = scores^T dO + (end K) dS_end,
-    dS0 = (start Q)^T dO + start_last dS_end - W^T dV_new.
+    Returns (dV_new, dS0): dV_new = scores^T dO + (end K) dS_end (the first term given as
+    `d_v_local`), dS0 = (start Q)^T dO + start_last dS_end - W^T dV_new.
     """
     keys_to_end = end_col * k.astype(F32)
-    d_v_new = matmul(scores, d_out, numerics, transpose_a=True)
-    d_v_new = d_v_new + matmul(keys_to_end, d_state_end, numerics)
+    d_v_new = d_v_local + matmul(keys_to_end, d_state_end, numerics)
     carry = last_row_value(start_col)
     d_state = matmul(start_col * q.astype(F32), d_out, numerics, transpose_a=True)
     d_state = d_state + carry * d_state_end - matmul(w, d_v_new, numerics, transpose_a=True)
     return d_v_new, d_state
 
 
-def chunk_backward(
-    q, k, v, beta_col, start_col, end_col, gamma_col, gamma_row, mask, state, d_state_end,
-    d_out, d_v_new, numerics, wy=None, q_keys=None, v_new=None,
-):
-    """Gradients of one chunk and value head, given dV_new from the reverse state pass.
+def _decay_gradients(d_decay):
+    """decay[r, s] = e^(gamma_r - gamma_s): (d gamma as the [C, 1] column of the r terms,
+    d gamma as the [1, C] row of the s terms)."""
+    return jnp.sum(d_decay, axis=-1, keepdims=True), -jnp.sum(d_decay, axis=-2, keepdims=True)
 
-    `wy` (= wy_transform's result), `q_keys` (Q K^T) and `v_new` are recomputed unless given.
 
-    Returns dq, dk [C, dk] (to be summed over the value heads of a key head), dv [C, dv],
-    the [C, 1] columns d_beta, d_start, d_end, d_gamma (row-indexed part) and the [1, C] row
-    d_gamma (column-indexed part). d_start includes the chunk carry e^gamma_last (last row).
+def output_backward(q, k, v_new, state, d_state_end, d_out, start_col, end_col, gamma_col,
+                    gamma_row, docs_col, docs_row, numerics, q_keys=None):
+    """Gradients through O = (start Q) S0 + ((Q K^T) * decay) V_new and through the chunk's
+    contribution (end K)^T V_new + start_last S0 to S_end, with V_new held fixed (its own
+    gradient came from the reverse state pass).
+
+    Returns dq, dk [C, dk] (this value head's share), the [C, 1] columns d_start (including the
+    carry e^gamma_last at the last row) and d_end, and d gamma as a [C, 1] column and a [1, C]
+    row. `q_keys` (Q K^T) is recomputed unless given.
     """
-    qf, kf, vf = q.astype(F32), k.astype(F32), v.astype(F32)
-    rows, cols = iotas(k.shape[-2])
-    if wy is None:
-        wy = wy_transform(k, beta_col, gamma_col, gamma_row, mask, numerics)
-    transform, decay, gram = wy
+    qf, kf = q.astype(F32), k.astype(F32)
+    decay = decay_matrix(gamma_col, gamma_row, causal_same_doc(docs_col, docs_row))
     if q_keys is None:
         q_keys = matmul(q, k, numerics, transpose_b=True)
+    d_queries_start = matmul(d_out, state, numerics, transpose_b=True)  # d(start Q)
+    d_keys_end = matmul(v_new, d_state_end, numerics, transpose_b=True)  # d(end K)
+    d_scores = matmul(d_out, v_new, numerics, transpose_b=True) * decay
+    if numerics.transpose_by_dot:
+        d_scores_t = matmul(v_new, d_out, numerics, transpose_b=True) * decay_matrix_transposed(
+            gamma_col, gamma_row, causal_same_doc_transposed(docs_col, docs_row))
+        dk = matmul(d_scores_t, q, numerics)
+    else:
+        dk = matmul(d_scores, q, numerics, transpose_a=True)
+    dq = start_col * d_queries_start + matmul(d_scores, k, numerics)
+    dk = dk + end_col * d_keys_end
+    d_carry = jnp.sum(jnp.sum(state * d_state_end, axis=-1, keepdims=True), axis=-2, keepdims=True)
+    d_start = jnp.sum(qf * d_queries_start, axis=-1, keepdims=True) + jnp.where(
+        last_row_mask(start_col), d_carry, 0.0)
+    d_end = jnp.sum(kf * d_keys_end, axis=-1, keepdims=True)
+    return (dq, dk, d_start, d_end, *_decay_gradients(d_scores * q_keys))
+
+
+def wy_backward(k, v, beta_col, beta_row, start_col, gamma_col, gamma_row, docs_col, docs_row,
+                transform, state, d_v_new, numerics, gram=None):
+    """Gradients through V_new = U - W S0 with U = A (beta V), W = A (beta start K) and
+    A = (I + L)^-1, L = strictly lower (beta_r (K K^T) decay), given dV_new.
+
+    Returns dk [C, dk] (this value head's share), dv [C, dv], the [C, 1] columns d_beta and
+    d_start, and d gamma as a [C, 1] column and a [1, C] row. `gram` (K K^T) is recomputed
+    unless given.
+    """
+    kf, vf = k.astype(F32), v.astype(F32)
+    rows, cols = iotas(k.shape[-2])
+    decay = decay_matrix(gamma_col, gamma_row, causal_same_doc(docs_col, docs_row))
+    if gram is None:
+        gram = matmul(k, k, numerics, transpose_b=True)
     values_in = beta_col * vf
     keys_in = (beta_col * start_col) * kf
-    if v_new is None:
-        u = matmul(transform, values_in, numerics)
-        w = matmul(transform, keys_in, numerics)
-        v_new = u - matmul(w, state, numerics)
-
-    d_queries_start = matmul(d_out, state, numerics, transpose_b=True)  # d(start Q)
-    d_scores = matmul(d_out, v_new, numerics, transpose_b=True)
-    d_keys_end = matmul(v_new, d_state_end, numerics, transpose_b=True)  # d(end K)
     d_w = -matmul(d_v_new, state, numerics, transpose_b=True)
-    d_transform = matmul(d_v_new, values_in, numerics, exact=True, transpose_b=True)
-    d_transform = d_transform + matmul(d_w, keys_in, numerics, exact=True, transpose_b=True)
-    d_values_in = matmul(transform, d_v_new, numerics, exact=True, transpose_a=True)
-    d_keys_in = matmul(transform, d_w, numerics, exact=True, transpose_a=True)
-    # A = (I + L)^-1  =>  dL = -A^T dA A^T, kept on the strictly lower triangle.
-    d_lower_t = matmul(d_transform, transform, numerics, exact=True, transpose_b=True)
-    d_lower = -matmul(transform, d_lower_t, numerics, exact=True, transpose_a=True)
+    d_transform = (matmul(d_v_new, values_in, numerics, transpose_b=True)
+                   + matmul(d_w, keys_in, numerics, transpose_b=True))
+    d_values_in = matmul(transform, d_v_new, numerics, transpose_a=True)
+    d_keys_in = matmul(transform, d_w, numerics, transpose_a=True)
+    # A = (I + L)^-1  =>  dL = -A^T dA A^T, on the strictly lower triangle.
+    d_lower = -matmul(matmul(transform, d_transform, numerics, transpose_a=True), transform,
+                      numerics, transpose_b=True)
     d_lower = jnp.where(rows > cols, d_lower, 0.0)
-
-    d_scores_decayed = d_scores * decay
     d_gram = d_lower * beta_col * decay
-    dq = start_col * d_queries_start + matmul(d_scores_decayed, k, numerics)
-    dk = (
-        matmul(d_scores_decayed, q, numerics, transpose_a=True)
-        + end_col * d_keys_end
-        + (beta_col * start_col) * d_keys_in
-        + matmul(d_gram, kf, numerics, exact=True)  # K K^T  =>  dK = (dG + dG^T) K
-        + matmul(d_gram, kf, numerics, exact=True, transpose_a=True)
-    )
+    if numerics.transpose_by_dot:  # dL^T = -A dA^T A, dA^T from its own products
+        d_transform_t = (matmul(values_in, d_v_new, numerics, transpose_b=True)
+                         + matmul(keys_in, d_w, numerics, transpose_b=True))
+        d_lower_t = -matmul(matmul(transform, d_transform_t, numerics), transform, numerics)
+        d_gram_t = jnp.where(rows < cols, d_lower_t, 0.0) * beta_row * decay_matrix_transposed(
+            gamma_col, gamma_row, causal_same_doc_transposed(docs_col, docs_row))
+        d_keys_from_gram = matmul(d_gram, kf, numerics) + matmul(d_gram_t, kf, numerics)
+    else:  # K K^T  =>  dK = (dG + dG^T) K
+        d_keys_from_gram = (matmul(d_gram, kf, numerics)
+                            + matmul(d_gram, kf, numerics, transpose_a=True))
+    dk = (beta_col * start_col) * d_keys_in + d_keys_from_gram
     dv = beta_col * d_values_in
     keys_dot_d_keys_in = jnp.sum(kf * d_keys_in, axis=-1, keepdims=True)
-    d_beta = (
-        jnp.sum(vf * d_values_in, axis=-1, keepdims=True)
-        + start_col * keys_dot_d_keys_in
-        + jnp.sum(d_lower * gram * decay, axis=-1, keepdims=True)
-    )
-    d_carry = jnp.sum(jnp.sum(state * d_state_end, axis=-1, keepdims=True), axis=-2, keepdims=True)
-    d_start = (
-        jnp.sum(qf * d_queries_start, axis=-1, keepdims=True)
-        + beta_col * keys_dot_d_keys_in
-        + jnp.where(last_row_mask(start_col), d_carry, 0.0)
-    )
-    d_end = jnp.sum(kf * d_keys_end, axis=-1, keepdims=True)
-    d_decay = (d_scores * q_keys + d_lower * beta_col * gram) * decay
-    d_gamma_col = jnp.sum(d_decay, axis=-1, keepdims=True)
-    d_gamma_row = -jnp.sum(d_decay, axis=-2, keepdims=True)
-    return dq, dk, dv, d_beta, d_start, d_end, d_gamma_col, d_gamma_row
+    d_beta = (jnp.sum(vf * d_values_in, axis=-1, keepdims=True)
+              + start_col * keys_dot_d_keys_in
+              + jnp.sum(d_lower * gram * decay, axis=-1, keepdims=True))
+    d_start = beta_col * keys_dot_d_keys_in
+    return (dk, dv, d_beta, d_start, *_decay_gradients(d_gram * gram))
+
+
+def chunk_backward(q, k, v, beta_col, beta_row, start_col, end_col, gamma_col, gamma_row,
+                   docs_col, docs_row, state, d_state_end, d_out, d_v_new, v_new, wy, q_keys,
+                   numerics):
+    """Both halves for one chunk (the XLA driver, which keeps `wy`, Q K^T and V_new from the
+    forward). Returns dq, dk, dv, d_beta, d_start, d_end, d_gamma (column, row)."""
+    transform, _, gram = wy
+    dq, dk_out, d_start_out, d_end, dg_col_out, dg_row_out = output_backward(
+        q, k, v_new, state, d_state_end, d_out, start_col, end_col, gamma_col, gamma_row,
+        docs_col, docs_row, numerics, q_keys=q_keys)
+    dk_wy, dv, d_beta, d_start_wy, dg_col_wy, dg_row_wy = wy_backward(
+        k, v, beta_col, beta_row, start_col, gamma_col, gamma_row, docs_col, docs_row, transform,
+        state, d_v_new, numerics, gram=gram)
+    return (dq, dk_out + dk_wy, dv, d_beta, d_start_out + d_start_wy, d_end,
+            dg_col_out + dg_col_wy, dg_row_out + dg_row_wy)

@@ -1,16 +1,22 @@
-"""The Pallas calls of the chunked gated delta rule: three forward kernels, two backward ones.
+"""The Pallas calls of the chunked gated delta rule: four forward kernels, five backward ones.
 
-Layouts (head-major, length padded to a multiple of the chunk C, N = T / C chunks):
-    q, k       [B, Hk, T, dk]     compute dtype (bf16 or fp32)
-    v, u, w    [B, Hv, T, d]      compute dtype
-    per token  [B, Hv, N, C, 1]   "col" view and [B, Hv, N, 1, C] "row" view of the same fp32
-               data (a free reshape), so a kernel never transposes a vector
-    docs       [B, N, C, 1] / [B, N, 1, C] int32 monotone document index
-    states     [B, Hv, N, dk, dv] the state at the start of every chunk (one per chunk)
+Forward: `inverse` (A = (I + L)^-1 per chunk, stored) -> `prepare` (U, W) -> `state_pass`
+(sequential) -> `output`. Backward: `prepare` again (U, W from the stored A) -> `local_dv`
+(the intra-chunk part of dV_new) -> `state_pass_backward` (sequential, reverse) ->
+`output_backward` (dq, dk through the output) and `wy_backward` (dk, dv, d_beta through
+U and W). Every chunk-parallel kernel runs on a grid (B, Hv, N), one value head a program
+(value head h reads key head h // group through its index map), so no kernel unrolls a loop
+over heads: that is what kept the old fused backward at 288 KB of shared memory on Hopper.
 
-Kernels that are parallel over chunks run on a grid (B, Hk, N) and loop over the r = Hv / Hk
-value heads of their key head, so q, k, K K^T and Q K^T are loaded and computed once per group.
-The two sequential passes (state forward, state gradient backward) have two drivers:
+Layouts: q, k [B, T, Hk, dk], v and the per-head outputs [B, T, Hv, d] in the model's native
+layout on the "loop" driver (Triton: a block is a [C, d] tile strided over heads, so nothing
+is transposed through HBM), head-major [B, H, T, d] on the "grid" driver (Mosaic TPU, whose
+(8, 128) tiling needs the last two block dims to be tokens and features). Per-token vectors
+(fp32, prepared by XLA) are [B, Hv, N, C, 1] "col" and [B, Hv, N, 1, C] "row" views of the same
+data, so a kernel never transposes a vector; docs [B, N, C, 1] / [B, N, 1, C]; states
+[B, Hv, N, dk, dv], the state at the start of every chunk.
+
+The two sequential passes have two drivers:
   - "grid": grid (B, Hv, N) with N innermost and sequential, the running state kept in the
     revisited output block (Mosaic TPU keeps it in VMEM; interpret mode runs it in order);
   - "loop": grid (B, Hv, dv / block) and a loop over chunks inside the kernel (Triton: its
@@ -30,6 +36,14 @@ from qnext_jax.ops.chunked_delta import chunk_math as cm
 
 F32 = jnp.float32
 BACKENDS = ("mosaic", "triton", "interpret", "interpret_loop")
+# Triton warps per kernel: 8 where a program holds several [C, d] fp32 accumulators at once
+# (4 warps x 255 registers cannot hold them without spilling; checked by
+# tests/test_kernel_resources.py with ptxas for sm_90a).
+_TRITON_WARPS = {"prepare": 8, "state_pass_backward": 8, "output_backward": 8, "wy_backward": 8}
+
+
+def triton_warps(kernel_name: str) -> int:
+    return _TRITON_WARPS.get(kernel_name, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,28 +53,36 @@ class KernelConfig:
     compute_dtype: jnp.dtype
     backend: str
     value_block: int  # dv tile of the "loop" driver (Triton)
-    normalize_qk: bool = False  # L2-normalise q, k (and scale q by dk^-1/2) on load
 
-    def queries(self, q):
-        return cm.l2_normalize(q, q.shape[-1] ** -0.5) if self.normalize_qk else q
-
-    def keys(self, k):
-        return cm.l2_normalize(k) if self.normalize_qk else k
+    @property
+    def triton_like(self) -> bool:
+        """Triton, or interpret mode run the way Triton runs (the CPU test of that path)."""
+        return self.backend in ("triton", "interpret_loop")
 
     @property
     def numerics(self) -> cm.Numerics:
-        # fp32 matmuls (the (I + L)^-1 products, fp32 inputs): full precision; on Triton that
-        # is three TF32 tensor-core passes rather than the far slower IEEE FMA path.
+        # Products take compute-dtype operands (bf16 for bf16 training) with fp32 accumulation;
+        # fp32 products (fp32 training, the (I + L)^-1 arithmetic) are full precision: on
+        # Triton three TF32 tensor-core passes rather than the far slower IEEE FMA path.
         precision = jax.lax.Precision.HIGHEST
         if self.backend == "triton":
             precision = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-        return cm.Numerics(self.compute_dtype, fp32_precision=precision)
+        return cm.Numerics(self.compute_dtype, fp32_precision=precision,
+                           transpose_by_dot=self.triton_like)
 
     @property
     def driver(self) -> str:
-        return "loop" if self.backend in ("triton", "interpret_loop") else "grid"
+        return "loop" if self.triton_like else "grid"
 
-    def call(self, kernel, *, grid, in_specs, out_specs, out_shape, semantics):
+    @property
+    def native_layout(self) -> bool:
+        return self.driver == "loop"
+
+    def heads_shape(self, batch, heads, length, dim):
+        """The array shape of a per-head tensor in this config's layout."""
+        return (batch, length, heads, dim) if self.native_layout else (batch, heads, length, dim)
+
+    def call(self, kernel, *, name, grid, in_specs, out_specs, out_shape, semantics):
         kwargs = {}
         if self.backend == "mosaic":
             from jax.experimental.pallas import tpu as pltpu
@@ -69,11 +91,14 @@ class KernelConfig:
         elif self.backend == "triton":
             from jax.experimental.pallas import triton as pl_triton
 
-            kwargs["compiler_params"] = pl_triton.CompilerParams(num_warps=4, num_stages=2)
+            kwargs["compiler_params"] = pl_triton.CompilerParams(
+                num_warps=triton_warps(name), num_stages=2)
         else:
             kwargs["interpret"] = True
+        kernel.__name__ = kernel.__qualname__ = name  # Triton names its kernel after the function
         return pl.pallas_call(
-            kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, **kwargs
+            kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+            name=name, **kwargs
         )
 
 
@@ -82,27 +107,31 @@ SEQUENTIAL_LAST = ("parallel", "parallel", "arbitrary")
 
 
 # ----------------------------------------------------------------------------- block specs
-# Chunk-parallel kernels: grid (b, key head, chunk).
+# Chunk-parallel kernels: grid (b, value head, chunk).
 
 
-def _key_tile(cfg, dim):
-    return pl.BlockSpec((None, None, cfg.chunk, dim), lambda b, h, n: (b, h, n, 0))
+def _head_of(cfg, key):
+    return (lambda h: jax.lax.div(h, cfg.group)) if key else (lambda h: h)
 
 
-def _group_tile(cfg, dim):
-    return pl.BlockSpec((None, cfg.group, cfg.chunk, dim), lambda b, h, n: (b, h, n, 0))
+def _tile(cfg, dim, *, key=False):
+    """One chunk of one head of a per-head tensor: a [C, dim] block."""
+    head = _head_of(cfg, key)
+    if cfg.native_layout:
+        return pl.BlockSpec((None, cfg.chunk, None, dim), lambda b, h, n: (b, n, head(h), 0))
+    return pl.BlockSpec((None, None, cfg.chunk, dim), lambda b, h, n: (b, head(h), n, 0))
 
 
-def _group_col(cfg):
-    return pl.BlockSpec((None, cfg.group, None, cfg.chunk, 1), lambda b, h, n: (b, h, n, 0, 0))
+def _col(cfg):
+    return pl.BlockSpec((None, None, None, cfg.chunk, 1), lambda b, h, n: (b, h, n, 0, 0))
 
 
-def _group_row(cfg):
-    return pl.BlockSpec((None, cfg.group, None, 1, cfg.chunk), lambda b, h, n: (b, h, n, 0, 0))
+def _row(cfg):
+    return pl.BlockSpec((None, None, None, 1, cfg.chunk), lambda b, h, n: (b, h, n, 0, 0))
 
 
-def _group_state(dk, dv, cfg):
-    return pl.BlockSpec((None, cfg.group, None, dk, dv), lambda b, h, n: (b, h, n, 0, 0))
+def _state(dk, dv):
+    return pl.BlockSpec((None, None, None, dk, dv), lambda b, h, n: (b, h, n, 0, 0))
 
 
 def _docs_col(cfg):
@@ -111,6 +140,17 @@ def _docs_col(cfg):
 
 def _docs_row(cfg):
     return pl.BlockSpec((None, None, 1, cfg.chunk), lambda b, h, n: (b, n, 0, 0))
+
+
+# Sequential kernels on the "loop" driver: grid (b, value head, value block), whole length.
+
+
+def _whole(cfg, length, dim, *, key=False, blocked=False):
+    head = _head_of(cfg, key)
+    column = (lambda j: j) if blocked else (lambda j: 0)
+    if cfg.native_layout:
+        return pl.BlockSpec((None, length, None, dim), lambda b, h, j: (b, 0, head(h), column(j)))
+    return pl.BlockSpec((None, None, length, dim), lambda b, h, j: (b, head(h), 0, column(j)))
 
 
 def _per_token_views(cfg, x):
@@ -124,74 +164,116 @@ def _docs_views(cfg, docs):
     return docs.reshape(shape + (cfg.chunk, 1)), docs.reshape(shape + (1, cfg.chunk))
 
 
+def _chunk_parallel(cfg, name, kernel, per_token_shape, args, in_specs, outputs):
+    """Runs `kernel` on the grid (B, Hv, N) of per-token tensors [B, Hv, T]; outputs:
+    [(BlockSpec, ShapeDtypeStruct)]."""
+    batch, value_heads, length = per_token_shape
+    return cfg.call(
+        kernel, name=name, grid=(batch, value_heads, length // cfg.chunk), in_specs=in_specs,
+        out_specs=[spec for spec, _ in outputs], out_shape=[shape for _, shape in outputs],
+        semantics=PARALLEL3,
+    )(*args)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
-def prepare(cfg, k, v, beta, gamma, start, docs):
-    """U = A (beta V), W = A (beta start K) for every chunk: [B, Hv, T, dv], [B, Hv, T, dk]."""
-    batch, key_heads, length, dk = k.shape
-    value_heads, dv = v.shape[1], v.shape[3]
+def inverse(cfg, k, beta, gamma, docs):
+    """A = (I + L)^-1 of every chunk and value head, [*heads_shape(B, Hv, T, C)] in the compute
+    dtype: computed once, read by `prepare` in the forward and again in the backward."""
+    batch, value_heads, length = beta.shape
+    dk = k.shape[-1]
     beta_col, _ = _per_token_views(cfg, beta)
     gamma_col, gamma_row = _per_token_views(cfg, gamma)
-    start_col, _ = _per_token_views(cfg, start)
     docs_col, docs_row = _docs_views(cfg, docs)
+    numerics = cfg.numerics
+    size = cm.INVERSE_BLOCK
 
-    def kernel(k_ref, v_ref, beta_ref, gcol_ref, grow_ref, start_ref, dcol_ref, drow_ref, u_ref, w_ref):
-        k_tile = cfg.keys(k_ref[...])
-        mask = cm.causal_same_doc(dcol_ref[...], drow_ref[...])
-        for j in range(cfg.group):
+    def kernel(k_ref, gcol_ref, grow_ref, dcol_ref, drow_ref, beta_ref, a_ref):
+        if not cfg.triton_like:  # Mosaic: the whole tile by masked doubling (the MXU is big)
+            mask = cm.causal_same_doc(dcol_ref[...], drow_ref[...])
             transform, _, _ = cm.wy_transform(
-                k_tile, beta_ref[j], gcol_ref[j], grow_ref[j], mask, cfg.numerics
-            )
-            u, w = cm.prepare(k_tile, v_ref[j], beta_ref[j], start_ref[j], transform, cfg.numerics)
-            u_ref[j] = u.astype(u_ref.dtype)
-            w_ref[j] = w.astype(w_ref.dtype)
+                k_ref[...], beta_ref[...], gcol_ref[...], grow_ref[...], mask, numerics)
+            a_ref[...] = transform.astype(a_ref.dtype)
+            return
 
-    return cfg.call(
-        kernel,
-        grid=(batch, key_heads, length // cfg.chunk),
-        in_specs=[_key_tile(cfg, dk), _group_tile(cfg, dv), _group_col(cfg), _group_col(cfg),
-                  _group_row(cfg), _group_col(cfg), _docs_col(cfg), _docs_row(cfg)],
-        out_specs=[_group_tile(cfg, dv), _group_tile(cfg, dk)],
-        out_shape=[jax.ShapeDtypeStruct((batch, value_heads, length, dv), cfg.compute_dtype),
-                   jax.ShapeDtypeStruct((batch, value_heads, length, dk), cfg.compute_dtype)],
-        semantics=PARALLEL3,
-    )(k, v, beta_col, gamma_col, gamma_row, start_col, docs_col, docs_row)
+        def lower_block(i, j):  # L_ij from the refs' 16-row slices
+            rows, cols = pl.ds(i * size, size), pl.ds(j * size, size)
+            mask = dcol_ref[rows, :] == drow_ref[:, cols]
+            lower, _, _ = cm.wy_lower(k_ref[rows, :], k_ref[cols, :], beta_ref[rows, :],
+                                      gcol_ref[rows, :], grow_ref[:, cols], mask, numerics,
+                                      strict=i == j)
+            return lower
+
+        count = cfg.chunk // size
+        blocks = cm.unit_lower_inverse_from_blocks(lower_block, count, numerics)
+        for i in range(count):
+            for j in range(count):
+                block = blocks[i, j] if j <= i else jnp.zeros((size, size), F32)
+                a_ref[pl.ds(i * size, size), pl.ds(j * size, size)] = block.astype(a_ref.dtype)
+
+    shape = jax.ShapeDtypeStruct(cfg.heads_shape(batch, value_heads, length, cfg.chunk),
+                                 cfg.compute_dtype)
+    return _chunk_parallel(
+        cfg, "inverse", kernel, beta.shape, (k, gamma_col, gamma_row, docs_col, docs_row, beta_col),
+        [_tile(cfg, dk, key=True), _col(cfg), _row(cfg), _docs_col(cfg), _docs_row(cfg), _col(cfg)],
+        [(_tile(cfg, cfg.chunk), shape)],
+    )[0]
+
+
+def prepare(cfg, transform, k, v, beta, start):
+    """U = A (beta V), W = A (beta start K) for every chunk: per-head [.., dv], [.., dk]."""
+    dk, dv = k.shape[-1], v.shape[-1]
+    beta_col, _ = _per_token_views(cfg, beta)
+    start_col, _ = _per_token_views(cfg, start)
+    batch, value_heads, length = beta.shape
+
+    def kernel(a_ref, k_ref, v_ref, start_ref, beta_ref, u_ref, w_ref):
+        u, w = cm.prepare(k_ref[...], v_ref[...], beta_ref[...], start_ref[...], a_ref[...],
+                          cfg.numerics)
+        u_ref[...] = u.astype(u_ref.dtype)
+        w_ref[...] = w.astype(w_ref.dtype)
+
+    per_head = lambda d: jax.ShapeDtypeStruct(  # noqa: E731
+        cfg.heads_shape(batch, value_heads, length, d), cfg.compute_dtype)
+    return _chunk_parallel(
+        cfg, "prepare", kernel, beta.shape, (transform, k, v, start_col, beta_col),
+        [_tile(cfg, cfg.chunk), _tile(cfg, dk, key=True), _tile(cfg, dv), _col(cfg), _col(cfg)],
+        [(_tile(cfg, dv), per_head(dv)), (_tile(cfg, dk), per_head(dk))],
+    )
 
 
 def output(cfg, q, k, states, v_new, gamma, start, docs, out_dtype):
-    """O = (start Q) S0 + ((Q K^T) * decay) V_new for every chunk: [B, Hv, T, dv]."""
-    batch, key_heads, length, dk = q.shape
-    value_heads, dv = v_new.shape[1], v_new.shape[3]
+    """O = (start Q) S0 + ((Q K^T) * decay) V_new for every chunk: per-head [.., dv]."""
+    dk, dv = q.shape[-1], v_new.shape[-1]
+    batch, value_heads, length = gamma.shape
     gamma_col, gamma_row = _per_token_views(cfg, gamma)
     start_col, _ = _per_token_views(cfg, start)
     docs_col, docs_row = _docs_views(cfg, docs)
 
-    def kernel(q_ref, k_ref, s_ref, vn_ref, gcol_ref, grow_ref, start_ref, dcol_ref, drow_ref, o_ref):
-        q_tile = cfg.queries(q_ref[...])
-        q_keys = cm.matmul(q_tile, cfg.keys(k_ref[...]), cfg.numerics, transpose_b=True)
+    def kernel(q_ref, k_ref, s_ref, vn_ref, grow_ref, dcol_ref, drow_ref, start_ref, gcol_ref,
+               o_ref):
+        q_tile = q_ref[...]
         mask = cm.causal_same_doc(dcol_ref[...], drow_ref[...])
-        for j in range(cfg.group):
-            scores = q_keys * cm.decay_matrix(gcol_ref[j], grow_ref[j], mask)
-            out = cm.output(q_tile, s_ref[j], vn_ref[j], start_ref[j], scores, cfg.numerics)
-            o_ref[j] = out.astype(o_ref.dtype)
+        scores = cm.matmul(q_tile, k_ref[...], cfg.numerics, transpose_b=True) * cm.decay_matrix(
+            gcol_ref[...], grow_ref[...], mask)
+        out = cm.output(q_tile, s_ref[...], vn_ref[...], start_ref[...], scores, cfg.numerics)
+        o_ref[...] = out.astype(o_ref.dtype)
 
-    return cfg.call(
-        kernel,
-        grid=(batch, key_heads, length // cfg.chunk),
-        in_specs=[_key_tile(cfg, dk), _key_tile(cfg, dk), _group_state(dk, dv, cfg),
-                  _group_tile(cfg, dv), _group_col(cfg), _group_row(cfg), _group_col(cfg),
-                  _docs_col(cfg), _docs_row(cfg)],
-        out_specs=_group_tile(cfg, dv),
-        out_shape=jax.ShapeDtypeStruct((batch, value_heads, length, dv), out_dtype),
-        semantics=PARALLEL3,
-    )(q, k, states, v_new, gamma_col, gamma_row, start_col, docs_col, docs_row)
+    shape = jax.ShapeDtypeStruct(cfg.heads_shape(batch, value_heads, length, dv), out_dtype)
+    return _chunk_parallel(
+        cfg, "output", kernel, gamma.shape,
+        (q, k, states, v_new, gamma_row, docs_col, docs_row, start_col, gamma_col),
+        [_tile(cfg, dk, key=True), _tile(cfg, dk, key=True), _state(dk, dv), _tile(cfg, dv),
+         _row(cfg), _docs_col(cfg), _docs_row(cfg), _col(cfg), _col(cfg)],
+        [(_tile(cfg, dv), shape)],
+    )[0]
 
 
 def state_pass(cfg, u, w, k, start, end, initial_state):
-    """The sequential pass: (V_new [B, Hv, T, dv], states [B, Hv, N, dk, dv], final fp32)."""
-    batch, value_heads, length, dv = u.shape
-    dk = w.shape[3]
+    """The sequential pass: (V_new per-head [.., dv], states [B, Hv, N, dk, dv], final fp32)."""
+    batch, value_heads, length = start.shape
+    dk, dv = w.shape[-1], u.shape[-1]
     num_chunks = length // cfg.chunk
     start_col, _ = _per_token_views(cfg, start)
     end_col, _ = _per_token_views(cfg, end)
@@ -201,9 +283,8 @@ def state_pass(cfg, u, w, k, start, end, initial_state):
         jax.ShapeDtypeStruct((batch, value_heads, dk, dv), F32),
     ]
     step = functools.partial(cm.state_step, numerics=cfg.numerics)
-    group = cfg.group
+    C = cfg.chunk
     if cfg.driver == "grid":
-        C = cfg.chunk
 
         def kernel(u_ref, w_ref, k_ref, start_ref, end_ref, s0_ref, vn_ref, states_ref, final_ref):
             @pl.when(pl.program_id(2) == 0)
@@ -213,52 +294,43 @@ def state_pass(cfg, u, w, k, start, end, initial_state):
             state = final_ref[...]
             states_ref[...] = state.astype(states_ref.dtype)
             v_new, state = step(
-                state, u_ref[...], w_ref[...], cfg.keys(k_ref[...]), start_ref[...], end_ref[...]
+                state, u_ref[...], w_ref[...], k_ref[...], start_ref[...], end_ref[...]
             )
             vn_ref[...] = v_new.astype(vn_ref.dtype)
             final_ref[...] = state
 
-        tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, n: (b, h, n, 0))
-        col = pl.BlockSpec((None, None, None, C, 1), lambda b, h, n: (b, h, n, 0, 0))
         whole_state = pl.BlockSpec((None, None, dk, dv), lambda b, h, n: (b, h, 0, 0))
         return cfg.call(
-            kernel,
+            kernel, name="state_pass",
             grid=(batch, value_heads, num_chunks),
-            in_specs=[tile(dv), tile(dk),
-                      pl.BlockSpec((None, None, C, dk), lambda b, h, n: (b, jax.lax.div(h, group), n, 0)),
-                      col, col, whole_state],
-            out_specs=[tile(dv),
-                       pl.BlockSpec((None, None, None, dk, dv), lambda b, h, n: (b, h, n, 0, 0)),
-                       whole_state],
+            in_specs=[_tile(cfg, dv), _tile(cfg, dk), _tile(cfg, dk, key=True), _col(cfg),
+                      _col(cfg), whole_state],
+            out_specs=[_tile(cfg, dv), _state(dk, dv), whole_state],
             out_shape=out_shape,
             semantics=SEQUENTIAL_LAST,
         )(u, w, k, start_col, end_col, initial_state)
 
-    C, block = cfg.chunk, min(cfg.value_block, dv)
+    block = min(cfg.value_block, dv)
 
     def kernel(u_ref, w_ref, k_ref, start_ref, end_ref, s0_ref, vn_ref, states_ref, final_ref):
         def body(n, state):
             rows = pl.ds(pl.multiple_of(n * C, C), C)
             states_ref[n] = state.astype(states_ref.dtype)
-            v_new, state = step(state, u_ref[rows, :], w_ref[rows, :], cfg.keys(k_ref[rows, :]),
+            v_new, state = step(state, u_ref[rows, :], w_ref[rows, :], k_ref[rows, :],
                                 start_ref[n], end_ref[n])
             vn_ref[rows, :] = v_new.astype(vn_ref.dtype)
             return state
 
         final_ref[...] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[...].astype(F32))
 
-    whole = lambda d, blocked: pl.BlockSpec(
-        (None, None, length, d), lambda b, h, j: (b, h, 0, j if blocked else 0)
-    )
     col = pl.BlockSpec((None, None, num_chunks, C, 1), lambda b, h, j: (b, h, 0, 0, 0))
     state_tile = pl.BlockSpec((None, None, dk, block), lambda b, h, j: (b, h, 0, j))
     return cfg.call(
-        kernel,
+        kernel, name="state_pass",
         grid=(batch, value_heads, dv // block),
-        in_specs=[whole(block, True), whole(dk, False),
-                  pl.BlockSpec((None, None, length, dk), lambda b, h, j: (b, jax.lax.div(h, group), 0, 0)),
-                  col, col, state_tile],
-        out_specs=[whole(block, True),
+        in_specs=[_whole(cfg, length, block, blocked=True), _whole(cfg, length, dk),
+                  _whole(cfg, length, dk, key=True), col, col, state_tile],
+        out_specs=[_whole(cfg, length, block, blocked=True),
                    pl.BlockSpec((None, None, num_chunks, dk, block), lambda b, h, j: (b, h, 0, 0, j)),
                    state_tile],
         out_shape=out_shape,
@@ -269,160 +341,170 @@ def state_pass(cfg, u, w, k, start, end, initial_state):
 # ----------------------------------------------------------------------------- backward
 
 
-def state_pass_backward(cfg, d_final, d_out, w, q, k, gamma, start, end, docs):
-    """The reverse pass: (dV_new [B, Hv, T, dv] fp32, dS_end per chunk [B, Hv, N, dk, dv],
-    d initial state fp32). dS_end of chunk n is the gradient of the state after chunk n."""
-    batch, value_heads, length, dv = d_out.shape
-    dk = w.shape[3]
-    num_chunks = length // cfg.chunk
-    group = cfg.group
+def local_dv(cfg, q, k, d_out, gamma, docs):
+    """((K Q^T) * decay^T) dO for every chunk: the intra-chunk part of dV_new, fp32."""
+    dk, dv = q.shape[-1], d_out.shape[-1]
+    batch, value_heads, length = gamma.shape
     gamma_col, gamma_row = _per_token_views(cfg, gamma)
+    docs_col, docs_row = _docs_views(cfg, docs)
+
+    def kernel(q_ref, k_ref, do_ref, grow_ref, dcol_ref, drow_ref, gcol_ref, out_ref):
+        out_ref[...] = cm.local_dv(q_ref[...], k_ref[...], do_ref[...], gcol_ref[...],
+                                   grow_ref[...], dcol_ref[...], drow_ref[...], cfg.numerics)
+
+    shape = jax.ShapeDtypeStruct(cfg.heads_shape(batch, value_heads, length, dv), F32)
+    return _chunk_parallel(
+        cfg, "local_dv", kernel, gamma.shape, (q, k, d_out, gamma_row, docs_col, docs_row, gamma_col),
+        [_tile(cfg, dk, key=True), _tile(cfg, dk, key=True), _tile(cfg, dv), _row(cfg),
+         _docs_col(cfg), _docs_row(cfg), _col(cfg)],
+        [(_tile(cfg, dv), shape)],
+    )[0]
+
+
+def state_pass_backward(cfg, d_final, d_out, d_v_local, w, q, k, start, end):
+    """The reverse pass: (dV_new per-head [.., dv] fp32, dS_end per chunk [B, Hv, N, dk, dv],
+    d initial state fp32). dS_end of chunk n is the gradient of the state after chunk n."""
+    batch, value_heads, length = start.shape
+    dk, dv = w.shape[-1], d_out.shape[-1]
+    num_chunks = length // cfg.chunk
     start_col, _ = _per_token_views(cfg, start)
     end_col, _ = _per_token_views(cfg, end)
-    docs_col, docs_row = _docs_views(cfg, docs)
     out_shape = [
-        jax.ShapeDtypeStruct(d_out.shape, F32),
+        jax.ShapeDtypeStruct(d_v_local.shape, F32),
         jax.ShapeDtypeStruct((batch, value_heads, num_chunks, dk, dv), cfg.compute_dtype),
         jax.ShapeDtypeStruct((batch, value_heads, dk, dv), F32),
     ]
-
-    def chunk(d_state, d_out_tile, w_tile, q_tile, k_tile, gcol, grow, start_c, end_c, dcol, drow):
-        q_tile, k_tile = cfg.queries(q_tile), cfg.keys(k_tile)
-        q_keys = cm.matmul(q_tile, k_tile, cfg.numerics, transpose_b=True)
-        scores = q_keys * cm.decay_matrix(gcol, grow, cm.causal_same_doc(dcol, drow))
-        return cm.state_step_backward(
-            d_state, d_out_tile, w_tile, k_tile, q_tile, start_c, end_c, scores, cfg.numerics
-        )
-
+    step = functools.partial(cm.state_step_backward, numerics=cfg.numerics)
     C = cfg.chunk
     if cfg.driver == "grid":
         last = num_chunks - 1
 
-        def kernel(do_ref, w_ref, q_ref, k_ref, gcol_ref, grow_ref, start_ref, end_ref, dcol_ref,
-                   drow_ref, dfinal_ref, dvn_ref, dstates_ref, dinit_ref):
+        def kernel(do_ref, dvl_ref, w_ref, q_ref, k_ref, start_ref, end_ref, dfinal_ref,
+                   dvn_ref, dstates_ref, dinit_ref):
             @pl.when(pl.program_id(2) == 0)
             def _():
                 dinit_ref[...] = dfinal_ref[...]
 
             d_state = dinit_ref[...]
             dstates_ref[...] = d_state.astype(dstates_ref.dtype)
-            d_v_new, d_state = chunk(
-                d_state, do_ref[...], w_ref[...], q_ref[...], k_ref[...], gcol_ref[...],
-                grow_ref[...], start_ref[...], end_ref[...], dcol_ref[...], drow_ref[...],
-            )
+            d_v_new, d_state = step(d_state, do_ref[...], dvl_ref[...], w_ref[...], k_ref[...],
+                                    q_ref[...], start_ref[...], end_ref[...])
             dvn_ref[...] = d_v_new
             dinit_ref[...] = d_state
 
-        tile = lambda d: pl.BlockSpec((None, None, C, d), lambda b, h, n: (b, h, last - n, 0))
-        key = pl.BlockSpec((None, None, C, dk), lambda b, h, n: (b, jax.lax.div(h, group), last - n, 0))
-        col = pl.BlockSpec((None, None, None, C, 1), lambda b, h, n: (b, h, last - n, 0, 0))
-        row = pl.BlockSpec((None, None, None, 1, C), lambda b, h, n: (b, h, last - n, 0, 0))
-        dcol = pl.BlockSpec((None, None, C, 1), lambda b, h, n: (b, last - n, 0, 0))
-        drow = pl.BlockSpec((None, None, 1, C), lambda b, h, n: (b, last - n, 0, 0))
+        reverse = lambda spec: pl.BlockSpec(  # noqa: E731
+            spec.block_shape, lambda b, h, n: spec.index_map(b, h, last - n))
         whole_state = pl.BlockSpec((None, None, dk, dv), lambda b, h, n: (b, h, 0, 0))
         return cfg.call(
-            kernel,
+            kernel, name="state_pass_backward",
             grid=(batch, value_heads, num_chunks),
-            in_specs=[tile(dv), tile(dk), key, key, col, row, col, col, dcol, drow, whole_state],
-            out_specs=[tile(dv),
-                       pl.BlockSpec((None, None, None, dk, dv),
-                                    lambda b, h, n: (b, h, last - n, 0, 0)),
-                       whole_state],
+            in_specs=[reverse(_tile(cfg, dv)), reverse(_tile(cfg, dv)), reverse(_tile(cfg, dk)),
+                      reverse(_tile(cfg, dk, key=True)), reverse(_tile(cfg, dk, key=True)),
+                      reverse(_col(cfg)), reverse(_col(cfg)), whole_state],
+            out_specs=[reverse(_tile(cfg, dv)), reverse(_state(dk, dv)), whole_state],
             out_shape=out_shape,
             semantics=SEQUENTIAL_LAST,
-        )(d_out, w, q, k, gamma_col, gamma_row, start_col, end_col, docs_col, docs_row, d_final)
+        )(d_out, d_v_local, w, q, k, start_col, end_col, d_final)
 
     block = min(cfg.value_block, dv)
 
-    def kernel(do_ref, w_ref, q_ref, k_ref, gcol_ref, grow_ref, start_ref, end_ref, dcol_ref,
-               drow_ref, dfinal_ref, dvn_ref, dstates_ref, dinit_ref):
+    def kernel(do_ref, dvl_ref, w_ref, q_ref, k_ref, start_ref, end_ref, dfinal_ref,
+               dvn_ref, dstates_ref, dinit_ref):
         def body(i, d_state):
             n = num_chunks - 1 - i
             rows = pl.ds(pl.multiple_of(n * C, C), C)
             dstates_ref[n] = d_state.astype(dstates_ref.dtype)
-            d_v_new, d_state = chunk(
-                d_state, do_ref[rows, :], w_ref[rows, :], q_ref[rows, :], k_ref[rows, :],
-                gcol_ref[n], grow_ref[n], start_ref[n], end_ref[n], dcol_ref[n], drow_ref[n],
-            )
+            d_v_new, d_state = step(d_state, do_ref[rows, :], dvl_ref[rows, :], w_ref[rows, :],
+                                    k_ref[rows, :], q_ref[rows, :], start_ref[n], end_ref[n])
             dvn_ref[rows, :] = d_v_new
             return d_state
 
         dinit_ref[...] = jax.lax.fori_loop(0, num_chunks, body, dfinal_ref[...].astype(F32))
 
-    whole = lambda d, blocked: pl.BlockSpec(
-        (None, None, length, d), lambda b, h, j: (b, h, 0, j if blocked else 0)
-    )
-    key = pl.BlockSpec((None, None, length, dk), lambda b, h, j: (b, jax.lax.div(h, group), 0, 0))
     col = pl.BlockSpec((None, None, num_chunks, C, 1), lambda b, h, j: (b, h, 0, 0, 0))
-    row = pl.BlockSpec((None, None, num_chunks, 1, C), lambda b, h, j: (b, h, 0, 0, 0))
-    dcol = pl.BlockSpec((None, num_chunks, C, 1), lambda b, h, j: (b, 0, 0, 0))
-    drow = pl.BlockSpec((None, num_chunks, 1, C), lambda b, h, j: (b, 0, 0, 0))
     state_tile = pl.BlockSpec((None, None, dk, block), lambda b, h, j: (b, h, 0, j))
+    values = _whole(cfg, length, block, blocked=True)
     return cfg.call(
-        kernel,
+        kernel, name="state_pass_backward",
         grid=(batch, value_heads, dv // block),
-        in_specs=[whole(block, True), whole(dk, False), key, key, col, row, col, col, dcol, drow,
-                  state_tile],
-        out_specs=[whole(block, True),
+        in_specs=[values, values, _whole(cfg, length, dk), _whole(cfg, length, dk, key=True),
+                  _whole(cfg, length, dk, key=True), col, col, state_tile],
+        out_specs=[values,
                    pl.BlockSpec((None, None, num_chunks, dk, block), lambda b, h, j: (b, h, 0, 0, j)),
                    state_tile],
         out_shape=out_shape,
         semantics=None,
-    )(d_out, w, q, k, gamma_col, gamma_row, start_col, end_col, docs_col, docs_row, d_final)
+    )(d_out, d_v_local, w, q, k, start_col, end_col, d_final)
 
 
-def chunk_backward(cfg, q, k, v, beta, gamma, start, end, docs, states, d_states_end, d_out, d_v_new):
-    """Per-chunk gradients. Returns dq, dk [B, Hk, T, dk] fp32 (summed over each key head's
-    value heads), dv [B, Hv, T, dv] fp32 and, per token [B, Hv, T] fp32, d_beta, d_start,
-    d_end and d_gamma."""
-    batch, key_heads, length, dk = q.shape
-    value_heads, dv = v.shape[1], v.shape[3]
-    beta_col, _ = _per_token_views(cfg, beta)
+def output_backward(cfg, q, k, u, w, states, d_states_end, d_out, gamma, start, end, docs):
+    """Gradients through the output and the chunks' state contributions (V_new fixed):
+    dq, dk per value head [.., dk] fp32, and per token [B, Hv, T] fp32 d_start, d_end,
+    d_gamma."""
+    dk, dv = q.shape[-1], u.shape[-1]
+    batch, value_heads, length = gamma.shape
     gamma_col, gamma_row = _per_token_views(cfg, gamma)
     start_col, _ = _per_token_views(cfg, start)
     end_col, _ = _per_token_views(cfg, end)
     docs_col, docs_row = _docs_views(cfg, docs)
 
-    def kernel(q_ref, k_ref, v_ref, beta_ref, gcol_ref, grow_ref, start_ref, end_ref, dcol_ref,
-               drow_ref, s_ref, ds_ref, do_ref, dvn_ref,
-               dq_ref, dk_ref, dv_ref, dbeta_ref, dstart_ref, dend_ref, dgcol_ref, dgrow_ref):
-        q_raw, k_raw = q_ref[...], k_ref[...]
-        q_tile, k_tile = cfg.queries(q_raw), cfg.keys(k_raw)
-        mask = cm.causal_same_doc(dcol_ref[...], drow_ref[...])
-        dq = jnp.zeros(q_tile.shape, F32)
-        dk_sum = jnp.zeros(k_tile.shape, F32)
-        for j in range(cfg.group):
-            grads = cm.chunk_backward(
-                q_tile, k_tile, v_ref[j], beta_ref[j], start_ref[j], end_ref[j], gcol_ref[j],
-                grow_ref[j], mask, s_ref[j].astype(F32), ds_ref[j].astype(F32), do_ref[j],
-                dvn_ref[j], cfg.numerics,
-            )
-            dq, dk_sum = dq + grads[0], dk_sum + grads[1]
-            dv_ref[j], dbeta_ref[j], dstart_ref[j], dend_ref[j], dgcol_ref[j], dgrow_ref[j] = grads[2:]
-        if cfg.normalize_qk:
-            dq = cm.l2_normalize_backward(q_raw, dq, q_raw.shape[-1] ** -0.5)
-            dk_sum = cm.l2_normalize_backward(k_raw, dk_sum)
-        dq_ref[...] = dq
-        dk_ref[...] = dk_sum
+    def kernel(q_ref, k_ref, u_ref, w_ref, s_ref, ds_ref, do_ref, grow_ref, dcol_ref, drow_ref,
+               start_ref, end_ref, gcol_ref, dq_ref, dk_ref, dstart_ref, dend_ref, dgcol_ref,
+               dgrow_ref):
+        state = s_ref[...].astype(F32)
+        v_new = u_ref[...].astype(F32) - cm.matmul(w_ref[...], state, cfg.numerics)
+        (dq_ref[...], dk_ref[...], dstart_ref[...], dend_ref[...], dgcol_ref[...],
+         dgrow_ref[...]) = cm.output_backward(
+            q_ref[...], k_ref[...], v_new, state, ds_ref[...].astype(F32), do_ref[...],
+            start_ref[...], end_ref[...], gcol_ref[...], grow_ref[...], dcol_ref[...],
+            drow_ref[...], cfg.numerics)
 
-    num_chunks = length // cfg.chunk
-    per_token_col = jax.ShapeDtypeStruct((batch, value_heads, num_chunks, cfg.chunk, 1), F32)
-    dq, dk, dv, d_beta, d_start, d_end, d_gamma_col, d_gamma_row = cfg.call(
-        kernel,
-        grid=(batch, key_heads, num_chunks),
-        in_specs=[_key_tile(cfg, dk), _key_tile(cfg, dk), _group_tile(cfg, dv), _group_col(cfg),
-                  _group_col(cfg), _group_row(cfg), _group_col(cfg), _group_col(cfg),
-                  _docs_col(cfg), _docs_row(cfg), _group_state(dk, dv, cfg),
-                  _group_state(dk, dv, cfg), _group_tile(cfg, dv), _group_tile(cfg, dv)],
-        out_specs=[_key_tile(cfg, dk), _key_tile(cfg, dk), _group_tile(cfg, dv), _group_col(cfg),
-                   _group_col(cfg), _group_col(cfg), _group_col(cfg), _group_row(cfg)],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, F32), jax.ShapeDtypeStruct(k.shape, F32),
-                   jax.ShapeDtypeStruct(v.shape, F32), per_token_col, per_token_col,
-                   per_token_col, per_token_col,
-                   jax.ShapeDtypeStruct((batch, value_heads, num_chunks, 1, cfg.chunk), F32)],
-        semantics=PARALLEL3,
-    )(q, k, v, beta_col, gamma_col, gamma_row, start_col, end_col, docs_col, docs_row, states,
-      d_states_end, d_out, d_v_new)
-    flat = lambda x: x.reshape(batch, value_heads, length)
-    d_gamma = flat(d_gamma_col) + flat(d_gamma_row)
-    return dq, dk, dv, flat(d_beta), flat(d_start), flat(d_end), d_gamma
+    per_head = jax.ShapeDtypeStruct(cfg.heads_shape(batch, value_heads, length, dk), F32)
+    col_shape = jax.ShapeDtypeStruct(gamma_col.shape, F32)
+    row_shape = jax.ShapeDtypeStruct(gamma_row.shape, F32)
+    return _chunk_parallel(
+        cfg, "output_backward", kernel, gamma.shape,
+        (q, k, u, w, states, d_states_end, d_out, gamma_row, docs_col, docs_row, start_col,
+         end_col, gamma_col),
+        [_tile(cfg, dk, key=True), _tile(cfg, dk, key=True), _tile(cfg, dv), _tile(cfg, dk),
+         _state(dk, dv), _state(dk, dv), _tile(cfg, dv), _row(cfg), _docs_col(cfg),
+         _docs_row(cfg), _col(cfg), _col(cfg), _col(cfg)],
+        [(_tile(cfg, dk), per_head), (_tile(cfg, dk), per_head), (_col(cfg), col_shape),
+         (_col(cfg), col_shape), (_col(cfg), col_shape), (_row(cfg), row_shape)],
+    )
+
+
+def wy_backward(cfg, transform, k, v, beta, gamma, start, docs, states, d_v_new):
+    """Gradients through U = A (beta V), W = A (beta start K), A = (I + L)^-1: dk per value
+    head [.., dk] fp32, dv [.., dv] fp32, and per token [B, Hv, T] fp32 d_beta, d_start,
+    d_gamma."""
+    dk, dv = k.shape[-1], v.shape[-1]
+    batch, value_heads, length = gamma.shape
+    beta_col, beta_row = _per_token_views(cfg, beta)
+    gamma_col, gamma_row = _per_token_views(cfg, gamma)
+    start_col, _ = _per_token_views(cfg, start)
+    docs_col, docs_row = _docs_views(cfg, docs)
+
+    def kernel(a_ref, k_ref, v_ref, s_ref, dvn_ref, brow_ref, grow_ref, dcol_ref, drow_ref,
+               start_ref, gcol_ref, beta_ref, dk_ref, dv_ref, dbeta_ref, dstart_ref, dgcol_ref,
+               dgrow_ref):
+        (dk_ref[...], dv_ref[...], dbeta_ref[...], dstart_ref[...], dgcol_ref[...],
+         dgrow_ref[...]) = cm.wy_backward(
+            k_ref[...], v_ref[...], beta_ref[...], brow_ref[...], start_ref[...], gcol_ref[...],
+            grow_ref[...], dcol_ref[...], drow_ref[...], a_ref[...], s_ref[...].astype(F32),
+            dvn_ref[...], cfg.numerics)
+
+    per_head = lambda d: jax.ShapeDtypeStruct(  # noqa: E731
+        cfg.heads_shape(batch, value_heads, length, d), F32)
+    col_shape = jax.ShapeDtypeStruct(gamma_col.shape, F32)
+    row_shape = jax.ShapeDtypeStruct(gamma_row.shape, F32)
+    return _chunk_parallel(
+        cfg, "wy_backward", kernel, gamma.shape,
+        (transform, k, v, states, d_v_new, beta_row, gamma_row, docs_col, docs_row, start_col,
+         gamma_col, beta_col),
+        [_tile(cfg, cfg.chunk), _tile(cfg, dk, key=True), _tile(cfg, dv), _state(dk, dv),
+         _tile(cfg, dv), _row(cfg), _row(cfg), _docs_col(cfg), _docs_row(cfg), _col(cfg),
+         _col(cfg), _col(cfg)],
+        [(_tile(cfg, dk), per_head(dk)), (_tile(cfg, dv), per_head(dv)), (_col(cfg), col_shape),
+         (_col(cfg), col_shape), (_col(cfg), col_shape), (_row(cfg), row_shape)],
+    )

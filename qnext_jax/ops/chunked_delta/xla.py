@@ -99,19 +99,22 @@ def _core_bwd(residuals, cotangents):
     q, k, v, beta, gamma, start, end, docs, (states, v_new, wy, w, q_keys) = residuals
     d_out, d_final = cotangents
     scores = q_keys * wy[1]
+    # The intra-chunk part of dV_new for every chunk at once, outside the sequential scan.
+    d_v_local = cm.matmul(scores, d_out, NUMERICS, transpose_a=True)
 
     def step(d_state, chunk):
-        d_out, w, k, q, start, end, scores = chunk
+        d_out, d_v_local, w, k, q, start, end = chunk
         d_v_new, d_prev = cm.state_step_backward(
-            d_state, d_out, w, k, q, _col(start), _col(end), scores, NUMERICS
+            d_state, d_out, d_v_local, w, k, q, _col(start), _col(end), NUMERICS
         )
         return d_prev, (d_v_new, d_state)
 
-    chunks = (d_out, w, k, q, start, end, scores)
+    chunks = (d_out, d_v_local, w, k, q, start, end)
     d_initial, (d_v_new, d_states_end) = jax.lax.scan(step, d_final, chunks, reverse=True)
     dq, dk, dv, d_beta, d_start, d_end, d_gamma_col, d_gamma_row = cm.chunk_backward(
-        q, k, v, _col(beta), _col(start), _col(end), _col(gamma), _row(gamma), _mask(docs),
-        states, d_states_end, d_out, d_v_new, NUMERICS, wy=wy, q_keys=q_keys, v_new=v_new,
+        q, k, v, _col(beta), _row(beta), _col(start), _col(end), _col(gamma), _row(gamma),
+        _col(docs), _row(docs), states, d_states_end, d_out, d_v_new, v_new, wy, q_keys,
+        NUMERICS,
     )
     per_key_head = lambda x: jnp.sum(x, axis=3, keepdims=True)  # sum over the r value heads
     d_gamma = d_gamma_col[..., 0] + d_gamma_row[..., 0, :]
