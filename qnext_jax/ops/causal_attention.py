@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 
-import jax
 import jax.numpy as jnp
 
 from qnext_jax.ops.blockwise_attention import blockwise_attention
+from qnext_jax.ops.platform import target_platform
 from qnext_jax.ops.splash_attention import splash_attention, splash_unsupported_reason
 
 IMPLEMENTATIONS = ("auto", "blockwise", "splash")
@@ -34,11 +34,11 @@ def resolve_implementation(impl: str, q_len: int, kv_len: int) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        impl = "splash" if jax.default_backend() == "tpu" else "blockwise"
+        impl = "splash" if target_platform() == "tpu" else "blockwise"
     if impl == "splash":
-        if jax.default_backend() not in ("tpu", "cpu"):
+        if target_platform() not in ("tpu", "cpu"):
             raise ValueError("attention impl 'splash' is a TPU kernel (CPU runs it interpreted); "
-                             f"this backend is {jax.default_backend()}: use 'auto' or 'blockwise'")
+                             f"this platform is {target_platform()}: use 'auto' or 'blockwise'")
         reason = splash_unsupported_reason(q_len, kv_len)
         if reason:
             if reason not in _reported:
@@ -58,7 +58,7 @@ def causal_attention(q, k, v, q_docs, kv_docs, *, scale: float, impl: str = "aut
         kv_docs = jnp.zeros(k.shape[:2], jnp.int32)
     if impl == "splash":
         return splash_attention(q, k, v, q_docs, kv_docs, scale=scale, shard=shard,
-                                interpret=jax.default_backend() == "cpu")
+                                interpret=target_platform() == "cpu")
     offset = 0 if shard is None else shard[0] * q.shape[1]
     return blockwise_attention(q, k, v, q_docs=q_docs, kv_docs=kv_docs, q_offset=offset,
                                scale=scale)

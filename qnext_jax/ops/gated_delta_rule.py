@@ -46,7 +46,7 @@ def gated_delta_rule(
     chunk_size: tokens per chunk (power of two); None picks 64, or 32 for "chunked" with
         dk <= 64, where the C^2 d and C d^2 terms of the chunked work balance at C = d / 2.
     pallas_backend: "mosaic", "triton", "interpret" or "interpret_loop"; None follows the
-        default jax backend.
+        platform traced for (ops.platform.target_platform).
     Returns (o [B, T, Hv, dv] in v's dtype, final_state [B, Hv, dk, dv] fp32).
     """
     _check_shapes(q, k, v, g, beta, segment_ids, initial_state)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qnext_jax.ops.platform import target_platform
+
 
 def grouped_matmul(rows, weights, group_sizes, *, impl: str = "auto", tile: int = 64):
     """rows [R, K] sorted by group; weights [G, K, F]; group_sizes [G] (sum <= R; rows past the
     sum are not computed and come back as zeros). Returns [R, F]."""
     if impl == "auto":
-        impl = "tiled" if jax.default_backend() == "cpu" else "ragged"
+        impl = "tiled" if target_platform() == "cpu" else "ragged"
     if impl == "ragged":
         return jax.lax.ragged_dot(rows, weights, group_sizes)
     return tiled_grouped_matmul(rows, weights, group_sizes, tile)

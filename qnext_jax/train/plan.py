@@ -7,9 +7,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qnext_jax.config import ModelConfig
 from qnext_jax.data.batch import Batch
+from qnext_jax.ops.platform import lowering_for
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshConfig, make_abstract_mesh
 from qnext_jax.train.losses import LossConfig
@@ -41,9 +43,17 @@ def planned_trainer(config: ModelConfig, mesh_config: MeshConfig, num_devices: i
 
 def lower_train_step(trainer: Trainer, global_batch: int, sequence_length: int,
                      platform: str | None = "tpu"):
+    """The train step lowered for `platform` ("tpu", "cuda", "cpu"; None: the local backend),
+    with the kernel choices of that platform (ops.platform.lowering_for)."""
     state, batch = abstract_inputs(trainer, global_batch, sequence_length)
-    traced = trainer.step.trace(state, batch)
-    return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+    if platform is None:
+        return trainer.step.trace(state, batch).lower()
+    replicated = NamedSharding(trainer.batch_sharding.mesh, P())
+    with lowering_for(platform):
+        # A fresh jit of the same step: the trainer's own caches a trace for the local backend.
+        step = jax.jit(trainer.step.__wrapped__,
+                       out_shardings=(trainer.state_shardings, replicated), donate_argnums=0)
+        return step.trace(state, batch).lower(lowering_platforms=(platform,))
 
 
 def bytes_per_device(abstract_tree, shardings) -> int:

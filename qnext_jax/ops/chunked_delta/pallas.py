@@ -29,6 +29,7 @@ from qnext_jax.ops.chunked_delta import kernels
 from qnext_jax.ops.chunked_delta.chunk_math import l2_normalize
 from qnext_jax.ops.chunked_delta.kernels import BACKENDS, KernelConfig
 from qnext_jax.ops.chunked_delta.layout import chunk_decays, pad_to_chunks
+from qnext_jax.ops.platform import target_platform
 
 F32 = jnp.float32
 log = logging.getLogger(__name__)
@@ -37,10 +38,7 @@ log = logging.getLogger(__name__)
 def default_backend() -> str:
     """The kernel backend for the platform jax computes on: Mosaic on TPU, Triton on GPU,
     interpret mode elsewhere (CPU)."""
-    platform = jax.default_backend()
-    return {"tpu": "mosaic", "gpu": "triton", "cuda": "triton", "rocm": "triton"}.get(
-        platform, "interpret"
-    )
+    return {"tpu": "mosaic", "gpu": "triton"}.get(target_platform(), "interpret")
 
 
 def delta_rule_pallas(

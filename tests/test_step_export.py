@@ -1,0 +1,52 @@
+"""The whole train step of the small replica lowers for GPU (`cuda`) and TPU from this CPU
+machine, with the kernel choices of that platform: the Pallas delta-rule kernels (Triton /
+Mosaic), attention (blockwise XLA on GPU, splash on TPU), the experts' grouped matmul, the
+expert-parallel `shard_map` and its all-to-alls, the fused loss, MTP and the optimizer. A
+lowering error anywhere in the step fails here, not on the first device."""
+
+from pathlib import Path
+
+import pytest
+
+from qnext_jax.config import ModelConfig
+from qnext_jax.ops.causal_attention import resolve_implementation
+from qnext_jax.ops.chunked_delta.pallas import default_backend as delta_rule_backend
+from qnext_jax.ops.platform import lowering_for, target_platform
+from qnext_jax.parallel.mesh import MeshConfig
+from qnext_jax.train.plan import lower_train_step, planned_trainer
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+DELTA_RULE_KERNELS = 9  # forward 4 + backward 5, per traced DeltaNet layer
+
+
+@pytest.fixture(scope="module")
+def small():
+    return ModelConfig.from_yaml(Path(__file__).parent.parent / "configs" / "small.yaml")
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_small_replica_step_lowers(small, platform):
+    trainer = planned_trainer(small, MeshConfig(fsdp=2, expert=4), 8)
+    text = lower_train_step(trainer, global_batch=8, sequence_length=256, platform=platform).as_text()
+    assert "mhlo.num_partitions = 8" in text
+    assert text.count("all_to_all") >= 4  # the experts' dispatch and return, forward and backward
+    triton, mosaic = text.count(TRITON_CALL), text.count("tpu_custom_call")
+    if platform == "cuda":
+        assert mosaic == 0 and triton >= DELTA_RULE_KERNELS and triton % DELTA_RULE_KERNELS == 0
+    else:  # the delta rule's kernels plus splash attention's forward, dq and dk/dv kernels
+        assert triton == 0 and mosaic >= DELTA_RULE_KERNELS + 3
+
+
+def test_lowering_for_sets_the_kernel_choices_only_inside_it():
+    assert target_platform() == "cpu"
+    with lowering_for("cuda"):
+        assert target_platform() == "gpu"
+        assert delta_rule_backend() == "triton"
+        assert resolve_implementation("auto", 256, 256) == "blockwise"
+    with lowering_for("tpu"):
+        assert delta_rule_backend() == "mosaic"
+        assert resolve_implementation("auto", 256, 256) == "splash"
+    assert target_platform() == "cpu" and delta_rule_backend() == "interpret"
+    with pytest.raises(ValueError, match="platform must be one of"):
+        with lowering_for("metal"):
+            pass
