@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qnext_jax.ops.grouped_matmul import tiled_grouped_matmul
+from qnext_jax.ops.grouped_matmul import grouped_matmul, tiled_grouped_matmul
 
 
 @pytest.mark.parametrize("sizes", [[5, 0, 17, 3], [0, 0, 40, 0], [1, 1, 1, 1]])
@@ -32,3 +32,44 @@ def test_tiled_equals_ragged_dot_and_numpy(sizes):
                      argnums=(0, 1))(rows, weights)
     for a, b in zip(tiled, ragged):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", [[50, 0, 170, 30], [0, 0, 200, 0]])
+def test_megablox_equals_tiled(sizes):
+    """The TPU path (megablox GMM, Pallas interpret mode here), values and gradients, with rows
+    past the last group (zeros, and no gradient) and a row count that is no tile multiple."""
+    rng = np.random.default_rng(1)
+    rows = jnp.asarray(rng.normal(size=(260, 128)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(4, 128, 64)), jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+
+    def loss(impl, r, w):
+        return jnp.sum(jnp.sin(grouped_matmul(r, w, group_sizes, impl=impl, tile=8)))
+
+    out = grouped_matmul(rows, weights, group_sizes, impl="megablox")
+    expected = tiled_grouped_matmul(rows, weights, group_sizes, tile=8)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+    assert np.all(np.asarray(out[sum(sizes):]) == 0)
+    got = jax.grad(lambda r, w: loss("megablox", r, w), argnums=(0, 1))(rows, weights)
+    want = jax.grad(lambda r, w: loss("tiled", r, w), argnums=(0, 1))(rows, weights)
+    for name, a, b in zip(("rows", "weights"), got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3, err_msg=name)
+
+
+def test_gpu_without_a_gpu_device_lowers_ragged_dot():
+    """tokamax traces only on a GPU device: lowering for cuda from CPU takes XLA's ragged_dot."""
+    from jax import export
+
+    from qnext_jax.ops.platform import lowering_for
+
+    shape = jax.ShapeDtypeStruct
+    with lowering_for("cuda"):
+        exported = export.export(jax.jit(lambda r, w, s: grouped_matmul(r, w, s)),
+                                 platforms=["cuda"])(
+            shape((64, 16), jnp.bfloat16), shape((4, 16, 8), jnp.bfloat16), shape((4,), jnp.int32))
+    assert "ragged_dot" in exported.mlir_module()
+
+
+def test_rejects_an_unknown_implementation():
+    with pytest.raises(ValueError, match="grouped matmul impl must be one of"):
+        grouped_matmul(jnp.zeros((4, 2)), jnp.zeros((1, 2, 2)), jnp.array([4]), impl="dense")

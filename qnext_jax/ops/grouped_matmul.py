@@ -1,28 +1,109 @@
 """Grouped matmul for the MoE experts: rows sorted by group, each group times its own matrix.
 
-`jax.lax.ragged_dot` is the grouped GEMM of GPUs and TPUs. XLA:CPU lowers it densely — every
-row times every group's matrix, then a select (measured: temporaries 2x rows x groups x out) —
-so on CPU we use a tiled form instead: each group's rows are padded to whole tiles of `tile`
-rows, every tile belongs to one group, and one batched matmul multiplies each tile by its
-group's matrix. Work is the real rows plus at most `tile - 1` padding rows per group.
+Per platform (`impl="auto"`), the grouped GEMM that does not expand into dense products:
+  TPU  `megablox`: JAX's Pallas megablox GMM (Mosaic; its own VJP: gmm for the rows' gradient,
+       tgmm for the weights'). `jax.lax.ragged_dot` also lowers to XLA:TPU's ragged-dot
+       instruction; megablox is what TPU MoE stacks run and is tested here in interpret mode.
+  GPU  `tokamax`: tokamax's ragged dot (Mosaic GPU on Hopper, else Triton). XLA:GPU rewrites
+       `ragged_dot` to cuDNN where cuDNN takes the shape and otherwise expands it into
+       zero-padded dense products (a G-fold waste: openxla/xla#46127), and JAX's switch to a
+       Pallas Triton lowering (`jax_ragged_dot_use_gpu_pallas_triton_lowering`) imports a
+       module no released wheel ships (jax-ml/jax#40888). tokamax checks for a GPU device when
+       it traces, so a CPU machine lowering for `cuda` (ops.platform.lowering_for) gets
+       `ragged` instead, logged.
+  CPU  `tiled`: XLA:CPU lowers `ragged_dot` densely — every row times every group's matrix,
+       then a select (measured: temporaries 2x rows x groups x out) — so each group's rows
+       are padded to whole tiles of `tile` rows, every tile belongs to one group, and one
+       batched matmul multiplies each tile by its group's matrix. Work is the real rows plus at
+       most `tile - 1` padding rows per group.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
 
 from qnext_jax.ops.platform import target_platform
 
+IMPLEMENTATIONS = ("auto", "tiled", "ragged", "megablox", "tokamax")
+log = logging.getLogger(__name__)
+_reported: set[str] = set()
 
-def grouped_matmul(rows, weights, group_sizes, *, impl: str = "auto", tile: int = 64):
+
+def grouped_matmul(rows, weights, group_sizes, *, impl: str = "auto", tile: int = 64,
+                   interpret: bool | None = None):
     """rows [R, K] sorted by group; weights [G, K, F]; group_sizes [G] (sum <= R; rows past the
-    sum are not computed and come back as zeros). Returns [R, F]."""
+    sum are not computed and come back as zeros). Returns [R, F] in rows' dtype.
+    interpret: run the megablox kernel in Pallas' interpret mode (default: on CPU)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"grouped matmul impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        impl = "tiled" if target_platform() == "cpu" else "ragged"
+        impl = {"cpu": "tiled", "tpu": "megablox", "gpu": "tokamax"}[target_platform()]
+    if impl == "tokamax":
+        try:
+            return _masked(_tokamax_ragged_dot, rows, weights, group_sizes)
+        except (ImportError, NotImplementedError, ExceptionGroup) as error:
+            unsupported = [e for e in getattr(error, "exceptions", [error])
+                           if isinstance(e, (ImportError, NotImplementedError))]
+            if len(unsupported) < len(getattr(error, "exceptions", [error])):
+                raise
+            _report("grouped matmul: XLA's ragged_dot instead of tokamax: "
+                    + "; ".join(sorted({str(e) for e in unsupported})))
+            impl = "ragged"
+    if impl == "megablox":
+        if interpret is None:
+            interpret = target_platform() == "cpu"
+        return _masked(lambda *a: _megablox_gmm(*a, interpret=interpret), rows, weights,
+                       group_sizes)
     if impl == "ragged":
         return jax.lax.ragged_dot(rows, weights, group_sizes)
     return tiled_grouped_matmul(rows, weights, group_sizes, tile)
+
+
+def _report(message):
+    if message not in _reported:
+        _reported.add(message)
+        log.warning(message)
+
+
+def _masked(kernel, rows, weights, group_sizes):
+    """The kernel's product with the rows past the last group zeroed on the way in and out:
+    kernels leave those output rows (and the rows' gradient there) unwritten. `where`'s
+    gradient selects, so unwritten values never reach a real row."""
+    valid = (jnp.arange(rows.shape[0]) < jnp.sum(group_sizes))[:, None]
+    out = kernel(jnp.where(valid, rows, 0), weights, group_sizes.astype(jnp.int32))
+    return jnp.where(valid, out, 0).astype(rows.dtype)
+
+
+def _tokamax_ragged_dot(rows, weights, group_sizes):
+    import tokamax
+    from absl import flags
+
+    # tokamax reads absl flags, which would parse our command line (not absl's) on first use:
+    # let it take its defaults.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+    return tokamax.ragged_dot(rows, weights, group_sizes, implementation=("mosaic", "triton"))
+
+
+def _megablox_gmm(rows, weights, group_sizes, *, interpret):
+    """megablox.gmm needs the rows in whole tiles of tm (a multiple of 8) and tiles of K and F
+    of 128 or less (whole dims when smaller)."""
+    from jax.experimental.pallas.ops.tpu import megablox
+
+    num_rows, k = rows.shape
+    f = weights.shape[2]
+    tm = min(128, -(-num_rows // 8) * 8)
+    padded = -(-num_rows // tm) * tm
+    if padded != num_rows:
+        rows = jnp.pad(rows, ((0, padded - num_rows), (0, 0)))
+    out = megablox.gmm(rows, weights.astype(rows.dtype), group_sizes,
+                       preferred_element_type=rows.dtype, tiling=(tm, min(128, k), min(128, f)),
+                       interpret=interpret)
+    return out[:num_rows]
 
 
 def tiled_grouped_matmul(rows, weights, group_sizes, tile: int = 64):

@@ -73,9 +73,9 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
     )
     local = partial(_dispatch_compute_combine, shards=axis_size(mesh, "expert"),
                     capacity_factor=capacity_factor)
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens_spec)(
-        tokens, weights, experts, gate_w, up_w, down_w
-    )
+    # check_vma=False: Pallas kernels inside (the TPU megablox GMM) declare no varying axes.
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens_spec,
+                         check_vma=False)(tokens, weights, experts, gate_w, up_w, down_w)
 
 
 def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *, shards,
