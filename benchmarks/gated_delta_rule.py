@@ -69,28 +69,34 @@ def ours(impl, inputs, dtype):
             lambda: jax.block_until_ready(backward(*args)))
 
 
-def torch_peer(function, inputs, dtype, device):
-    """A torch chunked function with q, k repeated to the value heads, as the HF model does."""
+def torch_peer(function, inputs, dtype, device, repeat_heads):
+    """A torch chunked function on tensors made once, outside the timed calls. repeat_heads:
+    q, k repeated to the value heads (transformers' function needs it, as the HF model does);
+    FLA takes grouped value heads natively and gets q, k as they are."""
     import torch
 
     torch_dtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16}[dtype]
     q, k, v, g, beta = inputs
-    group = v.shape[2] // q.shape[2]
-    q, k = np.repeat(q, group, axis=2), np.repeat(k, group, axis=2)
+    if repeat_heads:
+        group = v.shape[2] // q.shape[2]
+        q, k = np.repeat(q, group, axis=2), np.repeat(k, group, axis=2)
 
     def tensors(grad):
         make = lambda x, dt: torch.tensor(x, dtype=dt, device=device, requires_grad=grad)
         return [make(x, torch_dtype) for x in (q, k, v)] + [make(g, torch.float32), make(beta, torch_dtype)]
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    frozen, trainable = tensors(False), tensors(True)
 
     def forward():
         with torch.no_grad():
-            function(*tensors(False))
+            function(*frozen)
         sync()
 
     def backward():
-        out = function(*tensors(True))[0]
+        for x in trainable:
+            x.grad = None
+        out = function(*trainable)[0]
         out.float().sum().backward()
         sync()
 
@@ -110,7 +116,8 @@ def peers(platform, inputs, dtype):
             return rows
         torch.set_num_threads(os.cpu_count())
         fn = lambda *a: torch_chunk_gated_delta_rule(*a, use_qk_l2norm_in_kernel=True)
-        rows.append(("transformers torch_chunk_gated_delta_rule", torch_peer(fn, inputs, dtype, "cpu")))
+        rows.append(("transformers torch_chunk_gated_delta_rule",
+                     torch_peer(fn, inputs, dtype, "cpu", repeat_heads=True)))
     else:
         try:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -118,7 +125,8 @@ def peers(platform, inputs, dtype):
             print("note: flash-linear-attention not installed, no GPU peer")
             return rows
         fn = lambda *a: chunk_gated_delta_rule(*a, use_qk_l2norm_in_kernel=True)
-        rows.append(("fla chunk_gated_delta_rule", torch_peer(fn, inputs, dtype, "cuda")))
+        rows.append(("fla chunk_gated_delta_rule",
+                     torch_peer(fn, inputs, dtype, "cuda", repeat_heads=False)))
     return rows
 
 
