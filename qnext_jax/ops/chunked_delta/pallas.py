@@ -48,12 +48,27 @@ def delta_rule_pallas(
     """Same contract as `delta_rule_chunked`, except q, k, v keep their dtype (bf16 or fp32):
     it becomes the matmul operand dtype; state and accumulation stay fp32. With
     `normalize_qk`, q and k are L2-normalised (q scaled by dk^-1/2) in fp32 first."""
+    length, key_dim, value_dim = q.shape[1], q.shape[3], v.shape[3]
+    cfg, inputs = kernel_inputs(q, k, v, g, beta, docs, initial_state, chunk_size=chunk_size,
+                                backend=backend, value_block=value_block,
+                                normalize_qk=normalize_qk)
+    out, final_state = _core(cfg, *inputs)
+    if not cfg.native_layout:
+        out = jnp.swapaxes(out, 1, 2)
+    return out[:, :length, :, :value_dim], final_state[..., :key_dim, :value_dim]
+
+
+def kernel_inputs(q, k, v, g, beta, docs, initial_state, *, chunk_size=64, backend=None,
+                  value_block=64, normalize_qk=False):
+    """(KernelConfig, (q, k, v, beta, gamma, start, end, docs, initial_state)) as the kernels
+    take them: normalised, padded to kernel head sizes and whole chunks, in the backend's
+    layout, with the per-token decays. (Also what benchmarks time the kernels on.)"""
     backend = backend or default_backend()
     if backend not in BACKENDS:
         raise ValueError(f"pallas backend must be one of {BACKENDS}, got {backend!r}")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"pallas chunk_size must be a power of two >= 16, got {chunk_size}")
-    batch, length, key_heads, key_dim = q.shape
+    key_heads, key_dim = q.shape[2:]
     value_heads, value_dim = v.shape[2:]
     compute_dtype = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
     if normalize_qk:
@@ -62,13 +77,12 @@ def delta_rule_pallas(
     # Kernels hold whole [chunk, dv] and [dk, dv] tiles, which Triton takes only in powers of
     # two: pad dv (and dk) to the next one, then tile dv by the value block.
     padded_key_dim, padded_value_dim = _kernel_dim(key_dim), _kernel_dim(value_dim)
-    value_block = min(value_block, padded_value_dim)
     if (padded_key_dim, padded_value_dim) != (key_dim, value_dim):
         q, k, v, initial_state = _pad_head_dims(
             q, k, v, initial_state, padded_key_dim, padded_value_dim)
     cfg = KernelConfig(
         chunk=chunk_size, group=value_heads // key_heads, compute_dtype=compute_dtype,
-        backend=backend, value_block=value_block,
+        backend=backend, value_block=min(value_block, padded_value_dim),
     )
 
     q, k, v, g, beta, docs = pad_to_chunks(q, k, v, g, beta, docs, chunk_size)
@@ -83,11 +97,8 @@ def delta_rule_pallas(
             docs.reshape(batch, 1, -1, chunk_size),
         )
     )
-    out, final_state = _core(
-        cfg, qh, kh, vh, heads_first(beta.astype(F32)), gamma, start, end,
-        docs.astype(jnp.int32), initial_state.astype(F32),
-    )
-    return to_kernel(out)[:, :length, :, :value_dim], final_state[..., :key_dim, :value_dim]
+    return cfg, (qh, kh, vh, heads_first(beta.astype(F32)), gamma, start, end,
+                 docs.astype(jnp.int32), initial_state.astype(F32))
 
 
 def _kernel_dim(size: int) -> int:
