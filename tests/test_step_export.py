@@ -53,3 +53,12 @@ def test_lowering_for_sets_the_kernel_choices_only_inside_it():
     with pytest.raises(ValueError, match="platform must be one of"):
         with lowering_for("metal"):
             pass
+
+
+def test_gpu_recipe_step_lowers_for_cuda():
+    """configs/gpu_1b.yaml (bf16, remat) at its own batch, 8 x 4096 tokens, on one GPU."""
+    recipe = ModelConfig.from_yaml(Path(__file__).parent.parent / "configs" / "gpu_1b.yaml")
+    trainer = planned_trainer(recipe, MeshConfig(fsdp=1), 1)
+    text = lower_train_step(trainer, global_batch=8, sequence_length=4096, platform="cuda").as_text()
+    assert text.count(TRITON_CALL) >= DELTA_RULE_KERNELS
+    assert "tensor<8x4096x8x128xbf16>" in text  # the DeltaNet values, native layout, bf16
