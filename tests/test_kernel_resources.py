@@ -1,6 +1,7 @@
 """Every delta-rule Pallas kernel fits a Hopper SM: each kernel's Triton IR (exported for `cuda`
 on this CPU machine) compiled with pip `triton` for sm_90a needs at most 227 KB of shared
-memory per block and spills at most a few hundred bytes a thread, in bf16 at the Qwen3-Next
+memory per block, spills at most a few hundred bytes a thread and transposes no dot result
+that feeds another dot (a pattern Triton has miscompiled on Hopper), in bf16 at the Qwen3-Next
 head size (d = 128, Hv = 2 Hk) and at d = 64. No GPU is needed."""
 
 import importlib.util

@@ -40,6 +40,15 @@ def test_small_replica_step_lowers(small, platform):
         assert "ragged_dot" not in text
 
 
+def test_one_trainer_lowered_for_two_platforms_gets_each_platform_kernels(small):
+    """jax caches traces per function: the second platform must not reuse the first's trace."""
+    trainer = planned_trainer(small, MeshConfig(fsdp=2, expert=4), 8)
+    cuda = lower_train_step(trainer, global_batch=8, sequence_length=256, platform="cuda").as_text()
+    tpu = lower_train_step(trainer, global_batch=8, sequence_length=256, platform="tpu").as_text()
+    assert TRITON_CALL in cuda and "tpu_custom_call" not in cuda
+    assert "tpu_custom_call" in tpu and TRITON_CALL not in tpu
+
+
 def test_lowering_for_sets_the_kernel_choices_only_inside_it():
     assert target_platform() == "cpu"
     with lowering_for("cuda"):

@@ -3,16 +3,18 @@
     bash benchmarks/gpu/run_device_check.sh          # on the GPU machine (~6-8 min; see there)
     python benchmarks/gpu/device_check.py --dry-run  # CPU: interpret mode, tiny shapes (~1 min)
 
-Stages, in priority order (each prints `RESULT {json}` lines; all land in OUT/results.json):
+Stages, in priority order (each prints `RESULT {json}` lines, and OUT/results.json is
+rewritten after each one, so a run cut short keeps what it measured):
   correct    the Pallas delta rule, bf16 and fp32, fwd + bwd with documents and an initial
              state, against the fp32 XLA `chunked` rule: output, final state, all six gradients;
              the experts' grouped matmul (the platform's choice and XLA's ragged_dot) against
              the tiled form, values and both gradients
-  speed      pallas vs chunked, forward and forward + backward, at (B, T) = (4, 8192) and
-             (1, 32768), Hk = 16, Hv = 32, d = 128, bf16 (FLA is timed beside it by fla_peer.py)
-  kernels    each of the nine kernels alone at (4, 8192)
-  experts    the grouped matmul, platform choice vs ragged_dot, fwd + bwd at the recipe's shape
+  speed A    pallas vs chunked, forward and forward + backward, at (B, T) = (4, 8192), Hk = 16,
+             Hv = 32, d = 128, bf16 (FLA is timed beside it by fla_peer.py)
   recipe     train steps of configs/gpu_1b.yaml (8 x 4096 tokens): tokens/s and MFU
+  experts    the grouped matmul, platform choice vs ragged_dot, fwd + bwd at the recipe's shape
+  kernels    each of the nine kernels alone at (4, 8192)
+  speed B    the same at (1, 32768)
 Everything is compiled first, in threads, while the FLA peer autotunes; then OUT/jax_compiled is
 written and the timing waits (bounded) for OUT/fla_done, so the two never time at once.
 A job that fails to compile is reported and its checks skipped; nothing else depends on it.
@@ -36,7 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--dry-run", action="store_true")
 parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/device_check"))
-parser.add_argument("--budget-s", type=float, default=420.0,
+parser.add_argument("--budget-s", type=float, default=400.0,
                     help="skip the stages that would start past this wall time")
 parser.add_argument("--wait-peer-s", type=float, default=240.0,
                     help="how long to wait for the FLA peer's timing to finish (0: not at all)")
@@ -71,7 +73,7 @@ DRY = args.dry_run
 # The dry run takes the Triton-shaped path (native layout, blocked inverse) in interpret mode.
 BACKEND = "interpret_loop" if DRY else None
 if DRY:
-    SHAPES = dict(C=(1, 128, 2, 4, 32), A=(1, 256, 2, 4, 32), B=(1, 512, 2, 4, 32))
+    SHAPES = dict(C=(1, 128, 2, 4, 32), A=(1, 128, 2, 4, 32), B=(1, 256, 2, 4, 32))
     EXPERTS = dict(rows=512, hidden=64, width=32, groups=8)
     RECIPE, RECIPE_BATCH = "tiny.yaml", (2, 128)
     ITERS = 2
@@ -89,8 +91,10 @@ def log(*parts):
 
 
 def result(**fields):
+    """Printed and written at once: a check killed by its timeout keeps what it measured."""
     RESULTS.append(fields)
     print("RESULT " + json.dumps(fields), flush=True)
+    (OUT / "results.json").write_text(json.dumps(RESULTS, indent=1))
 
 
 def error_text(error, limit=1500):
@@ -247,7 +251,20 @@ def recipe_step():
 
 # ----------------------------------------------------------------------------- compile
 log("jax", jax.__version__, "backend", jax.default_backend(), "device", jax.devices()[0].device_kind)
-result(stage="env", jax=jax.__version__, device=jax.devices()[0].device_kind, dry_run=DRY)
+def tokamax_status():
+    try:
+        import tokamax  # noqa: F401
+    except Exception as error:  # the GPU's grouped matmul would fall back to ragged_dot
+        return f"not importable: {error_text(error, 300)}"
+    return "importable"
+
+
+TOKAMAX = tokamax_status()
+result(stage="env", jax=jax.__version__, device=jax.devices()[0].device_kind, dry_run=DRY,
+       tokamax=TOKAMAX, xla_flags=os.environ.get("XLA_FLAGS", ""))
+if not DRY and TOKAMAX != "importable":
+    result(stage="env", status="failed", error="tokamax missing: the experts run XLA's "
+           "ragged_dot on this GPU ('experts auto' times the same as 'experts ragged')")
 INPUTS, JOBS = {}, {}  # name -> (function, arguments)
 INPUTS["C bf16"] = correctness_inputs(SHAPES["C"], BF16)
 INPUTS["C fp32"] = correctness_inputs(SHAPES["C"], F32)
@@ -268,6 +285,7 @@ JOBS["experts reference"] = (grouped_fwd_bwd("tiled"), INPUTS["experts fp32"])
 for impl in GROUPED:
     JOBS[f"experts {impl}"] = (grouped_fwd_bwd(impl), INPUTS["experts bf16"])
 COMPILED, COMPILE_S = {}, {}
+RECIPE_PARTS = recipe_step()
 
 
 def compile_job(name):
@@ -281,15 +299,28 @@ def compile_job(name):
         COMPILE_S[name] = round(time.time() - start, 1)
 
 
+def compile_recipe():
+    _, trainer, _, (abstract_state, abstract_batch) = RECIPE_PARTS
+    start = time.time()
+    try:
+        COMPILED["recipe"] = trainer.step.trace(abstract_state, abstract_batch).lower().compile()
+    except Exception as error:
+        result(stage="compile", job="recipe", error=error_text(error, 700))
+    finally:
+        COMPILE_S["recipe"] = round(time.time() - start, 1)
+
+
 def compile_all():
-    log(f"compiling {len(JOBS)} jobs with {args.workers} threads")
+    log(f"compiling {len(JOBS) + 1} jobs with {args.workers} threads")
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        recipe = pool.submit(compile_recipe)  # the longest compile: first
         for name, executable, error in pool.map(compile_job, sorted(JOBS, key=lambda n: "fwd+bwd" not in n)):
             if executable is None:
                 log(f"COMPILE FAILED {name}: {error}")
                 result(stage="compile", job=name, error=error[-700:])
             else:
                 COMPILED[name] = executable
+        recipe.result()
     # The kernels one by one, on the shapes the previous ones return.
     def compile_kernel(name, function, inputs):
         start = time.time()
@@ -397,10 +428,10 @@ def experts_speed():
 
 
 def recipe():
-    config, trainer, batch, (abstract_state, abstract_batch) = recipe_step()
-    start = time.time()
-    step = trainer.step.trace(abstract_state, abstract_batch).lower().compile()
-    compile_s = time.time() - start
+    if "recipe" not in COMPILED:
+        return
+    config, trainer, batch, _ = RECIPE_PARTS
+    step = COMPILED["recipe"]
     state = trainer.init()
     for _ in range(2):
         state, metrics = step(state, batch)
@@ -413,15 +444,15 @@ def recipe():
     rows, length = RECIPE_BATCH
     flops = config.training_flops_per_token(length) * rows * length
     peak = peak_tflops_per_device(jax.devices()[0].device_kind)
-    result(stage="recipe", config=RECIPE, batch=RECIPE_BATCH, compile_s=round(compile_s, 1),
+    result(stage="recipe", config=RECIPE, batch=RECIPE_BATCH, compile_s=COMPILE_S["recipe"],
            step_ms=round(seconds * 1e3, 1), tokens_per_s=round(rows * length / seconds),
            model_tflops=round(flops / seconds / 1e12, 2),
            mfu=None if peak is None else round(flops / seconds / (peak * 1e12), 3),
            loss=float(metrics["loss"]))
 
 
-STAGES = (("correct", correct), ("speed A", lambda: speed("A")), ("kernels", kernel_breakdown),
-          ("speed B", lambda: speed("B")), ("experts", experts_speed), ("recipe", recipe))
+STAGES = (("correct", correct), ("speed A", lambda: speed("A")), ("recipe", recipe),
+          ("experts", experts_speed), ("kernels", kernel_breakdown), ("speed B", lambda: speed("B")))
 for label, stage in STAGES:
     if time.time() - T0 > args.budget_s:
         result(stage=label, status="skipped (over the time budget)")
@@ -432,7 +463,6 @@ for label, stage in STAGES:
     except Exception as error:  # one stage's failure must not cost the others
         log(f"STAGE {label} FAILED: {error_text(error)}")
         result(stage=label, status="failed", error=error_text(error, 700))
-(OUT / "results.json").write_text(json.dumps(RESULTS, indent=1))
 failed = [r for r in RESULTS if "FAIL" in str(r.get("status", "")) or r.get("status") == "failed"
           or "error" in r]
 log(f"done: {len(RESULTS)} results, {len(failed)} failures")

@@ -2,7 +2,8 @@
 
 `jax.export` lowers the Pallas kernels (forward and backward) for `cuda` on this CPU machine;
 each kernel's Triton IR is captured at lowering and compiled with pip `triton` for sm_90a, and
-`ptxas -v` reports what one program (thread block) needs. H100/H200 give a block at most
+`ptxas -v` reports what one program (thread block) needs. The IR is also searched for
+transposes of dot results that feed dots (a pattern Triton has miscompiled on Hopper). H100/H200 give a block at most
 227 KB of shared memory (232,448 B, opt-in) and a thread 255 registers; what does not fit in
 registers spills to local memory (slow, but it compiles).
 
@@ -40,6 +41,7 @@ class KernelResources:
     registers: int
     spill_store_bytes: int
     spill_load_bytes: int
+    transposed_dot_results: int  # see `transposed_dot_results`
 
     def problems(self) -> list[str]:
         found = []
@@ -49,7 +51,56 @@ class KernelResources:
         if self.spill_store_bytes > SPILL_LIMIT_BYTES:
             found.append(f"{self.name}: spills {self.spill_store_bytes} B a thread "
                          f"(limit {SPILL_LIMIT_BYTES})")
+        if self.transposed_dot_results:
+            found.append(f"{self.name}: {self.transposed_dot_results} transposes of a dot result "
+                         "feed a dot")
         return found
+
+
+_DEFINITION = re.compile(r"^\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)(.*)$")
+_VALUE = re.compile(r"%[\w.]+")
+
+
+def transposed_dot_results(ir_text: str) -> int:
+    """How many `tt.trans` in Triton IR take a value computed from a `tt.dot` result (through
+    any ops but loads) and feed a `tt.dot`: the shape behind known Hopper miscompiles
+    (flash-linear-attention #640, triton #6124). Loop-carried values count as not derived."""
+    ops, operands, users = {}, {}, {}
+    for line in ir_text.splitlines():
+        match = _DEFINITION.match(line)
+        if not match:
+            continue
+        name, op, rest = match.groups()
+        rest = rest.split(" : ")[0] if op == "tt.dot" else rest.split(":")[0]
+        ops[name] = op
+        operands[name] = [value for value in _VALUE.findall(rest) if value != name]
+        for value in operands[name]:
+            users.setdefault(value, []).append(name)
+    derived = {}
+
+    def from_dot(value):
+        if value not in derived:
+            derived[value] = False  # cycles (none in SSA) and loads end the walk
+            op = ops.get(value)
+            if op is not None and op != "tt.load":
+                derived[value] = op == "tt.dot" or any(from_dot(v) for v in operands[value])
+        return derived[value]
+
+    def feeds_dot(value):
+        seen, stack = set(), [value]
+        while stack:
+            for user in users.get(stack.pop(), []):
+                if user not in seen:
+                    if ops[user] == "tt.dot":
+                        return True
+                    seen.add(user)
+                    stack.append(user)
+        return False
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20 * len(ops) + 1000))
+    return sum(1 for value, op in ops.items()
+               if op == "tt.trans" and any(from_dot(v) for v in operands[value])
+               and feeds_dot(value))
 
 
 @contextlib.contextmanager
@@ -133,6 +184,7 @@ def compile_for_hopper(name: str, ir_text: str, warps: int, stages: int = 2) -> 
         registers=number(r"Used (\d+) registers"),
         spill_store_bytes=number(r"(\d+) bytes spill stores"),
         spill_load_bytes=number(r"(\d+) bytes spill loads"),
+        transposed_dot_results=transposed_dot_results(ir_text),
     )
 
 
@@ -154,11 +206,13 @@ def main():
     for head_dim in args.head_dim or [128, 64]:
         print(f"\n{args.dtype}, dk = dv = {head_dim}, C = {CHUNK}, Hv = 2 Hk, sm_90a "
               f"(limits: {HOPPER_SHARED_BYTES} B shared, {SPILL_LIMIT_BYTES} B spilled)\n")
-        print("| kernel | warps | shared B | registers | spill stores B | spill loads B |")
-        print("|---|---|---|---|---|---|")
+        print("| kernel | warps | shared B | registers | spill stores B | spill loads B | "
+              "transposed dot results fed to dots |")
+        print("|---|---|---|---|---|---|---|")
         for row in kernel_resources(args.dtype, head_dim):
             print(f"| {row.name} | {row.warps} | {row.shared_bytes:,} | {row.registers} | "
-                  f"{row.spill_store_bytes:,} | {row.spill_load_bytes:,} |", flush=True)
+                  f"{row.spill_store_bytes:,} | {row.spill_load_bytes:,} | "
+                  f"{row.transposed_dot_results} |", flush=True)
             failures += row.problems()
     if failures:
         sys.exit("over the limits:\n  " + "\n  ".join(failures))

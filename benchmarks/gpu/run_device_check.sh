@@ -23,8 +23,9 @@ FLA_STATUS=absent
 if PYTHONPATH="$SITE" python3 -c "import fla" 2>/dev/null; then
   FLA_STATUS=running
   # torch beside JAX: JAX takes at most 60% of the card.
+  # `timeout` stops it with SIGTERM, which skips its own `finally`: mark it done here too.
   ( PYTHONPATH="$SITE" timeout 330 python3 benchmarks/gpu/fla_peer.py --force-backward --out "$OUT" \
-      > "$OUT/fla.log" 2>&1 ) &
+      > "$OUT/fla.log" 2>&1; touch "$OUT/fla_done" ) &
 else
   touch "$OUT/fla_done"
 fi

@@ -50,8 +50,12 @@ def lower_train_step(trainer: Trainer, global_batch: int, sequence_length: int,
         return trainer.step.trace(state, batch).lower()
     replicated = NamedSharding(trainer.batch_sharding.mesh, P())
     with lowering_for(platform):
-        # A fresh jit of the same step: the trainer's own caches a trace for the local backend.
-        step = jax.jit(trainer.step.__wrapped__,
+        # A new function around the same step: jax caches traces per Python function and
+        # shapes (across jit objects too), and a trace made for another platform would be reused.
+        def step_for_platform(state, batch):
+            return trainer.step.__wrapped__(state, batch)
+
+        step = jax.jit(step_for_platform,
                        out_shardings=(trainer.state_shardings, replicated), donate_argnums=0)
         return step.trace(state, batch).lower(lowering_platforms=(platform,))
 

@@ -35,7 +35,8 @@ class Numerics:
     compute_dtype: the operand dtype of every product (bf16 operands with fp32 accumulation for
         bf16 training; fp32 when fp32 exactness is asked).
     fp32_precision: the precision of products with fp32 operands (fp32 compute, and the
-        (I + L)^-1 arithmetic, which is fp32 in every mode).
+        forward's (I + L)^-1 arithmetic, fp32 in every mode; in bf16 mode A is stored in bf16
+        and its gradient, dL = -A^T dA A^T, takes bf16 operands, as FLA's).
     inverse: which (I + L)^-1 (masked full-tile doubling in Mosaic kernels, sliced blocks in
         XLA; the Triton kernels invert 16 x 16 blocks read from refs, see kernels.py).
     transpose_by_dot: compute a transposed product (K Q^T, dA^T) as its own dot rather than
@@ -261,14 +262,15 @@ def _decay_gradients(d_decay):
 
 
 def output_backward(q, k, v_new, state, d_state_end, d_out, start_col, end_col, gamma_col,
-                    gamma_row, docs_col, docs_row, numerics, q_keys=None):
+                    gamma_row, docs_col, docs_row, numerics, q_keys=None, v_new_t=None):
     """Gradients through O = (start Q) S0 + ((Q K^T) * decay) V_new and through the chunk's
     contribution (end K)^T V_new + start_last S0 to S_end, with V_new held fixed (its own
     gradient came from the reverse state pass).
 
     Returns dq, dk [C, dk] (this value head's share), the [C, 1] columns d_start (including the
     carry e^gamma_last at the last row) and d_end, and d gamma as a [C, 1] column and a [1, C]
-    row. `q_keys` (Q K^T) is recomputed unless given.
+    row. `q_keys` (Q K^T) is recomputed unless given. With `numerics.transpose_by_dot`,
+    `v_new_t` = V_new^T must come from its own products (V_new is itself a product).
     """
     qf, kf = q.astype(F32), k.astype(F32)
     decay = decay_matrix(gamma_col, gamma_row, causal_same_doc(docs_col, docs_row))
@@ -276,7 +278,10 @@ def output_backward(q, k, v_new, state, d_state_end, d_out, start_col, end_col, 
         q_keys = matmul(q, k, numerics, transpose_b=True)
     d_queries_start = matmul(d_out, state, numerics, transpose_b=True)  # d(start Q)
     d_keys_end = matmul(v_new, d_state_end, numerics, transpose_b=True)  # d(end K)
-    d_scores = matmul(d_out, v_new, numerics, transpose_b=True) * decay
+    if numerics.transpose_by_dot:
+        d_scores = matmul(d_out, v_new_t, numerics) * decay
+    else:
+        d_scores = matmul(d_out, v_new, numerics, transpose_b=True) * decay
     if numerics.transpose_by_dot:
         d_scores_t = matmul(v_new, d_out, numerics, transpose_b=True) * decay_matrix_transposed(
             gamma_col, gamma_row, causal_same_doc_transposed(docs_col, docs_row))
@@ -319,8 +324,9 @@ def wy_backward(k, v, beta_col, beta_row, start_col, gamma_col, gamma_row, docs_
     d_lower = jnp.where(rows > cols, d_lower, 0.0)
     d_gram = d_lower * beta_col * decay
     if numerics.transpose_by_dot:  # dL^T = -A dA^T A, dA^T from its own products
+        d_w_t = -matmul(state, d_v_new, numerics, transpose_b=True)  # not d_w transposed
         d_transform_t = (matmul(values_in, d_v_new, numerics, transpose_b=True)
-                         + matmul(keys_in, d_w, numerics, transpose_b=True))
+                         + matmul(keys_in, d_w_t, numerics))
         d_lower_t = -matmul(matmul(transform, d_transform_t, numerics), transform, numerics)
         d_gram_t = jnp.where(rows < cols, d_lower_t, 0.0) * beta_row * decay_matrix_transposed(
             gamma_col, gamma_row, causal_same_doc_transposed(docs_col, docs_row))

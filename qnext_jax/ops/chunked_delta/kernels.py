@@ -451,13 +451,16 @@ def output_backward(cfg, q, k, u, w, states, d_states_end, d_out, gamma, start, 
     def kernel(q_ref, k_ref, u_ref, w_ref, s_ref, ds_ref, do_ref, grow_ref, dcol_ref, drow_ref,
                start_ref, end_ref, gcol_ref, dq_ref, dk_ref, dstart_ref, dend_ref, dgcol_ref,
                dgrow_ref):
-        state = s_ref[...].astype(F32)
-        v_new = u_ref[...].astype(F32) - cm.matmul(w_ref[...], state, cfg.numerics)
+        state, u, w = s_ref[...].astype(F32), u_ref[...].astype(F32), w_ref[...]
+        v_new = u - cm.matmul(w, state, cfg.numerics)
+        v_new_t = None
+        if cfg.numerics.transpose_by_dot:  # V_new^T = U^T - S0^T W^T from the loaded tiles
+            v_new_t = u.T - cm.matmul(state, w, cfg.numerics, transpose_a=True, transpose_b=True)
         (dq_ref[...], dk_ref[...], dstart_ref[...], dend_ref[...], dgcol_ref[...],
          dgrow_ref[...]) = cm.output_backward(
             q_ref[...], k_ref[...], v_new, state, ds_ref[...].astype(F32), do_ref[...],
             start_ref[...], end_ref[...], gcol_ref[...], grow_ref[...], dcol_ref[...],
-            drow_ref[...], cfg.numerics)
+            drow_ref[...], cfg.numerics, v_new_t=v_new_t)
 
     per_head = jax.ShapeDtypeStruct(cfg.heads_shape(batch, value_heads, length, dk), F32)
     col_shape = jax.ShapeDtypeStruct(gamma_col.shape, F32)
