@@ -42,7 +42,7 @@ def default_backend() -> str:
 
 
 def delta_rule_pallas(
-    q, k, v, g, beta, docs, initial_state, *, chunk_size=64, backend=None, value_block=64,
+    q, k, v, g, beta, docs, initial_state, *, chunk_size=64, backend=None, value_block=None,
     normalize_qk=False,
 ):
     """Same contract as `delta_rule_chunked`, except q, k, v keep their dtype (bf16 or fp32):
@@ -59,7 +59,7 @@ def delta_rule_pallas(
 
 
 def kernel_inputs(q, k, v, g, beta, docs, initial_state, *, chunk_size=64, backend=None,
-                  value_block=64, normalize_qk=False):
+                  value_block=None, normalize_qk=False):
     """(KernelConfig, (q, k, v, beta, gamma, start, end, docs, initial_state)) as the kernels
     take them: normalised, padded to kernel head sizes and whole chunks, in the backend's
     layout, with the per-token decays. (Also what benchmarks time the kernels on.)"""
@@ -71,6 +71,8 @@ def kernel_inputs(q, k, v, g, beta, docs, initial_state, *, chunk_size=64, backe
     key_heads, key_dim = q.shape[2:]
     value_heads, value_dim = v.shape[2:]
     compute_dtype = jnp.bfloat16 if v.dtype == jnp.bfloat16 else F32
+    if value_block is None:  # the sequential kernels' dv tile: fp32 tiles take twice the room
+        value_block = 64 if compute_dtype == jnp.bfloat16 else 32
     if normalize_qk:
         q = l2_normalize(q, key_dim ** -0.5).astype(compute_dtype)
         k = l2_normalize(k).astype(compute_dtype)
