@@ -25,38 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpu.delta_rule_inputs import chunked_flops, make_inputs  # benchmarks/gpu/
 from qnext_jax.ops import gated_delta_rule
 
 SHAPES = {  # name: (batch, length, key heads, value heads, head dim)
     "small": [(2, 2048, 8, 8, 64)],
     "qwen3": [(1, 8192, 16, 32, 128), (4, 8192, 16, 32, 128)],
 }
-
-
-def chunked_flops(batch, length, key_heads, value_heads, dim, chunk=64):
-    """(forward, backward) FLOPs of the chunked algorithm: 2 per multiply-add of its matmuls,
-    the triangular inverse counted as C^3 / 3 multiply-adds."""
-    c, d, group = chunk, dim, value_heads // key_heads
-    forward = (
-        2 * c * c * d / group  # K K^T and Q K^T, shared by the value heads of a key head
-        + c ** 3 / 3  # (I + L)^-1
-        + 2 * c * c * d  # U = A (beta V), W = A (beta K)
-        + 3 * c * d * d  # W S, K^T V_new, Q S
-        + c * c * d  # (Q K^T * decay) V_new
-    )
-    backward = 9 * c * c * d + 6 * c * d * d + 2 * c ** 3
-    per_chunk_head = 2 * batch * value_heads * (-(-length // c))
-    return forward * per_chunk_head, backward * per_chunk_head
-
-
-def make_inputs(shape, dtype, seed=0):
-    batch, length, key_heads, value_heads, dim = shape
-    rng = np.random.default_rng(seed)
-    q, k = rng.normal(size=(2, batch, length, key_heads, dim)).astype(np.float32)
-    v = rng.normal(size=(batch, length, value_heads, dim)).astype(np.float32)
-    g = -rng.uniform(0.01, 1.0, size=(batch, length, value_heads)).astype(np.float32)
-    beta = rng.uniform(0, 1, size=(batch, length, value_heads)).astype(np.float32)
-    return q, k, v, g, beta
 
 
 def ours(impl, inputs, dtype):
@@ -160,7 +135,7 @@ def main():
           "| fwd TFLOP/s | fwd+bwd TFLOP/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for shape in (s for name in shapes for s in SHAPES[name]):
-        inputs = make_inputs(shape, dtype)
+        inputs = make_inputs(shape)
         rows = [(f"qnext_jax {impl}", ours(impl, inputs, dtype)) for impl in impls]
         rows += peers(platform, inputs, dtype)
         best = best_times(rows, args.rounds)

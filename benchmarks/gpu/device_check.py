@@ -51,10 +51,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from delta_rule_inputs import chunked_flops, make_inputs  # noqa: E402  (beside this script)
 from qnext_jax.config import ModelConfig  # noqa: E402
 from qnext_jax.data.batch import batch_from_packed_rows  # noqa: E402
 from qnext_jax.ops import gated_delta_rule  # noqa: E402
-from qnext_jax.ops.chunked_delta import kernels, pallas  # noqa: E402
+from qnext_jax.ops.chunked_delta import backward_kernels, kernels, pallas  # noqa: E402
 from qnext_jax.ops.grouped_matmul import grouped_matmul  # noqa: E402
 from qnext_jax.parallel.axes import ShardingRules  # noqa: E402
 from qnext_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
@@ -109,13 +110,8 @@ def relative_error(got, want):
 
 
 def delta_rule_inputs(shape, dtype, seed=0):
-    """q, k, v, g, beta (the recipe of benchmarks/gated_delta_rule.py and fla_peer.py)."""
-    batch, length, key_heads, value_heads, dim = shape
-    rng = np.random.default_rng(seed)
-    q, k = rng.standard_normal((2, batch, length, key_heads, dim), dtype=np.float32)
-    v = rng.standard_normal((batch, length, value_heads, dim), dtype=np.float32)
-    g = -rng.uniform(0.01, 1.0, size=(batch, length, value_heads)).astype(np.float32)
-    beta = rng.uniform(0, 1, size=(batch, length, value_heads)).astype(np.float32)
+    """q, k, v, g, beta as jax arrays (delta_rule_inputs.py: the same as the FLA peer's)."""
+    q, k, v, g, beta = make_inputs(shape, seed)
     return ([jnp.asarray(x, dtype) for x in (q, k, v)]
             + [jnp.asarray(g), jnp.asarray(beta, dtype)])
 
@@ -177,17 +173,17 @@ def kernel_chain(shape):
         "output": (lambda q, k, states, v_new, gamma, start, docs: kernels.output(
             cfg, q, k, states, v_new, gamma, start, docs, BF16),
             ("q", "k", "states", "v_new", "gamma", "start", "docs")),
-        "local_dv": (lambda q, k, d_out, gamma, docs: kernels.local_dv(cfg, q, k, d_out, gamma, docs),
+        "local_dv": (lambda q, k, d_out, gamma, docs: backward_kernels.local_dv(cfg, q, k, d_out, gamma, docs),
                      ("q", "k", "d_out", "gamma", "docs")),
         "state_pass_backward": (lambda d_final, d_out, dvl, w, q, k, start, end:
-                                kernels.state_pass_backward(cfg, d_final, d_out, dvl, w, q, k, start, end),
+                                backward_kernels.state_pass_backward(cfg, d_final, d_out, dvl, w, q, k, start, end),
                                 ("d_final", "d_out", "d_v_local", "w", "q", "k", "start", "end")),
         "output_backward": (lambda q, k, u, w, states, ds, d_out, gamma, start, end, docs:
-                            kernels.output_backward(cfg, q, k, u, w, states, ds, d_out, gamma,
+                            backward_kernels.output_backward(cfg, q, k, u, w, states, ds, d_out, gamma,
                                                     start, end, docs),
                             ("q", "k", "u", "w", "states", "d_states_end", "d_out", "gamma",
                              "start", "end", "docs")),
-        "wy_backward": (lambda a, k, v, beta, gamma, start, docs, states, dvn: kernels.wy_backward(
+        "wy_backward": (lambda a, k, v, beta, gamma, start, docs, states, dvn: backward_kernels.wy_backward(
             cfg, a, k, v, beta, gamma, start, docs, states, dvn),
             ("a", "k", "v", "beta", "gamma", "start", "docs", "states", "d_v_new")),
     }
@@ -385,15 +381,6 @@ def correct():
             result(stage="correct", job=f"grouped matmul {impl} (bf16 vs tiled fp32)",
                    status="PASS" if not bad else f"FAIL {bad}",
                    **{n: f"{e:.2e}" for n, e in errors.items()})
-
-
-def chunked_flops(batch, length, key_heads, value_heads, dim, chunk=64):
-    """(forward, backward) FLOPs of the chunked algorithm (benchmarks/gated_delta_rule.py)."""
-    c, d, group = chunk, dim, value_heads // key_heads
-    forward = 2 * c * c * d / group + c ** 3 / 3 + 2 * c * c * d + 3 * c * d * d + c * c * d
-    backward = 9 * c * c * d + 6 * c * d * d + 2 * c ** 3
-    per_chunk_head = 2 * batch * value_heads * (-(-length // c))
-    return forward * per_chunk_head, backward * per_chunk_head
 
 
 def speed(shape):

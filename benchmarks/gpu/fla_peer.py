@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
+from delta_rule_inputs import make_inputs as inputs  # beside this script
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--out", default="/tmp/device_check")
@@ -39,16 +39,6 @@ def log(*parts):
 
 def result(**fields):
     print("RESULT " + json.dumps(fields), flush=True)
-
-
-def inputs(shape, seed=0):  # device_check.delta_rule_inputs, in numpy
-    batch, length, key_heads, value_heads, dim = shape
-    rng = np.random.default_rng(seed)
-    q, k = rng.standard_normal((2, batch, length, key_heads, dim), dtype=np.float32)
-    v = rng.standard_normal((batch, length, value_heads, dim), dtype=np.float32)
-    g = -rng.uniform(0.01, 1.0, size=(batch, length, value_heads)).astype(np.float32)
-    beta = rng.uniform(0, 1, size=(batch, length, value_heads)).astype(np.float32)
-    return q, k, v, g, beta
 
 
 def main():

@@ -44,13 +44,11 @@ def grouped_matmul(rows, weights, group_sizes, *, impl: str = "auto", tile: int 
     if impl == "tokamax":
         try:
             return _masked(_tokamax_ragged_dot, rows, weights, group_sizes)
-        except (ImportError, NotImplementedError, ExceptionGroup) as error:
-            unsupported = [e for e in getattr(error, "exceptions", [error])
-                           if isinstance(e, (ImportError, NotImplementedError))]
-            if len(unsupported) < len(getattr(error, "exceptions", [error])):
+        except Exception as error:
+            reasons = _tokamax_unavailable(error)
+            if reasons is None:
                 raise
-            _report("grouped matmul: XLA's ragged_dot instead of tokamax: "
-                    + "; ".join(sorted({str(e) for e in unsupported})))
+            _report(f"grouped matmul: XLA's ragged_dot instead of tokamax: {reasons}")
             impl = "ragged"
     if impl == "megablox":
         if interpret is None:
@@ -66,6 +64,16 @@ def _report(message):
     if message not in _reported:
         _reported.add(message)
         log.warning(message)
+
+
+def _tokamax_unavailable(error):
+    """Why tokamax cannot run here ("not installed", or its kernels' own refusals: each
+    implementation raises NotImplementedError off a GPU, gathered in an ExceptionGroup), or
+    None when the error is a real failure."""
+    errors = list(error.exceptions) if isinstance(error, ExceptionGroup) else [error]
+    if all(isinstance(e, (ImportError, NotImplementedError)) for e in errors):
+        return "; ".join(sorted({str(e) for e in errors}))
+    return None
 
 
 def _masked(kernel, rows, weights, group_sizes):

@@ -25,7 +25,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from qnext_jax.ops.chunked_delta import kernels
+from qnext_jax.ops.chunked_delta import backward_kernels, kernels
 from qnext_jax.ops.chunked_delta.chunk_math import l2_normalize
 from qnext_jax.ops.chunked_delta.kernels import BACKENDS, KernelConfig
 from qnext_jax.ops.chunked_delta.layout import chunk_decays, pad_to_chunks
@@ -147,12 +147,12 @@ def _core_bwd(cfg, residuals, cotangents):
     d_out, d_final = cotangents
     d_out = d_out.astype(cfg.compute_dtype)
     u, w = kernels.prepare(cfg, transform, k, v, beta, start)
-    d_v_local = kernels.local_dv(cfg, q, k, d_out, gamma, docs)
-    d_v_new, d_states_end, d_initial = kernels.state_pass_backward(
+    d_v_local = backward_kernels.local_dv(cfg, q, k, d_out, gamma, docs)
+    d_v_new, d_states_end, d_initial = backward_kernels.state_pass_backward(
         cfg, d_final.astype(F32), d_out, d_v_local, w, q, k, start, end)
-    dq, dk_out, d_start_out, d_end, dg_col_out, dg_row_out = kernels.output_backward(
+    dq, dk_out, d_start_out, d_end, dg_col_out, dg_row_out = backward_kernels.output_backward(
         cfg, q, k, u, w, states, d_states_end, d_out, gamma, start, end, docs)
-    dk_wy, dv, d_beta, d_start_wy, dg_col_wy, dg_row_wy = kernels.wy_backward(
+    dk_wy, dv, d_beta, d_start_wy, dg_col_wy, dg_row_wy = backward_kernels.wy_backward(
         cfg, transform, k, v, beta, gamma, start, docs, states, d_v_new)
     flat = lambda x: x.reshape(gamma.shape)  # noqa: E731  [B, Hv, N, C, 1] or [.., 1, C]
     d_gamma = flat(dg_col_out) + flat(dg_row_out) + flat(dg_col_wy) + flat(dg_row_wy)
