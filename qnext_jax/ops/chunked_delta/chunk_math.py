@@ -38,7 +38,7 @@ class Numerics:
         forward's (I + L)^-1 arithmetic, fp32 in every mode; in bf16 mode A is stored in bf16
         and its gradient, dL = -A^T dA A^T, takes bf16 operands, as FLA's).
     inverse: which (I + L)^-1 (masked full-tile doubling in Mosaic kernels, sliced blocks in
-        XLA; the Triton kernels invert 16 x 16 blocks read from refs, see kernels.py).
+        XLA; the Triton kernels invert 16 x 16 blocks read from refs, see kernels.inverse).
     transpose_by_dot: compute a transposed product (K Q^T, dA^T) as its own dot rather than
         transposing a dot result that feeds another dot: on Hopper that pattern is behind
         known Triton miscompiles (flash-linear-attention #640, triton #6124).
