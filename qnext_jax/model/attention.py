@@ -38,27 +38,38 @@ class GatedAttention(nnx.Module):
 
     def __call__(self, x, *, rotary, segment_ids):
         """x: [B, T, E]; rotary: (cos, sin) [B, T, rotary_dim]; segment_ids: [B, T] or None."""
+        query, key, value, gate = self.project(x, rotary)
+        documents = None if segment_ids is None else document_index(segment_ids)
+        return self.finish(self.attend(query, key, value, documents), gate)
+
+    def project(self, x, rotary):
+        """x [B, T, E] -> query, gate [B, T, N, D] and key, value [B, T, K, D], the query and
+        key normed and rotated (what a KV cache holds)."""
         dtype = compute_dtype(self.config)
         x = x.astype(dtype)
-        query = jnp.einsum("BTE,END->BTND", x, cast(self.q_proj, dtype))  # [B, T, N, D]
-        gate = jnp.einsum("BTE,END->BTND", x, cast(self.gate_proj, dtype))  # [B, T, N, D]
-        key = jnp.einsum("BTE,EKD->BTKD", x, cast(self.k_proj, dtype))  # [B, T, K, D]
-        value = jnp.einsum("BTE,EKD->BTKD", x, cast(self.v_proj, dtype))  # [B, T, K, D]
+        query = jnp.einsum("BTE,END->BTND", x, cast(self.q_proj, dtype))
+        gate = jnp.einsum("BTE,END->BTND", x, cast(self.gate_proj, dtype))
+        key = jnp.einsum("BTE,EKD->BTKD", x, cast(self.k_proj, dtype))
+        value = jnp.einsum("BTE,EKD->BTKD", x, cast(self.v_proj, dtype))
         cos, sin = rotary
         query = apply_rotary(self.q_norm(query), cos, sin)
         key = apply_rotary(self.k_norm(key), cos, sin)
+        return query, key, value, gate
 
-        documents = None if segment_ids is None else document_index(segment_ids)
+    def attend(self, query, key, value, documents):
+        """Causal (and document-masked) attention of the queries to keys of the same tokens."""
         scale = self.config.head_dim ** -0.5
         if self.config.attention_impl == "xla":
-            out = _xla_attention(query, key, value, documents, scale)
-        elif under_mesh():
-            out = _attention_on_mesh(query, key, value, documents, scale, self.config.attention_impl)
-        else:
-            out = causal_attention(query, key, value, documents, documents, scale=scale,
-                                   impl=self.config.attention_impl)
+            return _xla_attention(query, key, value, documents, scale)
+        if under_mesh():
+            return _attention_on_mesh(query, key, value, documents, scale, self.config.attention_impl)
+        return causal_attention(query, key, value, documents, documents, scale=scale,
+                                impl=self.config.attention_impl)
+
+    def finish(self, out, gate):
+        """Output gate, then o_proj: [B, T, N, D] -> [B, T, E]."""
         out = out * jax.nn.sigmoid(gate)
-        return jnp.einsum("BTND,NDE->BTE", out, cast(self.o_proj, dtype))  # [B, T, E]
+        return jnp.einsum("BTND,NDE->BTE", out, cast(self.o_proj, compute_dtype(self.config)))
 
 
 def _xla_attention(query, key, value, documents, scale):

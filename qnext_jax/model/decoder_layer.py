@@ -36,6 +36,10 @@ class DecoderLayer(nnx.Module):
             h = h + self.mixer(x, segment_ids=segment_ids)
         else:
             h = h + self.mixer(x, rotary=rotary, segment_ids=segment_ids)
+        return self.feed_forward(h, valid=valid)
+
+    def feed_forward(self, h, *, valid):
+        """The second half of the layer: h + ffn(norm(h)), and the MoE's RouterStats (or None)."""
         x = self.post_attention_layernorm(h)
         if self.use_moe:
             update, stats = self.mlp(x, valid=valid)

@@ -51,8 +51,14 @@ class GatedDeltaNet(nnx.Module):
 
     def __call__(self, x, *, segment_ids):
         """x: [B, T, E] -> [B, T, E]. segment_ids [B, T] (or None) restart conv and state."""
-        config = self.config
-        dtype = compute_dtype(config)
+        query, key, value, z, g, beta = self.project(x)
+        out = self._conv_and_delta_rule(query, key, value, g, beta, self.conv_weights(), segment_ids)
+        return self.finish(out, z)
+
+    def project(self, x):
+        """x [B, T, E] -> the rule's inputs before the short conv: query, key [B, T, Hk, D],
+        value, z [B, T, Hv, D] in the compute dtype; g (log-decay) fp32, beta [B, T, Hv]."""
+        dtype = compute_dtype(self.config)
         x = x.astype(dtype)
         project = lambda spec, kernel: jnp.einsum(spec, x, cast(kernel, dtype))
         query = project("BTE,EKD->BTKD", self.q_proj)
@@ -61,14 +67,20 @@ class GatedDeltaNet(nnx.Module):
         z = project("BTE,EHD->BTHD", self.z_proj)
         b = project("BTE,EH->BTH", self.b_proj)
         a = project("BTE,EH->BTH", self.a_proj)
-
         beta = jax.nn.sigmoid(b)  # in the activation dtype, as HF
         decay_rate = jnp.exp(self.A_log[...].astype(jnp.float32))
         g = -decay_rate * jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
-        convs = tuple(cast(w, dtype) for w in (self.conv_q, self.conv_k, self.conv_v))
-        out = self._conv_and_delta_rule(query, key, value, g, beta, convs, segment_ids)
-        out = self.norm(out, z)  # [B, T, H, D]
-        return jnp.einsum("BTHD,HDE->BTE", out, cast(self.out_proj, dtype))
+        return query, key, value, z, g, beta
+
+    def conv_weights(self):
+        """The short conv's (q, k, v) kernels [W, heads, D] in the compute dtype."""
+        dtype = compute_dtype(self.config)
+        return tuple(cast(w, dtype) for w in (self.conv_q, self.conv_k, self.conv_v))
+
+    def finish(self, out, z):
+        """The rule's output [B, T, Hv, D] -> gated norm -> output projection [B, T, E]."""
+        out = self.norm(out, z)
+        return jnp.einsum("BTHD,HDE->BTE", out, cast(self.out_proj, compute_dtype(self.config)))
 
     def _conv_and_delta_rule(self, query, key, value, g, beta, convs, segment_ids):
         def rule(query, key, value, g, beta, documents, initial_state):

@@ -34,11 +34,7 @@ class MultiTokenPredictor(nnx.Module):
         """hidden: [B, T, E] previous depth's output (depth 1: main model after its final norm);
         ahead_embeddings: [B, T, E] embeddings of the tokens k positions ahead.
         Returns (normed output [B, T, E], RouterStats of its MoE layers or None)."""
-        dtype = compute_dtype(self.config)
-        fused = jnp.concatenate(
-            [self.pre_fc_norm_embedding(ahead_embeddings), self.pre_fc_norm_hidden(hidden)], axis=-1
-        ).astype(dtype)
-        h = jnp.einsum("BTC,CE->BTE", fused, cast(self.fc, dtype))  # [B, T, E]
+        h = self.fuse(hidden, ahead_embeddings)
         all_stats = []
         for layer in self.layers:
             h, stats = run_layer(layer, h, self.config.remat_policy, rotary=rotary,
@@ -46,3 +42,11 @@ class MultiTokenPredictor(nnx.Module):
             if stats is not None:
                 all_stats.append(stats)
         return self.norm(h), stack_stats(all_stats)
+
+    def fuse(self, hidden, ahead_embeddings):
+        """[normed embedding | normed hidden] @ fc: the first layer's input [B, T, E]."""
+        dtype = compute_dtype(self.config)
+        fused = jnp.concatenate(
+            [self.pre_fc_norm_embedding(ahead_embeddings), self.pre_fc_norm_hidden(hidden)], axis=-1
+        ).astype(dtype)
+        return jnp.einsum("BTC,CE->BTE", fused, cast(self.fc, dtype))  # [B, T, E]

@@ -1,0 +1,186 @@
+"""Generation from a model: prompts in, tokens out, with tokens/s and the acceptance rates.
+
+The model is split once (graph + state); prefill, the decode step and the speculative round
+are jitted with the state they update donated, and a host loop runs steps until every row is
+done (a stop token or max_new_tokens). Compiled functions are kept per shape, so a second call
+with prompts of a similar length compiles nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qnext_jax.generate.cache import main_cache, mtp_caches
+from qnext_jax.generate.decoding import decode_step, prefill
+from qnext_jax.generate.sampling import SamplingSettings
+from qnext_jax.generate.speculative import prefill_drafts, ring_size, speculative_round
+from qnext_jax.generate.state import DecodeState
+
+log = logging.getLogger(__name__)
+PROMPT_BUCKET = 16  # prompts are padded to a multiple of this: fewer prefill compilations
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per row, the generated tokens (up to and including a stop token)
+    prompt_tokens: int
+    seconds: float  # decoding after the first token (prefill excluded)
+    prefill_seconds: float
+    rounds: int = 0  # model calls per row after prefill, summed over the rows (steps or rounds)
+    acceptance: list[float] = field(default_factory=list)  # per draft depth: accepted / offered
+    # n_tokens per row after prefill and after every step: what each round accepted, where.
+    history: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(row) for row in self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        decoded = self.new_tokens - len(self.tokens)  # the first token of a row is prefill's
+        return decoded / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        decoded = self.new_tokens - len(self.tokens)
+        return decoded / self.rounds if self.rounds else float("nan")
+
+
+class Generator:
+    """generate(prompts, ...) for one model; `speculative` = D drafts per round (0: plain)."""
+
+    def __init__(self, model, *, speculative: int = 0):
+        if speculative < 0:
+            raise ValueError(f"speculative must be >= 0 drafts per round, got {speculative}")
+        if speculative and model.mtp is None:
+            raise ValueError("speculative decoding drafts with the MTP module, and this model has "
+                             "none (mtp_num_hidden_layers = 0)")
+        self.config = model.config
+        self.depth = speculative
+        self.graph, self.params = nnx.split(model)
+        self._compiled = {}
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
+                 settings: SamplingSettings = SamplingSettings(), stop_tokens=(), seed: int = 0,
+                 max_length: int | None = None) -> Generation:
+        """prompts: token ids per row (different lengths allowed). max_length: the caches'
+        length (default: the longest prompt, padded, + max_new_tokens + the drafts' room)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        vocab = self.config.vocab_size
+        for row, prompt in enumerate(prompts):
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {row} has token ids outside the vocabulary [0, {vocab}): "
+                                 f"{bad[:5]}")
+        stop_tokens = tuple(sorted(int(t) for t in stop_tokens))
+        padded = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+        needed = padded + max_new_tokens + 2 * self.depth + 2
+        max_length = needed if max_length is None else max_length
+        if max_length < needed:
+            raise ValueError(f"max_length {max_length} is too short for prompts padded to "
+                             f"{padded} + {max_new_tokens} new tokens (+ {2 * self.depth + 2} "
+                             f"for drafts): needs {needed}")
+        if max_length > self.config.max_position_embeddings:
+            log.warning("generating to %d tokens, past the model's max_position_embeddings %d",
+                        max_length, self.config.max_position_embeddings)
+        batch = np.zeros((len(prompts), padded), np.int32)
+        for row, prompt in enumerate(prompts):
+            batch[row, : len(prompt)] = prompt
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        static = dict(settings=settings, stop_tokens=stop_tokens, max_new=max_new_tokens)
+        # Built by jit: every cache a buffer of its own (the steps donate them).
+        state = jax.jit(self._initial_state, static_argnums=(0, 1, 2))(
+            len(prompts), max_length, settings, jnp.asarray(lengths), jax.random.key(seed))
+
+        start = time.perf_counter()
+        state = self._jitted("prefill", **static)(self.params, state, jnp.asarray(batch))
+        jax.block_until_ready(state.done)
+        prefilled = time.perf_counter()
+        step = self._jitted("round" if self.depth else "step", **static)
+        history = []
+        while True:
+            done, n_tokens = jax.device_get((state.done, state.n_tokens))
+            history.append(n_tokens)
+            if done.all():
+                break
+            state = step(self.params, state)
+        tokens, n_tokens = jax.device_get((state.tokens, state.n_tokens))
+        finished = time.perf_counter()
+
+        rows = [_trim(tokens[row, lengths[row]: n_tokens[row]], max_new_tokens, stop_tokens)
+                for row in range(len(prompts))]
+        result = Generation(rows, int(lengths.sum()), finished - prefilled, prefilled - start,
+                            history=history)
+        if self.depth:
+            offered, accepted, rounds = jax.device_get((state.offered, state.accepted, state.rounds))
+            result.rounds = int(rounds)
+            result.acceptance = [float(a / o) if o else float("nan")
+                                 for a, o in zip(accepted, offered)]
+        else:
+            result.rounds = result.new_tokens - len(rows)
+        return result
+
+    def _initial_state(self, batch: int, max_length: int, settings: SamplingSettings, lengths,
+                       key) -> DecodeState:
+        config, depth = self.config, self.depth
+        zeros = jnp.zeros((batch,), jnp.int32)
+        draft_vocab = 0 if settings.greedy else config.vocab_size  # the rejection rule's q
+        return DecodeState(
+            main=main_cache(config, batch, max_length),
+            mtp=mtp_caches(config, batch, max_length, depth) if depth else (),
+            tokens=jnp.zeros((batch, max_length), jnp.int32),
+            n_tokens=zeros, prompt_length=lengths, done=jnp.zeros((batch,), bool), key=key,
+            drafts=jnp.zeros((batch, depth), jnp.int32),
+            draft_probs=jnp.zeros((batch, depth, draft_vocab), jnp.float32),
+            rings=tuple(jnp.zeros((batch, ring_size(depth), config.hidden_size),
+                                  jnp.dtype(config.dtype)) for _ in range(depth)),
+            accepted=jnp.zeros((depth,), jnp.int32), offered=jnp.zeros((depth,), jnp.int32),
+            rounds=jnp.zeros((), jnp.int32),
+        )
+
+    def _jitted(self, kind: str, **static):
+        key = (kind, tuple(sorted(static.items())))
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(
+                functools.partial(_STEPS[kind], self.graph, depth=self.depth, **static),
+                donate_argnums=(1,))
+        return self._compiled[key]
+
+
+def _prefill(graph, params, state, prompts, *, depth, **static):
+    model = nnx.merge(graph, params)
+    state, hidden = prefill(model, state, prompts, **static)
+    if depth:
+        state = prefill_drafts(model, state, hidden, settings=static["settings"], depth=depth)
+    return state
+
+
+def _step(graph, params, state, *, depth, **static):
+    del depth
+    return decode_step(nnx.merge(graph, params), state, **static)
+
+
+def _round(graph, params, state, *, depth, **static):
+    return speculative_round(nnx.merge(graph, params), state, depth=depth, **static)
+
+
+_STEPS = {"prefill": _prefill, "step": _step, "round": _round}
+
+
+def _trim(row, max_new: int, stop_tokens) -> list[int]:
+    row = [int(t) for t in row[:max_new]]
+    for i, token in enumerate(row):
+        if token in stop_tokens:
+            return row[: i + 1]
+    return row
