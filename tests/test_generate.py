@@ -224,3 +224,32 @@ def test_bad_requests_are_refused(tiny_model):
 
 def load_like_without_mtp():
     return Qwen3NextModel(tiny_config(mtp_num_hidden_layers=0), rngs=nnx.Rngs(0))
+
+
+def test_eval_acceptance_counts_packed_documents(draft_setup):
+    """The eval metric over a packed batch: the same counts from the logits and from the
+    hidden states through the chunked argmax, and equal to a count by hand that skips
+    positions whose target lies in the next document."""
+    from qnext_jax.data.batch import batch_from_packed_rows
+    from qnext_jax.train.mtp_acceptance import acceptance_counts
+
+    model = draft_setup[0]
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(0, 32, (2, 41))
+    segments = np.repeat([[1] * 25 + [2] * 16], 2, axis=0)
+    batch = batch_from_packed_rows(jnp.asarray(tokens), jnp.asarray(segments))
+    output = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids)
+    from_logits = acceptance_counts(output, batch, model.head_weight())
+    no_logits = output._replace(logits=None, mtp_logits=())
+    from_hidden = acceptance_counts(no_logits, batch, model.head_weight())
+    np.testing.assert_array_equal(from_logits, from_hidden)
+    main = np.argmax(np.asarray(output.logits), -1)
+    for k, logits in enumerate(output.mtp_logits, start=1):
+        draft = np.argmax(np.asarray(logits), -1)
+        hits = counted = 0
+        for b in range(2):
+            for i in range(40 - k):  # target token i+k+1 (of 41) shares token i's document
+                if segments[b, i] == segments[b, i + k + 1]:
+                    counted += 1
+                    hits += draft[b, i] == main[b, i + k]
+        assert (from_logits[0][k - 1], from_logits[1][k - 1]) == (hits, counted)

@@ -99,7 +99,13 @@ def check_tensorboard_and_plots(run_dir, rows):
         read = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in read] == [s for s, _ in logged]
         np.testing.assert_allclose([v for _, v in read], [v for _, v in logged], rtol=1e-6)
-    for name in ("loss_curves.png", "loss_curves.svg", "expert_load.png", "expert_load.svg"):
+    accepted = [(r["step"], r["eval_mtp_acceptance"][0]) for r in rows if "eval_loss" in r]
+    read = [(e.step, e.value) for e in events.Scalars("eval/mtp_acceptance_depth1")]
+    assert [s for s, _ in read] == [s for s, _ in accepted]
+    assert all(0.0 <= v <= 1.0 for _, v in accepted)
+    np.testing.assert_allclose([v for _, v in read], [v for _, v in accepted], rtol=1e-6)
+    for name in ("loss_curves.png", "loss_curves.svg", "expert_load.png", "expert_load.svg",
+                 "mtp_acceptance.png", "mtp_acceptance.svg"):
         assert (run_dir / name).stat().st_size > 1000, name
     for layer in ("layer 3", "mtp 1.0"):  # the heatmap names every MoE layer
         assert layer in (run_dir / "expert_load.svg").read_text()

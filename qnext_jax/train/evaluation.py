@@ -1,4 +1,5 @@
-"""Held-out evaluation: the main (CE) and MTP losses over the same eval batches every time.
+"""Held-out evaluation: the main (CE) and MTP losses, and the MTP drafts' teacher-forced
+acceptance rate per depth (train/mtp_acceptance.py), over the same eval batches every time.
 
 Whether a run can evaluate is settled before anything is compiled: `train.eval_every=0`
 turns evaluation off; otherwise the eval split must hold at least one global batch, and the
@@ -15,6 +16,7 @@ from qnext_jax.data.pipeline import batch_dataset
 from qnext_jax.data.sources import DataError
 from qnext_jax.parallel.distributed import global_batch
 from qnext_jax.train.losses import loss_terms, normalizers
+from qnext_jax.train.mtp_acceptance import acceptance_counts
 
 
 def eval_batch_count(eval_rows: int, batch_size: int, eval_batches: int, row_length: int) -> int:
@@ -45,9 +47,11 @@ class Evaluator:
                 output = model(batch.input_ids, positions=batch.positions,
                                segment_ids=batch.segment_ids, valid=batch.valid,
                                mtp=self.has_mtp, logits=not loss_config.fused_head)
+                head = model.head_weight()
                 terms = loss_terms(output, batch, normalizers(batch, mtp_depth), loss_config, 0.0,
-                                   head=model.head_weight())
-            return terms["ce_loss"], terms["mtp_loss"]
+                                   head=head)
+                accepted = acceptance_counts(output, batch, head) if self.has_mtp else ()
+            return terms["ce_loss"], terms["mtp_loss"], accepted
 
         self.eval_step = eval_step
 
@@ -55,9 +59,15 @@ class Evaluator:
         processes, rank = jax.process_count(), jax.process_index()
         data = batch_dataset(self.rows, self.batch_size // processes, seed=0, process_index=rank,
                              process_count=processes, shuffle=False, repeat=False)
-        losses = []
+        losses, matches, counted = [], 0.0, 0.0
         for local, _ in zip(data, range(self.num_batches)):
             batch = global_batch(local, self.trainer.batch_sharding, self.batch_size)
-            losses.append(self.eval_step(state.params, batch))
+            ce, mtp, accepted = self.eval_step(state.params, batch)
+            losses.append((ce, mtp))
+            if accepted:
+                matches, counted = matches + accepted[0], counted + accepted[1]
         ce, mtp = (float(jnp.mean(jnp.stack(parts))) for parts in zip(*losses))
-        return {"eval_loss": ce, "eval_mtp_loss": mtp} if self.has_mtp else {"eval_loss": ce}
+        if not self.has_mtp:
+            return {"eval_loss": ce}
+        rates = [float(m / c) if c else float("nan") for m, c in zip(matches, counted)]
+        return {"eval_loss": ce, "eval_mtp_loss": mtp, "eval_mtp_acceptance": rates}

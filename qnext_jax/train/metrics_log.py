@@ -34,6 +34,8 @@ def scalar_tags(row: dict) -> dict[str, float]:
         tags["eval/ce_loss"] = row["eval_loss"]
     if "eval_mtp_loss" in row:
         tags["eval/mtp_loss"] = row["eval_mtp_loss"]
+    for depth, rate in enumerate(row.get("eval_mtp_acceptance", ()), start=1):
+        tags[f"eval/mtp_acceptance_depth{depth}"] = rate
     return {k: float(v) for k, v in tags.items() if v is not None and math.isfinite(float(v))}
 
 

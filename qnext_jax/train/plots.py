@@ -2,6 +2,8 @@
 
 - loss_curves: train CE and MTP loss, each raw (thin) and smoothed (a debiased exponential
   moving average, as TensorBoard draws it), and the held-out eval points;
+- mtp_acceptance: beside the loss curves, the MTP drafts' teacher-forced acceptance rate per
+  depth at each evaluation (what the MTP loss buys at decoding time);
 - expert_load: per MoE layer and expert, the share of routed tokens relative to uniform
   (1 = its fair share), on a diverging colour scale centred at 1, with a colour bar.
 """
@@ -72,6 +74,29 @@ def loss_curves_figure(rows: list[dict], title: str, log_steps: bool = False) ->
     return figure
 
 
+def acceptance_figure(rows: list[dict], title: str, log_steps: bool = False) -> Figure:
+    """The eval rows' `eval_mtp_acceptance` (a rate per draft depth) against the step."""
+    evals = [r for r in rows if r.get("eval_mtp_acceptance")]
+    if not evals:
+        raise ValueError("no eval_mtp_acceptance values to plot")
+    figure = Figure(figsize=(7, 4.2), layout="constrained")
+    axes = figure.add_subplot()
+    steps = np.array([r["step"] for r in evals])
+    rates = np.array([r["eval_mtp_acceptance"] for r in evals], np.float64)  # [evals, depths]
+    for depth in range(rates.shape[1]):
+        axes.plot(steps, rates[:, depth], marker="o", linewidth=1.5,
+                  label=f"depth {depth + 1} (last {rates[-1, depth]:.3f})")
+    if log_steps:
+        axes.set_xscale("log")
+    axes.set_ylim(0.0, 1.0)
+    axes.set_xlabel("step" + (" (log scale)" if log_steps else ""))
+    axes.set_ylabel("draft = main model's greedy token")
+    axes.set_title(title)
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower right")
+    return figure
+
+
 def expert_load_figure(load, layer_names: list[str], title: str) -> Figure:
     """load: [layers, experts], the fraction of routed choices each expert received."""
     load = np.asarray(load, np.float64)
@@ -91,12 +116,17 @@ def expert_load_figure(load, layer_names: list[str], title: str) -> Figure:
 
 
 def write_run_plots(run_dir: Path, layer_names: list[str], log_steps: bool = False) -> list[Path]:
-    """loss_curves.{png,svg} and expert_load.{png,svg} from `run_dir/metrics.jsonl`."""
+    """loss_curves, mtp_acceptance (with MTP and evaluation) and expert_load, each .png and
+    .svg, from `run_dir/metrics.jsonl`."""
     rows = read_metrics(run_dir)
     written = []
     if rows:
         figure = loss_curves_figure(rows, f"loss ({run_dir.name})", log_steps)
         written += _save(figure, run_dir / "loss_curves")
+    if any(r.get("eval_mtp_acceptance") for r in rows):
+        figure = acceptance_figure(rows, f"MTP acceptance, teacher-forced ({run_dir.name})",
+                                   log_steps)
+        written += _save(figure, run_dir / "mtp_acceptance")
     loads = [r for r in rows if r.get("expert_load")]
     if loads:
         last = loads[-1]

@@ -97,6 +97,9 @@ class ProgressBar:
         text += f"ETA {format_duration(eta) if eta is not None else '--'}"
         if "eval_loss" in row:
             text += f"  eval {row['eval_loss']:.4f}"
+        if row.get("eval_mtp_acceptance"):
+            rates = "/".join(f"{rate:.2f}" for rate in row["eval_mtp_acceptance"])
+            text += f"  MTP accept {rates}"
         return text
 
     def line(self, row: dict, eta: float | None) -> str:
