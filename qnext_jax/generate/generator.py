@@ -32,8 +32,9 @@ PROMPT_BUCKET = 16  # prompts are padded to a multiple of this: fewer prefill co
 class Generation:
     tokens: list[list[int]]  # per row, the generated tokens (up to and including a stop token)
     prompt_tokens: int
-    seconds: float  # decoding after the first token (prefill excluded)
-    prefill_seconds: float
+    seconds: float  # decoding after the first step (prefill and compilation excluded)
+    prefill_seconds: float  # compilation included on a first call
+    timed_tokens: int = 0  # tokens appended in those seconds, over all rows
     rounds: int = 0  # model calls per row after prefill, summed over the rows (steps or rounds)
     acceptance: list[float] = field(default_factory=list)  # per draft depth: accepted / offered
     # n_tokens per row after prefill and after every step: what each round accepted, where.
@@ -45,8 +46,7 @@ class Generation:
 
     @property
     def tokens_per_second(self) -> float:
-        decoded = self.new_tokens - len(self.tokens)  # the first token of a row is prefill's
-        return decoded / self.seconds if self.seconds > 0 else float("nan")
+        return self.timed_tokens / self.seconds if self.seconds > 0 else float("nan")
 
     @property
     def tokens_per_round(self) -> float:
@@ -108,10 +108,12 @@ class Generator:
         jax.block_until_ready(state.done)
         prefilled = time.perf_counter()
         step = self._jitted("round" if self.depth else "step", **static)
-        history = []
+        history, timer = [], None  # timed from the end of the first step (its compilation)
         while True:
             done, n_tokens = jax.device_get((state.done, state.n_tokens))
             history.append(n_tokens)
+            if timer is None and len(history) == 2:
+                timer = time.perf_counter()
             if done.all():
                 break
             state = step(self.params, state)
@@ -120,8 +122,10 @@ class Generator:
 
         rows = [_trim(tokens[row, lengths[row]: n_tokens[row]], max_new_tokens, stop_tokens)
                 for row in range(len(prompts))]
-        result = Generation(rows, int(lengths.sum()), finished - prefilled, prefilled - start,
-                            history=history)
+        timed = 0 if timer is None else int(np.sum(np.minimum(
+            history[-1] - history[1], np.maximum(0, lengths + max_new_tokens - history[1]))))
+        result = Generation(rows, int(lengths.sum()), 0.0 if timer is None else finished - timer,
+                            prefilled - start, timed_tokens=timed, history=history)
         if self.depth:
             offered, accepted, rounds = jax.device_get((state.offered, state.accepted, state.rounds))
             result.rounds = int(rounds)

@@ -1,0 +1,83 @@
+"""Command line: sample from a trained run or a Hugging Face directory.
+
+    python -m qnext_jax.generate RUN_OR_HF_DIR --prompt "def f(x):" --max-new-tokens 64 \
+        [--temperature 0.8 --top-k 50 --top-p 0.95 --seed 0] [--speculative 2]
+
+Prints each prompt's continuation, then the decode speed (tokens/s after the first token),
+and with --speculative the tokens kept per verification and the acceptance rate per depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qnext_jax.config import ConfigError
+from qnext_jax.data.sources import DataError
+from qnext_jax.generate.generator import Generator
+from qnext_jax.generate.sampling import SamplingSettings
+from qnext_jax.generate.sources import load_for_generation
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qnext_jax.generate",
+                                     description="Generate text with a qnext_jax model.")
+    parser.add_argument("model_dir", help="a run directory (its latest checkpoint and tokenizer) "
+                        "or a Hugging Face directory")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    prompts.add_argument("--prompt-file", help="a file of prompts, one per line")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speculative", type=int, default=0, metavar="D",
+                        help="MTP drafts per verification (0: plain decoding)")
+    parser.add_argument("--step", type=int, help="a run's checkpoint step (default: the latest)")
+    parser.add_argument("--no-stop", action="store_true",
+                        help="do not stop at the tokenizer's end-of-text token")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        texts = _prompts(args)
+        settings = SamplingSettings(args.temperature, args.top_k, args.top_p)
+        model, tokenizer, source = load_for_generation(args.model_dir, step=args.step)
+        if tokenizer is None:
+            raise ConfigError(f"{args.model_dir} has no tokenizer.json to encode the prompts")
+        print(f"model: {source}", flush=True)
+        prompts = [tokenizer.tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+        stop = () if args.no_stop else (tokenizer.end_of_text_id,)
+        result = Generator(model, speculative=args.speculative).generate(
+            prompts, max_new_tokens=args.max_new_tokens, settings=settings, stop_tokens=stop,
+            seed=args.seed)
+    except (ConfigError, DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for text, tokens in zip(texts, result.tokens):
+        print(f"--- {text!r}\n{text}{tokenizer.decode(tokens)}")
+    print(f"{result.new_tokens} new tokens, prefill {result.prefill_seconds:.2f} s "
+          f"(compilation included), decode {result.tokens_per_second:,.1f} tokens/s")
+    if args.speculative:
+        rates = ", ".join(f"depth {k}: {rate:.3f}" for k, rate in enumerate(result.acceptance, 1))
+        print(f"speculative: {result.tokens_per_round:.2f} tokens per verification; "
+              f"acceptance {rates}")
+    return 0
+
+
+def _prompts(args) -> list[str]:
+    if args.prompt:
+        return args.prompt
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise ConfigError(f"prompt file {path} does not exist")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"prompt file {path} holds no prompt")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
