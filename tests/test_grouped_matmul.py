@@ -1,5 +1,6 @@
 """The tiled grouped matmul (CPU) equals jax.lax.ragged_dot and a per-group NumPy loop,
-including empty groups and rows past the last group."""
+including empty groups and rows past the last group; with no more rows than a tile (decoding)
+it takes the gathered path, checked the same way."""
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +10,15 @@ import pytest
 from qnext_jax.ops.grouped_matmul import grouped_matmul, tiled_grouped_matmul
 
 
+@pytest.mark.parametrize("tile", [8, 64])  # 48 rows: tiled; at most a tile of rows: gathered
 @pytest.mark.parametrize("sizes", [[5, 0, 17, 3], [0, 0, 40, 0], [1, 1, 1, 1]])
-def test_tiled_equals_ragged_dot_and_numpy(sizes):
+def test_tiled_equals_ragged_dot_and_numpy(sizes, tile):
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(48, 12)).astype(np.float32)
     weights = rng.normal(size=(4, 12, 7)).astype(np.float32)
     group_sizes = np.array(sizes, np.int32)
-    ours = tiled_grouped_matmul(jnp.asarray(rows), jnp.asarray(weights), jnp.asarray(group_sizes), tile=8)
+    ours = tiled_grouped_matmul(jnp.asarray(rows), jnp.asarray(weights), jnp.asarray(group_sizes),
+                                tile=tile)
     expected = np.zeros((48, 7))
     start = 0
     for g, size in enumerate(sizes):
@@ -28,7 +31,7 @@ def test_tiled_equals_ragged_dot_and_numpy(sizes):
         return jnp.sum(jnp.sin(fn(r, w, jnp.asarray(group_sizes))))
 
     ragged = jax.grad(lambda r, w: loss(jax.lax.ragged_dot, r, w), argnums=(0, 1))(rows, weights)
-    tiled = jax.grad(lambda r, w: loss(lambda *a: tiled_grouped_matmul(*a, tile=8), r, w),
+    tiled = jax.grad(lambda r, w: loss(lambda *a: tiled_grouped_matmul(*a, tile=tile), r, w),
                      argnums=(0, 1))(rows, weights)
     for a, b in zip(tiled, ragged):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

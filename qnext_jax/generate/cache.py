@@ -24,8 +24,11 @@ from qnext_jax.model.params import compute_dtype
 
 
 class AttentionCache(NamedTuple):
-    key: jnp.ndarray  # [B, L, K, D] compute dtype, after k_norm and RoPE
-    value: jnp.ndarray  # [B, L, K, D]
+    """Head-major, so that the per-head products over the cache read it as it lies (a
+    [B, L, K, D] cache was transposed, i.e. copied whole, by every decode step)."""
+
+    key: jnp.ndarray  # [B, K, L, D] compute dtype, after k_norm and RoPE
+    value: jnp.ndarray  # [B, K, L, D]
 
 
 class DeltaNetCache(NamedTuple):
@@ -54,7 +57,7 @@ class StackCache(NamedTuple):
 
 
 def attention_cache(config: ModelConfig, batch: int, max_length: int, lead=()) -> AttentionCache:
-    shape = (*lead, batch, max_length, config.num_key_value_heads, config.head_dim)
+    shape = (*lead, batch, config.num_key_value_heads, max_length, config.head_dim)
     zeros = jnp.zeros(shape, compute_dtype(config))
     return AttentionCache(zeros, zeros)
 

@@ -23,15 +23,17 @@ from qnext_jax.ops.chunked_delta.chunk_math import l2_normalize
 from qnext_jax.ops.delta_rule_reference import delta_rule_step
 
 
-def layer_extend(layer, h, cache, *, rotary, length, n_new, fresh: bool, per_position: bool):
-    """One decoder layer on h [B, T, E] from its cache -> (h, pending cache extension)."""
+def layer_extend(layer, h, cache, *, rotary, length, n_new, fresh: bool, per_position: bool,
+                 block=None):
+    """One decoder layer on h [B, T, E] from its cache -> (h, pending cache extension).
+    block: for an attention cache stacked over the blocks, this layer's block index."""
     x = layer.input_layernorm(h)
     if layer.is_linear:
         update, pending = deltanet_extend(layer.mixer, x, cache, n_new=n_new,
                                           per_position=per_position)
     else:
         update, pending = attention_extend(layer.mixer, x, cache, rotary=rotary, length=length,
-                                           fresh=fresh)
+                                           fresh=fresh, block=block)
     h, _ = layer.feed_forward(h + update, valid=None)
     return h, pending
 
@@ -70,20 +72,31 @@ def recurrence_with_states(q, k, v, g, beta, state):
         return state, (state, out)
 
     time_major = [jnp.moveaxis(f32(x), 1, 0) for x in (q, k, v, g, beta)]
-    _, (states, out) = jax.lax.scan(step, state, time_major)
+    # Unrolled: T is a handful of tokens (decode, verification, drafting), and a loop of a few
+    # iterations costs more in loop overhead than in work on CPU.
+    _, (states, out) = jax.lax.scan(step, state, time_major, unroll=True)
     states = jnp.concatenate([state[:, None], jnp.moveaxis(states, 0, 1)], axis=1)
     return jnp.moveaxis(out, 0, 1).astype(v.dtype), states
 
 
-def attention_extend(mixer, x, cache: AttentionCache, *, rotary, length, fresh: bool):
+def attention_extend(mixer, x, cache: AttentionCache, *, rotary, length, fresh: bool,
+                     block=None):
+    """The new keys and values are written into the cache in place (into block `block` of a
+    cache stacked over the blocks: the scan carries it, so no step copies a whole cache)."""
     query, key, value, gate = mixer.project(x, rotary)
-    write = jax.vmap(lambda rows, new, start: jax.lax.dynamic_update_slice_in_dim(
-        rows, new.astype(rows.dtype), start, axis=0))
-    cache = AttentionCache(write(cache.key, key, length), write(cache.value, value, length))
+    batch, new, kv_heads = key.shape[:3]
+    rows = jnp.arange(batch)[:, None, None]
+    heads = jnp.arange(kv_heads)[None, :, None]
+    positions = (length[:, None] + jnp.arange(new))[:, None, :]  # [B, 1, T]
+    at = (rows, heads, positions) if block is None else (block, rows, heads, positions)
+    head_major = lambda x, like: jnp.swapaxes(x, 1, 2).astype(like.dtype)  # [B, K, T, D]
+    cache = AttentionCache(cache.key.at[at].set(head_major(key, cache.key), mode="drop"),
+                           cache.value.at[at].set(head_major(value, cache.value), mode="drop"))
     if fresh:
         out = mixer.attend(query, key, value, None)
     else:
-        out = attend_to_cache(query, cache, length, mixer.config.head_dim ** -0.5)
+        own = cache if block is None else AttentionCache(cache.key[block], cache.value[block])
+        out = attend_to_cache(query, own, length, mixer.config.head_dim ** -0.5)
     return mixer.finish(out, gate), cache
 
 
@@ -92,13 +105,13 @@ def attend_to_cache(query, cache: AttentionCache, length, scale: float):
     <= its own (the new tokens' keys already written). Softmax in fp32; GQA: query head n
     reads kv head n // (N / K)."""
     batch, new, heads, dim = query.shape
-    kv_heads, max_length = cache.key.shape[2], cache.key.shape[1]
+    kv_heads, max_length = cache.key.shape[1], cache.key.shape[2]
     query = query.reshape(batch, new, kv_heads, heads // kv_heads, dim)
-    scores = jnp.einsum("BTKGD,BLKD->BKGTL", query, cache.key,
+    scores = jnp.einsum("BTKGD,BKLD->BKGTL", query, cache.key,
                         preferred_element_type=jnp.float32) * scale
     positions = length[:, None] + jnp.arange(new)  # [B, T]
     visible = jnp.arange(max_length)[None, None, :] <= positions[:, :, None]  # [B, T, L]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("BKGTL,BLKD->BTKGD", weights, cache.value.astype(jnp.float32))
+    out = jnp.einsum("BKGTL,BKLD->BTKGD", weights, cache.value.astype(jnp.float32))
     return out.reshape(batch, new, heads, dim).astype(cache.value.dtype)

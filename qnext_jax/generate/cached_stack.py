@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qnext_jax.config import LINEAR_ATTENTION
 from qnext_jax.generate.cache import StackCache
 from qnext_jax.generate.cached_layers import layer_extend
 from qnext_jax.model.params import compute_dtype
@@ -24,18 +25,33 @@ def main_extend(model, cache: StackCache, tokens, n_new, *, fresh: bool, per_pos
     rotary = rotary_tables(_new_positions(cache, tokens.shape[1]), config, compute_dtype(config))
     h = model.embed_tokens(tokens)
     graph, blocks = nnx.split(model.blocks)
+    # Attention caches ride in the scan's carry and are written in place; the DeltaNet caches
+    # (small) go in as per-block inputs and their pending extensions come out per block.
+    attention = tuple(mixer != LINEAR_ATTENTION for mixer, _ in
+                      config.layer_pattern[: config.block_size])
+    carried = tuple(c for c, a in zip(cache.layers, attention) if a)
+    scanned = tuple(c for c, a in zip(cache.layers, attention) if not a)
 
-    def run_block(h, inputs):
-        block_state, layer_caches = inputs
+    def run_block(carry, inputs):
+        h, carried = carry
+        block_state, scanned, index = inputs
         block = nnx.merge(graph, block_state)
-        pending = []
-        for layer, layer_cache in zip(block.layers, layer_caches):
-            h, extension = layer_extend(layer, h, layer_cache, rotary=rotary, length=cache.length,
-                                        n_new=n_new, fresh=fresh, per_position=per_position)
-            pending.append(extension)
-        return h, tuple(pending)
+        carried, scanned, pending = list(carried), list(scanned), []
+        for layer, is_attention in zip(block.layers, attention):
+            own = carried if is_attention else scanned
+            h, extension = layer_extend(layer, h, own.pop(0), rotary=rotary, length=cache.length,
+                                        n_new=n_new, fresh=fresh, per_position=per_position,
+                                        block=index if is_attention else None)
+            if is_attention:
+                carried.append(extension)
+            else:
+                pending.append(extension)
+        return (h, tuple(carried)), tuple(pending)
 
-    h, pending = jax.lax.scan(run_block, h, (blocks, cache.layers))
+    indices = jnp.arange(config.num_blocks)
+    (h, carried), scanned = jax.lax.scan(run_block, (h, carried), (blocks, scanned, indices))
+    carried, scanned = list(carried), list(scanned)
+    pending = tuple(carried.pop(0) if a else scanned.pop(0) for a in attention)
     return model.final_norm(h), pending
 
 

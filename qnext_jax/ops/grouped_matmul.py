@@ -117,6 +117,8 @@ def _megablox_gmm(rows, weights, group_sizes, *, interpret):
 def tiled_grouped_matmul(rows, weights, group_sizes, tile: int = 64):
     num_rows, num_groups = rows.shape[0], weights.shape[0]
     group_sizes = group_sizes.astype(jnp.int32)
+    if num_rows <= tile:
+        return gathered_grouped_matmul(rows, weights, group_sizes)
     padded_sizes = -(-group_sizes // tile) * tile
     ends, padded_ends = jnp.cumsum(group_sizes), jnp.cumsum(padded_sizes)
     starts, padded_starts = ends - group_sizes, padded_ends - padded_sizes
@@ -134,3 +136,15 @@ def tiled_grouped_matmul(rows, weights, group_sizes, tile: int = 64):
     out = jnp.einsum("TMK,TKF->TMF", tiles.reshape(num_tiles, tile, -1), tile_weights)
     out = out.reshape(num_tiles * tile, -1)
     return out.at[slot].get(mode="fill", fill_value=0)
+
+
+def gathered_grouped_matmul(rows, weights, group_sizes):
+    """Few rows (decoding: a few tokens times top-k): each row multiplied by its own group's
+    matrix, gathered. The tiled layout would pad every group to a whole tile (for one token
+    and 32 experts, 2,048 rows of work for 4) and read every group's weights."""
+    num_rows, num_groups = rows.shape[0], weights.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    row_group = jnp.searchsorted(ends, jnp.arange(num_rows), side="right")
+    mine = weights[jnp.minimum(row_group, num_groups - 1)]  # [rows, K, F]
+    out = jnp.einsum("RK,RKF->RF", rows, mine)
+    return jnp.where((row_group < num_groups)[:, None], out, 0).astype(rows.dtype)
