@@ -5,6 +5,7 @@ self-speculative decoding on a trained replica (plain vs D drafts, acceptance pe
     python benchmarks/generation.py                                # parts 1 and 2, random model
     python benchmarks/generation.py --run-dir runs/<time>          # + part 3 on a trained run
     python benchmarks/generation.py --contexts 512 2048 --skip-transformers
+    python benchmarks/generation.py --parts 4   # rollback: per-position states vs recompute
 
 The model is configs/small.yaml (the default replica) with max_position_embeddings raised to
 cover the longest context (RoPE has no table to outgrow). Decode rate = tokens after the first
@@ -148,6 +149,63 @@ def part_three(run_dir, depths, new_tokens, batch):
     return rows
 
 
+def part_four(depth: int, context: int = 512, repeats: int = 20):
+    """Rolling a rejected draft back: keeping the DeltaNet state after every verified position
+    (what the decoder does) against verifying without them and recomputing the accepted
+    tokens from the old caches (a second main-model forward). Median ms per round's main-model
+    work, batch 1, the small replica."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qnext_jax.generate.cache import commit, main_cache
+    from qnext_jax.generate.cached_stack import main_extend
+    from qnext_jax.model.transformer import Qwen3NextModel
+
+    model = Qwen3NextModel(small_config(context, mtp_num_hidden_layers=0), rngs=nnx.Rngs(0))
+    graph, params = nnx.split(model)
+    prompt = jnp.asarray(np.random.default_rng(2).integers(0, 8192, (1, context)), jnp.int32)
+
+    @jax.jit
+    def prefill(params):
+        model = nnx.merge(graph, params)
+        cache = main_cache(model.config, 1, context + 64)
+        length = jnp.full((1,), context, jnp.int32)
+        _, pending = main_extend(model, cache, prompt, length, fresh=True, per_position=False)
+        return commit(cache, pending, length, stacked=True)
+
+    verify = jnp.zeros((1, depth + 1), jnp.int32)
+    keep = jnp.full((1,), depth, jnp.int32)  # one draft rejected: roll back one position
+    full = jnp.full((1,), depth + 1, jnp.int32)
+
+    @jax.jit
+    def keep_states(params, cache):
+        model = nnx.merge(graph, params)
+        hidden, pending = main_extend(model, cache, verify, full, fresh=False, per_position=True)
+        return hidden, commit(cache, pending, keep, stacked=True)
+
+    @jax.jit
+    def recompute(params, cache):
+        model = nnx.merge(graph, params)
+        hidden, _ = main_extend(model, cache, verify, full, fresh=False, per_position=False)
+        _, pending = main_extend(model, cache, verify, keep, fresh=False, per_position=False)
+        return hidden, commit(cache, pending, keep, stacked=True)
+
+    cache = prefill(params)
+    rows = {}
+    for name, fn in (("keep per-position states", keep_states),
+                     ("recompute accepted tokens", recompute)):
+        jax.block_until_ready(fn(params, cache))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, cache))
+            times.append(time.perf_counter() - start)
+        rows[name] = 1e3 * float(np.median(times))
+    print(json.dumps({"drafts": depth, "ms_per_round": rows}), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
@@ -158,7 +216,7 @@ def main():
     parser.add_argument("--run-dir", help="a trained run for part 3 (speculative decoding)")
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4])
     args = parser.parse_args()
     import jax
 
@@ -170,6 +228,9 @@ def main():
         part_two(args.latency_contexts, args.new_tokens)
     if 3 in args.parts and args.run_dir:
         part_three(args.run_dir, args.depths, args.new_tokens, args.batch)
+    if 4 in args.parts:
+        for depth in args.depths:
+            part_four(depth)
 
 
 if __name__ == "__main__":
