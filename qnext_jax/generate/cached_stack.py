@@ -36,6 +36,8 @@ def main_extend(model, cache: StackCache, tokens, n_new, *, fresh: bool, per_pos
         h, carried = carry
         block_state, scanned, index = inputs
         block = nnx.merge(graph, block_state)
+        # Queues in layer order: each layer takes its cache from the front; an attention layer
+        # puts its updated cache at the back, so after the block `carried` is in order again.
         carried, scanned, pending = list(carried), list(scanned), []
         for layer, is_attention in zip(block.layers, attention):
             own = carried if is_attention else scanned
