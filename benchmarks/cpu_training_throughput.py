@@ -27,18 +27,34 @@ def random_rows(vocab: int, batch: int, seq_len: int, steps: int, seed: int = 0)
     return [rng.integers(0, vocab, (batch, seq_len + 1)) for _ in range(steps)]
 
 
-def time_ours(config, batches, warmup: int) -> dict:
+def make_single_device_trainer(config, total_steps: int):
+    """Our trainer on one device, AdamW as the default run's (no warmup: every step alike)."""
     import jax
 
     from qnext_jax.parallel.axes import ShardingRules
     from qnext_jax.parallel.mesh import MeshConfig, make_mesh
-    from qnext_jax.data.batch import batch_from_packed_rows
     from qnext_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
     from qnext_jax.train.step import make_trainer
 
-    optimizer = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=len(batches))
+    optimizer = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=total_steps)
     rules = ShardingRules(config, make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1]))
-    trainer = make_trainer(config, make_optimizer(optimizer), learning_rate_schedule(optimizer), rules)
+    return make_trainer(config, make_optimizer(optimizer), learning_rate_schedule(optimizer), rules)
+
+
+def dense_of_active_width(config):
+    """The same model with a dense SwiGLU of the MoE's active width (top-k experts + shared) in
+    every MoE's place: the FLOPs of the MoE without its routing."""
+    active_width = (config.num_experts_per_tok * config.moe_intermediate_size
+                    + config.shared_expert_intermediate_size)
+    return config.replace(num_experts=0, intermediate_size=active_width)
+
+
+def time_ours(config, batches, warmup: int) -> dict:
+    import jax
+
+    from qnext_jax.data.batch import batch_from_packed_rows
+
+    trainer = make_single_device_trainer(config, len(batches))
     state = trainer.init()
     packed = [batch_from_packed_rows(rows, np.ones_like(rows)) for rows in batches]
     for batch in packed[:warmup]:
@@ -103,8 +119,6 @@ def main():
     config = ModelConfig.from_yaml(args.config)
     batches = random_rows(config.vocab_size, args.batch, args.seq_len, args.warmup + args.steps)
     tokens = args.batch * args.seq_len
-    active_width = (config.num_experts_per_tok * config.moe_intermediate_size
-                    + config.shared_expert_intermediate_size)
     no_mtp = config.replace(mtp_num_hidden_layers=0)
     runs = [
         ("qnext_jax (with MTP, as trained)", lambda: time_ours(config, batches, args.warmup)),
@@ -113,7 +127,7 @@ def main():
          lambda: time_transformers(no_mtp, batches, args.warmup, args.threads)),
     ]
     if args.dense_variant:
-        dense = no_mtp.replace(num_experts=0, intermediate_size=active_width)
+        dense = dense_of_active_width(no_mtp)
         runs.append(("qnext_jax (no MTP, dense MLP for the MoE)",
                      lambda: time_ours(dense, batches, args.warmup)))
     results = {}

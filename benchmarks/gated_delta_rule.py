@@ -30,6 +30,7 @@ from qnext_jax.ops import gated_delta_rule
 
 SHAPES = {  # name: (batch, length, key heads, value heads, head dim)
     "small": [(2, 2048, 8, 8, 64)],
+    "replica": [(8, 256, 4, 8, 32)],  # configs/small.yaml at its batch and length
     "qwen3": [(1, 8192, 16, 32, 128), (4, 8192, 16, 32, 128)],
 }
 

@@ -100,6 +100,11 @@ class ModelConfig:
     # and drops the routed choices that overflow (the token keeps its other experts).
     moe_capacity_factor: float | None = None
     remat_policy: Literal["none", "full", "dots"] = "none"
+    # The decoder blocks run as a loop ("scan": one compiled block, whatever the depth) or
+    # unrolled ("unroll"); "auto" unrolls on CPU, where the loop copies every block's saved
+    # activations into and out of stacked buffers (17% of the small replica's step), and
+    # loops elsewhere.
+    layer_scan: Literal["auto", "scan", "unroll"] = "auto"
 
     def __post_init__(self):
         if self.layer_types is not None:
@@ -179,6 +184,7 @@ class ModelConfig:
                 f"moe_capacity_factor must be > 0 or null (dropless), got {self.moe_capacity_factor}"
             )
         _check_choice(self, "remat_policy", ("none", "full", "dots"))
+        _check_choice(self, "layer_scan", ("auto", "scan", "unroll"))
         if self.rope_scaling is not None and self.rope_scaling.rope_type != "yarn":
             raise ConfigError(
                 f"rope_scaling.rope_type {self.rope_scaling.rope_type!r} is not supported; "

@@ -1,6 +1,6 @@
 """The fused LM head + cross-entropy against float64 NumPy: per-token losses and the gradients of
-a weighted sum of them, for both weight layouts, chunk sizes that do and do not divide the
-token count, and on an 8-device mesh with the vocabulary split over `tensor`."""
+a weighted sum of them, for both weight layouts, one chunk (whose logits the backward keeps)
+and chunk sizes that do and do not divide the token count (recomputed), and on an 8-device mesh with the vocabulary split over `tensor`."""
 
 import jax
 import jax.numpy as jnp

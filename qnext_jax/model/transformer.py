@@ -1,7 +1,8 @@
 """The Qwen3-Next causal LM: embedding, scanned decoder blocks, final norm, head, and MTP.
 
 Layers are stacked in blocks of one pattern period (`config.block_size`; 4 for the 80B model)
-and the block runs under `lax.scan`, so compile time does not grow with depth.
+and the block runs under `lax.scan`, so compile time does not grow with depth (unrolled on CPU,
+see `ModelConfig.layer_scan`).
 """
 
 from typing import NamedTuple
@@ -17,6 +18,7 @@ from qnext_jax.model.mtp import MultiTokenPredictor
 from qnext_jax.model.norms import RMSNorm
 from qnext_jax.model.params import cast, compute_dtype, normal_param
 from qnext_jax.model.rope import rotary_tables
+from qnext_jax.ops.platform import target_platform
 from qnext_jax.parallel.axes import constrain
 
 HIDDEN_AXES = ("batch", "sequence", "act_embed")
@@ -85,7 +87,7 @@ class Qwen3NextModel(nnx.Module):
             h, stats = block(h, rotary=rotary, segment_ids=segment_ids, valid=valid)
             return constrain(h, HIDDEN_AXES), stats
 
-        h, stats = jax.lax.scan(run_block, h, block_state)
+        h, stats = jax.lax.scan(run_block, h, block_state, unroll=unrolled_layers(config))
         hidden = self.final_norm(h)
         main_logits = self.head(hidden) if logits else None
         router_stats = None if stats is None else _flatten_layers(stats)
@@ -109,6 +111,12 @@ class Qwen3NextModel(nnx.Module):
         mtp_logits = tuple(self.head(h) for h in mtp_hidden) if logits else ()
         return ModelOutput(main_logits, hidden, router_stats, mtp_logits, mtp_router_stats,
                            tuple(mtp_hidden))
+
+
+def unrolled_layers(config: ModelConfig) -> bool:
+    if config.layer_scan == "auto":
+        return target_platform() == "cpu"
+    return config.layer_scan == "unroll"
 
 
 def _flatten_layers(stats: RouterStats) -> RouterStats:

@@ -7,7 +7,8 @@ for the backward pass: for Qwen3-Next's 151,936-token vocabulary that is 2.4 GB 
 row, once more per MTP depth. Here the forward walks over chunks of tokens, keeping only each
 token's logsumexp; the backward recomputes one chunk's logits at a time and turns them into
 the chunk's hidden-state gradient and its share of the weight gradient. Peak memory is one
-chunk's logits, [chunk, V] fp32, whatever the sequence length.
+chunk's logits, [chunk, V] fp32, whatever the sequence length. When every token fits in one
+chunk (off a mesh) the backward reuses the forward's logits instead of recomputing them.
 
 Our own custom VJP, because no maintained library does this where we run: tokamax's
 `linear_softmax_cross_entropy_loss` is tiled only on TPU (its XLA form, used on CPU and GPU,
@@ -65,18 +66,28 @@ def _fused(hidden, weight, targets, vocab_major, chunk_tokens):
 
 
 def _fused_fwd(hidden, weight, targets, vocab_major, chunk_tokens):
-    loss, lse = _forward(hidden, weight, targets, vocab_major, chunk_tokens)
-    return loss, (hidden, weight, targets, lse)
+    keep = _keeps_logits(hidden, weight, vocab_major, chunk_tokens)
+    loss, lse, logits = _forward(hidden, weight, targets, vocab_major, chunk_tokens, keep=keep)
+    return loss, (hidden, weight, targets, lse, logits)
 
 
 def _fused_bwd(vocab_major, chunk_tokens, residuals, loss_grad):
-    hidden, weight, targets, lse = residuals
+    hidden, weight, targets, lse, logits = residuals
     grad_hidden, grad_weight = _backward(hidden, weight, targets, lse, loss_grad,
-                                         vocab_major, chunk_tokens)
+                                         vocab_major, chunk_tokens, logits)
     return grad_hidden, grad_weight, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _keeps_logits(hidden, weight, vocab_major, chunk_tokens) -> bool:
+    """Off a mesh, when every token fits in one chunk, the forward's logits are kept for the
+    backward instead of recomputed: the peak is the same one chunk of logits (it just lives
+    until the backward), and the head's matmuls drop from four to three."""
+    tokens = hidden.shape[0] * hidden.shape[1]
+    return (not under_mesh()
+            and _chunk_size(tokens, _vocab(weight, vocab_major), chunk_tokens) == tokens)
 
 
 class _Axes:
@@ -112,7 +123,8 @@ class _Axes:
         return index
 
 
-def _forward(hidden, weight, targets, vocab_major, chunk_tokens):
+def _forward(hidden, weight, targets, vocab_major, chunk_tokens, keep=False):
+    """(loss, lse, the chunks' logits [N, C, V] when `keep`, else None)."""
     axes = _Axes()
 
     def local(hidden, weight, targets):
@@ -125,17 +137,21 @@ def _forward(hidden, weight, targets, vocab_major, chunk_tokens):
             top = _max_over(axes.vocab, jnp.max(logits, axis=-1))
             total = _sum_over(axes.vocab, jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
             lse = top + jnp.log(total)
-            return None, (lse - _target_logit(logits, target, offset, axes.vocab), lse)
+            loss = lse - _target_logit(logits, target, offset, axes.vocab)
+            return None, (loss, lse, logits) if keep else (loss, lse)
 
-        _, (loss, lse) = jax.lax.scan(chunk_loss, None, (chunk(hidden), chunk(targets)))
-        return unchunk(loss), unchunk(lse)
+        _, outputs = jax.lax.scan(chunk_loss, None, (chunk(hidden), chunk(targets)))
+        return unchunk(outputs[0]), unchunk(outputs[1]), outputs[2] if keep else None
 
+    if keep:  # off a mesh only
+        return local(hidden, weight, targets)
     weight_spec = axes.weight_spec(vocab_major)
-    return axes.run(local, (axes.hidden, weight_spec, axes.rows), (axes.rows, axes.rows))(
+    return axes.run(local, (axes.hidden, weight_spec, axes.rows), (axes.rows, axes.rows, None))(
         hidden, weight, targets)
 
 
-def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens):
+def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens, kept=None):
+    """kept: the forward's logits [N, C, V] (then not recomputed), or None."""
     axes = _Axes()
 
     def local(hidden, weight, targets, lse, loss_grad):
@@ -145,8 +161,8 @@ def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens
         operand_dtype = hidden.dtype
 
         def chunk_grads(grad_weight, block):
-            h, target, chunk_lse, g = block
-            logits = _logits(h, weight, vocab_major)
+            h, target, chunk_lse, g, *saved = block
+            logits = saved[0] if saved else _logits(h, weight, vocab_major)
             local_target = target - offset
             one_hot = (local_target[:, None] == jnp.arange(vocab)[None, :]).astype(jnp.float32)
             grad_logits = (jnp.exp(logits - chunk_lse[:, None]) - one_hot) * g[:, None]
@@ -159,7 +175,8 @@ def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens
 
         grad_weight, grad_h = jax.lax.scan(
             chunk_grads, jnp.zeros(weight.shape, jnp.float32),
-            tuple(chunk(x) for x in (hidden, targets, lse, loss_grad)))
+            tuple(chunk(x) for x in (hidden, targets, lse, loss_grad)) + (
+                () if kept is None else (kept,)))
         grad_weight = _sum_over(axes.tokens, grad_weight)
         return unchunk(grad_h).astype(hidden.dtype), grad_weight.astype(weight.dtype)
 

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from qnext_jax.ops.bucketed_swiglu import DEFAULT_TILE, bucketed_swiglu
 from qnext_jax.ops.grouped_matmul import grouped_matmul
+from qnext_jax.ops.platform import target_platform
 from qnext_jax.parallel.axes import logical_spec
 from qnext_jax.parallel.mesh import TOKEN_AXES, axis_size
 
@@ -45,6 +47,10 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w):
     """
     num_tokens, top_k = experts.shape
     num_groups = gate_w.shape[0]
+    if target_platform() == "cpu" and experts.size > DEFAULT_TILE:
+        # XLA:CPU has no grouped GEMM: per-expert buckets as batched matmuls (few rows, as in
+        # decoding, take the gathered grouped matmul below).
+        return bucketed_swiglu(tokens, weights, experts, gate_w, up_w, down_w)
     flat_experts = experts.reshape(-1)  # [N*k]
     order = jnp.argsort(flat_experts, stable=True)  # skipped choices sort last
     rows = tokens[order // top_k]  # [N*k, E] grouped by expert

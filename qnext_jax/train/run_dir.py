@@ -37,7 +37,7 @@ FREE_TO_CHANGE = (
     # Used only to create the initial state, which a resume restores instead.
     "train.seed", "train.init_from_hf",
     # The same function computed another way.
-    "model.remat_policy", "model.delta_rule_impl", "model.attention_impl",
+    "model.remat_policy", "model.layer_scan", "model.delta_rule_impl", "model.attention_impl",
     "model.moe_impl", "loss.fused_head",
     "loss.head_chunk_tokens",
 )
