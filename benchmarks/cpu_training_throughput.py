@@ -6,7 +6,11 @@ Ours is measured twice: as the default run trains it (with the MTP module, which
 does not implement), and without MTP, which is exactly the model transformers trains.
 
     python benchmarks/cpu_training_throughput.py                  # configs/small.yaml, 8 x 256
-    python benchmarks/cpu_training_throughput.py --steps 5 --threads 2
+    python benchmarks/cpu_training_throughput.py --num-experts 16 --seq-len 512   # 16 experts
+
+Every row also gives the model FLOP/s (ModelConfig.training_flops_per_token, forward +
+backward, no recomputation) and its share of this machine's matmul peak, measured in the same
+run as the best of a large fp32 matmul in jax.
 """
 
 from __future__ import annotations
@@ -101,6 +105,22 @@ def time_transformers(config, batches, warmup: int, threads: int) -> dict:
             "experts_implementation": getattr(hf_config, "_experts_implementation", None)}
 
 
+def matmul_peak_flops(size: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` [size, size] x [size, size] fp32 matmuls in jax."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "small.yaml"))
@@ -108,6 +128,7 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--num-experts", type=int, help="override the config's expert count")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (= cores here)")
     parser.add_argument("--dense-variant", action="store_true",
                         help="also time ours with a dense MLP of the MoE's active width in place "
@@ -117,27 +138,36 @@ def main():
     from qnext_jax.config import ModelConfig
 
     config = ModelConfig.from_yaml(args.config)
+    if args.num_experts:
+        config = config.replace(num_experts=args.num_experts)
+    peak = matmul_peak_flops()
+    print(f"matmul peak (4096^3 fp32, jax): {peak / 1e9:.1f} GFLOP/s", flush=True)
     batches = random_rows(config.vocab_size, args.batch, args.seq_len, args.warmup + args.steps)
     tokens = args.batch * args.seq_len
     no_mtp = config.replace(mtp_num_hidden_layers=0)
     runs = [
-        ("qnext_jax (with MTP, as trained)", lambda: time_ours(config, batches, args.warmup)),
-        ("qnext_jax (no MTP)", lambda: time_ours(no_mtp, batches, args.warmup)),
-        ("transformers (no MTP)",
+        ("qnext_jax (with MTP, as trained)", config,
+         lambda: time_ours(config, batches, args.warmup)),
+        ("qnext_jax (no MTP)", no_mtp, lambda: time_ours(no_mtp, batches, args.warmup)),
+        ("transformers (no MTP)", no_mtp,
          lambda: time_transformers(no_mtp, batches, args.warmup, args.threads)),
     ]
     if args.dense_variant:
         dense = dense_of_active_width(no_mtp)
-        runs.append(("qnext_jax (no MTP, dense MLP for the MoE)",
+        runs.append(("qnext_jax (no MTP, dense MLP for the MoE)", dense,
                      lambda: time_ours(dense, batches, args.warmup)))
     results = {}
-    for name, run in runs:
+    for name, model, run in runs:
         result = run()
         result["tokens_per_sec"] = tokens / result["seconds_per_step"]
+        result["flops_per_sec"] = model.training_flops_per_token(args.seq_len) * result["tokens_per_sec"]
         results[name] = result
         print(f"{name:42s} {result['seconds_per_step']:7.2f} s/step  "
-              f"{result['tokens_per_sec']:8.0f} tok/s  loss {result['last_loss']:.3f}", flush=True)
-    print(json.dumps({"batch": args.batch, "seq_len": args.seq_len, "results": results}, indent=1))
+              f"{result['tokens_per_sec']:8.0f} tok/s  {result['flops_per_sec'] / 1e9:6.1f} "
+              f"GFLOP/s ({result['flops_per_sec'] / peak:.0%} of peak)  "
+              f"loss {result['last_loss']:.3f}", flush=True)
+    print(json.dumps({"batch": args.batch, "seq_len": args.seq_len, "num_experts": config.num_experts,
+                      "matmul_peak_flops": peak, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

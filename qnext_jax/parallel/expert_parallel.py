@@ -94,6 +94,8 @@ def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *,
     else:
         capacity = min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens * top_k / shards)))
 
+    if shards == 1 and capacity == num_tokens:  # every expert here and nothing dropped
+        return _sum_over_tensor(grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w))
     home = experts // local_experts  # [n, k] the device along `expert` holding each choice
     bound_for = home[:, :, None] == jnp.arange(shards)  # [n, k, S]
     visits = bound_for.any(axis=1)  # [n, S] does the token go to device s at all
@@ -126,4 +128,12 @@ def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *,
     returned = exchange(out_rows.reshape(shards, capacity, -1))  # [S (expert device), C, E]
     gathered = returned.at[device, slot].get(mode="fill", fill_value=0)  # [n, S, E]
     out = jnp.sum(jnp.where(kept[..., None], gathered, 0), axis=1)
-    return jax.lax.psum(out, "tensor")  # tensor ranks each hold a slice of the expert width
+    return _sum_over_tensor(out)
+
+
+def _sum_over_tensor(out):
+    """Tensor ranks each hold a slice of the expert width: add their outputs up (a psum over
+    one device still costs XLA:CPU a copy of the output, so none is emitted then)."""
+    if jax.lax.axis_size("tensor") == 1:
+        return out
+    return jax.lax.psum(out, "tensor")
