@@ -8,7 +8,7 @@ row, once more per MTP depth. Here the forward walks over chunks of tokens, keep
 token's logsumexp; the backward recomputes one chunk's logits at a time and turns them into
 the chunk's hidden-state gradient and its share of the weight gradient. Peak memory is one
 chunk's logits, [chunk, V] fp32, whatever the sequence length. When every token fits in one
-chunk (off a mesh) the backward reuses the forward's logits instead of recomputing them.
+chunk (on one device) the backward reuses the forward's logits instead of recomputing them.
 
 Our own custom VJP, because no maintained library does this where we run: tokamax's
 `linear_softmax_cross_entropy_loss` is tiled only on TPU (its XLA form, used on CPU and GPU,
@@ -81,20 +81,25 @@ def _fused_bwd(vocab_major, chunk_tokens, residuals, loss_grad):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _one_device() -> bool:
+    """No mesh, or a mesh of one device (the default CPU run): nothing to split."""
+    return not under_mesh() or jax.sharding.get_abstract_mesh().size == 1
+
+
 def _keeps_logits(hidden, weight, vocab_major, chunk_tokens) -> bool:
-    """Off a mesh, when every token fits in one chunk, the forward's logits are kept for the
-    backward instead of recomputed: the peak is the same one chunk of logits (it just lives
+    """On one device, when every token fits in one chunk, the forward's logits are kept for
+    the backward instead of recomputed: the peak is the same one chunk of logits (it just lives
     until the backward), and the head's matmuls drop from four to three."""
     tokens = hidden.shape[0] * hidden.shape[1]
-    return (not under_mesh()
+    return (_one_device()
             and _chunk_size(tokens, _vocab(weight, vocab_major), chunk_tokens) == tokens)
 
 
 class _Axes:
-    """Mesh axes the computation is split over (empty without a mesh)."""
+    """Mesh axes the computation is split over (empty on one device)."""
 
     def __init__(self):
-        if not under_mesh():
+        if _one_device():
             self.tokens, self.vocab = (), ()
             self.hidden = self.rows = self.weights = None
             return
@@ -143,7 +148,7 @@ def _forward(hidden, weight, targets, vocab_major, chunk_tokens, keep=False):
         _, outputs = jax.lax.scan(chunk_loss, None, (chunk(hidden), chunk(targets)))
         return unchunk(outputs[0]), unchunk(outputs[1]), outputs[2] if keep else None
 
-    if keep:  # off a mesh only
+    if keep:  # on one device only
         return local(hidden, weight, targets)
     weight_spec = axes.weight_spec(vocab_major)
     return axes.run(local, (axes.hidden, weight_spec, axes.rows), (axes.rows, axes.rows, None))(
