@@ -7,9 +7,11 @@ Python source file each instruction was traced from).
                                                               # active width in place of the MoE
 
 The XLA:CPU runtime records one trace event per executed thunk (a fusion, a matmul, a sort, a
-loop's body op) with the HLO instruction's name; the post-optimisation HLO text gives each
-instruction its `source_file`, and a fusion the files of the instructions fused into it (by
-majority). Times are thunk times summed over the traced steps and divided by the steps; on two
+loop's body op) with the HLO instruction's name. The post-optimisation HLO text gives each
+instruction a stack frame (its tables of files and frames print at the top of the module):
+the innermost of our source files on that stack names the family, else the op's name (named
+scopes: custom VJPs carry no source lines); a fusion without one takes the majority of the
+instructions fused into it, and copies, transposes and loops are their own rows. Times are thunk times summed over the traced steps and divided by the steps; on two
 cores two thunks may overlap, so the families' sum can exceed the wall time a little.
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Families in the order the table prints them; the first rule that matches a source file wins.
+# Families in the order the table prints them; within a frame the first matching rule wins.
 FAMILIES = (
     ("routed experts", ("ops/grouped_matmul.py", "parallel/expert_parallel.py",
                         "ops/bucketed_swiglu.py", "routed_experts")),
@@ -37,14 +39,14 @@ FAMILIES = (
                    "jax/_src/nn/functions.py")),
     ("norms", ("model/norms.py",)),
     ("LM head + loss", ("ops/linear_cross_entropy.py", "train/losses.py")),
-    ("optimizer", ("optax/", "train/optimizer.py")),
     ("embedding, residuals, MTP glue", ("model/transformer.py", "model/decoder_layer.py",
                                         "model/mtp.py", "model/params.py")),
-    ("optimizer update, clipping (step.py)", ("train/step.py",)),
+    # optax's update ops carry the train step's frame: step.py is the optimizer's row.
+    ("optimizer update, clipping", ("optax/", "train/optimizer.py", "train/step.py")),
 )
 COPIES = "copies / transposes"
 LOOPS = "loop control (scan bookkeeping)"
-OTHER = "other (no source)"
+OTHER = "unattributed"
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S.*?\s([\w\-]+)\(")
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
