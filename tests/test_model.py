@@ -99,7 +99,8 @@ def test_mtp_fuses_the_next_token_embedding_with_the_normed_hidden(tiny_config):
 
 def test_scan_keeps_the_program_size_independent_of_depth(tiny_config):
     def count_dots(num_layers):
-        config = tiny_config.replace(num_hidden_layers=num_layers, mtp_num_hidden_layers=0)
+        config = tiny_config.replace(num_hidden_layers=num_layers, mtp_num_hidden_layers=0,
+                                     layer_scan="scan")
         model = Qwen3NextModel(config, rngs=nnx.Rngs(0))
         graph, state = nnx.split(model)
         jaxpr = jax.make_jaxpr(lambda s, ids: nnx.merge(graph, s)(ids).logits)(
@@ -107,6 +108,25 @@ def test_scan_keeps_the_program_size_independent_of_depth(tiny_config):
         return str(jaxpr).count("dot_general")
 
     assert count_dots(4) == count_dots(16)
+
+
+def test_unrolled_blocks_equal_the_scanned_loop(tiny_config):
+    """`layer_scan: unroll` (CPU's default) and `scan` give the same logits and gradients."""
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, tiny_config.vocab_size, (2, 16)))
+    model = Qwen3NextModel(tiny_config, rngs=nnx.Rngs(0))
+    _, params = nnx.split(model, nnx.Param)
+
+    def loss_and_grads(layer_scan):
+        graph, _ = nnx.split(Qwen3NextModel(tiny_config.replace(layer_scan=layer_scan),
+                                            rngs=nnx.Rngs(0)), nnx.Param)
+        loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graph, p)(ids).logits))  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (scanned, scanned_grads), (unrolled, unrolled_grads) = (
+        loss_and_grads("scan"), loss_and_grads("unroll"))
+    np.testing.assert_allclose(unrolled, scanned, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(unrolled_grads), jax.tree.leaves(scanned_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
