@@ -208,6 +208,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="traced steps")
     parser.add_argument("--top", type=int, default=12, help="largest thunks listed")
     parser.add_argument("--no-mtp", action="store_true", help="without the MTP module")
+    parser.add_argument("--num-experts", type=int, help="override the config's expert count")
     parser.add_argument("--dense-variant", action="store_true",
                         help="also profile a dense MLP of the MoE's active width instead of it")
     args = parser.parse_args()
@@ -218,6 +219,8 @@ def main():
     config = ModelConfig.from_yaml(args.config)
     if args.no_mtp:
         config = config.replace(mtp_num_hidden_layers=0)
+    if args.num_experts:
+        config = config.replace(num_experts=args.num_experts)
     runs = [("qnext_jax train step (as configured)", config)]
     if args.dense_variant:
         runs.append(("the same, a dense MLP of the MoE's active width", dense_of_active_width(config)))

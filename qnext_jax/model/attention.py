@@ -12,6 +12,7 @@ from flax import nnx
 from qnext_jax.config import ModelConfig
 from qnext_jax.model.norms import RMSNorm
 from qnext_jax.model.params import cast, compute_dtype, normal_param
+from qnext_jax.model.projections import project_together
 from qnext_jax.model.rope import apply_rotary
 from qnext_jax.ops.causal_attention import causal_attention
 from qnext_jax.ops.segments import document_index
@@ -46,11 +47,9 @@ class GatedAttention(nnx.Module):
         """x [B, T, E] -> query, gate [B, T, N, D] and key, value [B, T, K, D], the query and
         key normed and rotated (what a KV cache holds)."""
         dtype = compute_dtype(self.config)
-        x = x.astype(dtype)
-        query = jnp.einsum("BTE,END->BTND", x, cast(self.q_proj, dtype))
-        gate = jnp.einsum("BTE,END->BTND", x, cast(self.gate_proj, dtype))
-        key = jnp.einsum("BTE,EKD->BTKD", x, cast(self.k_proj, dtype))
-        value = jnp.einsum("BTE,EKD->BTKD", x, cast(self.v_proj, dtype))
+        kernels = (self.q_proj, self.gate_proj, self.k_proj, self.v_proj)
+        query, gate, key, value = project_together(
+            x.astype(dtype), [cast(kernel, dtype) for kernel in kernels])
         cos, sin = rotary
         query = apply_rotary(self.q_norm(query), cos, sin)
         key = apply_rotary(self.k_norm(key), cos, sin)

@@ -14,6 +14,7 @@ from flax import nnx
 from qnext_jax.config import ModelConfig
 from qnext_jax.model.norms import GatedRMSNorm
 from qnext_jax.model.params import cast, compute_dtype, constant_param, normal_param, param
+from qnext_jax.model.projections import project_together
 from qnext_jax.ops import gated_delta_rule
 from qnext_jax.ops.causal_conv import causal_conv_silu
 from qnext_jax.ops.segments import document_index
@@ -59,14 +60,9 @@ class GatedDeltaNet(nnx.Module):
         """x [B, T, E] -> the rule's inputs before the short conv: query, key [B, T, Hk, D],
         value, z [B, T, Hv, D] in the compute dtype; g (log-decay) fp32, beta [B, T, Hv]."""
         dtype = compute_dtype(self.config)
-        x = x.astype(dtype)
-        project = lambda spec, kernel: jnp.einsum(spec, x, cast(kernel, dtype))
-        query = project("BTE,EKD->BTKD", self.q_proj)
-        key = project("BTE,EKD->BTKD", self.k_proj)
-        value = project("BTE,EHD->BTHD", self.v_proj)
-        z = project("BTE,EHD->BTHD", self.z_proj)
-        b = project("BTE,EH->BTH", self.b_proj)
-        a = project("BTE,EH->BTH", self.a_proj)
+        kernels = (self.q_proj, self.k_proj, self.v_proj, self.z_proj, self.b_proj, self.a_proj)
+        query, key, value, z, b, a = project_together(
+            x.astype(dtype), [cast(kernel, dtype) for kernel in kernels])
         beta = jax.nn.sigmoid(b)  # in the activation dtype, as HF
         decay_rate = jnp.exp(self.A_log[...].astype(jnp.float32))
         g = -decay_rate * jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))

@@ -7,6 +7,7 @@ from flax import nnx
 
 from qnext_jax.config import ModelConfig
 from qnext_jax.model.params import cast, compute_dtype, normal_param
+from qnext_jax.model.projections import project_together
 
 
 class SwiGLU(nnx.Module):
@@ -19,7 +20,6 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         dtype = compute_dtype(self.config)
-        x = x.astype(dtype)
-        gate = jnp.einsum("...E,EF->...F", x, cast(self.gate_proj, dtype))
-        up = jnp.einsum("...E,EF->...F", x, cast(self.up_proj, dtype))
+        gate, up = project_together(
+            x.astype(dtype), [cast(self.gate_proj, dtype), cast(self.up_proj, dtype)])
         return jnp.einsum("...F,FE->...E", jax.nn.silu(gate) * up, cast(self.down_proj, dtype))

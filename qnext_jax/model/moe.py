@@ -17,6 +17,7 @@ from flax import nnx
 from qnext_jax.config import ModelConfig
 from qnext_jax.model.mlp import SwiGLU
 from qnext_jax.model.params import cast, compute_dtype, normal_param, param
+from qnext_jax.model.projections import project_together
 from qnext_jax.parallel.axes import under_mesh
 from qnext_jax.parallel.expert_parallel import expert_parallel_ffn, grouped_swiglu
 
@@ -72,7 +73,9 @@ class SparseMoE(nnx.Module):
         dtype = compute_dtype(config)
         batch, length, hidden = x.shape
         tokens = x.astype(dtype).reshape(batch * length, hidden)
-        logits = tokens @ cast(self.router, dtype)  # [N, X], activation dtype as HF
+        # [N, X] router logits in the activation dtype, as HF; the shared expert's gate [N, 1].
+        logits, shared_gate_logit = project_together(
+            tokens, [cast(self.router, dtype), cast(self.shared_expert_gate, dtype)[:, None]])
         probs, weights, experts = route(logits, config.num_experts_per_tok, config.norm_topk_prob)
         weights = weights.astype(dtype)
         if config.moe_impl == "dense":
@@ -84,8 +87,7 @@ class SparseMoE(nnx.Module):
             )
         else:
             routed = grouped_swiglu(tokens, weights, experts, *self._expert_weights(dtype))
-        shared_gate = jax.nn.sigmoid(tokens @ cast(self.shared_expert_gate, dtype))  # [N]
-        out = routed + shared_gate[:, None] * self.shared_expert(tokens)
+        out = routed + jax.nn.sigmoid(shared_gate_logit) * self.shared_expert(tokens)
         stats = router_stats(logits, probs, experts, config.num_experts, valid)
         return out.reshape(batch, length, hidden), stats
 

@@ -23,16 +23,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qnext_jax.ops.platform import target_platform
+
 # Masked scores: finite, so a fully masked (padding) row gives zeros, not NaN.
 _MASKED = -1e30
 _PAD_QUERY_DOC, _PAD_KEY_DOC = -1, -2  # never equal to each other or to a real document index
 
 
 def blockwise_attention(q, k, v, *, q_docs=None, kv_docs=None, q_offset=0, scale: float,
-                        block_q: int = 512, block_k: int = 512):
+                        block_q: int | None = None, block_k: int | None = None):
     """q [B, Tq, N, D]; k [B, Tk, K, D]; v [B, Tk, K, Dv] with N a multiple of K.
     q_docs [B, Tq], kv_docs [B, Tk]: document indices (ops.segments.document_index; None: one
     document). q_offset: global position of query 0 in the key sequence (int, may be traced).
+    block_q, block_k: tile sizes; None: 128 on CPU (small tiles let the causal skip drop
+    nearly half the work, and a tile's loop step costs little there), else 512.
     Returns [B, Tq, N, Dv] in v's dtype; scores and softmax in fp32."""
     batch, q_len, heads, dim = q.shape
     if k.ndim != 4 or k.shape[0] != batch or k.shape[3] != dim or v.shape[:3] != k.shape[:3]:
@@ -47,7 +51,9 @@ def blockwise_attention(q, k, v, *, q_docs=None, kv_docs=None, q_offset=0, scale
     if q_docs.shape != (batch, q_len) or kv_docs.shape != k.shape[:2]:
         raise ValueError(f"q_docs must be [B, Tq] = {(batch, q_len)} and kv_docs [B, Tk] = "
                          f"{k.shape[:2]}; got {q_docs.shape} and {kv_docs.shape}")
-    block_q, block_k = min(block_q, q_len), min(block_k, k.shape[1])
+    default_block = 128 if target_platform() == "cpu" else 512
+    block_q = min(block_q or default_block, q_len)
+    block_k = min(block_k or default_block, k.shape[1])
     return _attention(q, k, v, q_docs.astype(jnp.int32), kv_docs.astype(jnp.int32),
                       jnp.asarray(q_offset, jnp.int32), float(scale), block_q, block_k)
 
@@ -83,26 +89,31 @@ class _Blocks:
         self.num_q = -(-self.q_len // block_q)
         self.num_k = -(-self.k_len // block_k)
         pad_q, pad_k = self.num_q * block_q - self.q_len, self.num_k * block_k - self.k_len
+        # Head-major once, here: every tile's matmuls then read contiguous [block, D] slices
+        # with (batch, heads) as the batch dimensions, so no tile needs a transpose.
         grouped = q.reshape(batch, self.q_len, kv_heads, self.groups, dim)
-        self.q = _pad_time(grouped, pad_q)  # [B, Tq, K, G, D]
-        self.k, self.v = _pad_time(k, pad_k), _pad_time(v, pad_k)  # [B, Tk, K, D]
+        self.q = _pad_time(grouped, pad_q).transpose(0, 2, 3, 1, 4)  # [B, K, G, Tq, D]
+        self.k = _pad_time(k, pad_k).transpose(0, 2, 1, 3)  # [B, K, Tk, D]
+        self.v = _pad_time(v, pad_k).transpose(0, 2, 1, 3)
         self.q_docs = _pad_time(q_docs, pad_q, _PAD_QUERY_DOC)
         self.kv_docs = _pad_time(kv_docs, pad_k, _PAD_KEY_DOC)
         self.pad_q = pad_q
 
     def query_block(self, index):
         start = index * self.block_q
-        return (_slice(self.q, start, self.block_q), _slice(self.q_docs, start, self.block_q),
+        return (_slice(self.q, start, self.block_q, axis=3),
+                _slice(self.q_docs, start, self.block_q),
                 self.q_offset + start + jnp.arange(self.block_q))
 
     def key_block(self, index):
         start = index * self.block_k
-        return (_slice(self.k, start, self.block_k), _slice(self.v, start, self.block_k),
+        return (_slice(self.k, start, self.block_k, axis=2),
+                _slice(self.v, start, self.block_k, axis=2),
                 _slice(self.kv_docs, start, self.block_k), start + jnp.arange(self.block_k))
 
     def scores(self, q, q_docs, q_pos, k, kv_docs, k_pos):
         """fp32 scores [B, K, G, Q, S] and the mask [B, 1, 1, Q, S]."""
-        s = jnp.einsum("BQKGD,BSKD->BKGQS", q, k, preferred_element_type=jnp.float32)
+        s = jnp.einsum("BKGQD,BKSD->BKGQS", q, k, preferred_element_type=jnp.float32)
         visible = (k_pos[None, :] <= q_pos[:, None])[None] & (q_docs[:, :, None] == kv_docs[:, None, :])
         return s * self.scale, visible[:, None, None]
 
@@ -149,7 +160,7 @@ def _forward(q, k, v, q_docs, kv_docs, q_offset, scale, block_q, block_k):
             rescale = jnp.exp(top - new_top)
             total = total * rescale + jnp.sum(p, axis=-1)
             acc = acc * rescale[..., None] + jnp.einsum(
-                "BKGQS,BSKD->BKGQD", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+                "BKGQS,BKSD->BKGQD", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
             return new_top, total, acc
 
         shape = (batch, kv_heads, groups, block_q)
@@ -168,7 +179,7 @@ def _backward(q, k, v, q_docs, kv_docs, q_offset, out, lse, grad_out, scale, blo
     grad_out_blocks = blocks.group(grad_out.astype(jnp.float32))  # [num_q, B, K, G, Q, Dv]
     # D_i = dO_i . O_i, the softmax-gradient correction per query.
     delta = jnp.sum(grad_out_blocks * blocks.group(out.astype(jnp.float32)), axis=-1)
-    grad_q = jnp.zeros(blocks.q.shape, jnp.float32)  # [B, Tq (padded), K, G, D]
+    grad_q = jnp.zeros(blocks.q.shape, jnp.float32)  # [B, K, G, Tq (padded), D]
 
     def key_block(grad_q, k_index):
         kb, vb, kv_docs_b, k_pos = blocks.key_block(k_index)
@@ -179,14 +190,14 @@ def _backward(q, k, v, q_docs, kv_docs, q_offset, out, lse, grad_out, scale, blo
             s, visible = blocks.scores(qb, q_docs_b, q_pos, kb, kv_docs_b, k_pos)
             p = jnp.where(visible, jnp.exp(s - lse[q_index][..., None]), 0.0)  # [B, K, G, Q, S]
             g_out = grad_out_blocks[q_index]  # [B, K, G, Q, Dv]
-            grad_v += jnp.einsum("BKGQS,BKGQD->BSKD", p, g_out)
-            grad_p = jnp.einsum("BKGQD,BSKD->BKGQS", g_out, vb.astype(jnp.float32))
+            grad_v += jnp.einsum("BKGQS,BKGQD->BKSD", p, g_out)
+            grad_p = jnp.einsum("BKGQD,BKSD->BKGQS", g_out, vb.astype(jnp.float32))
             grad_s = p * (grad_p - delta[q_index][..., None]) * blocks.scale
-            grad_k += jnp.einsum("BKGQS,BQKGD->BSKD", grad_s, qb.astype(jnp.float32))
-            update = jnp.einsum("BKGQS,BSKD->BQKGD", grad_s, kb.astype(jnp.float32))
+            grad_k += jnp.einsum("BKGQS,BKGQD->BKSD", grad_s, qb.astype(jnp.float32))
+            update = jnp.einsum("BKGQS,BKSD->BKGQD", grad_s, kb.astype(jnp.float32))
             start = q_index * block_q
             grad_q = jax.lax.dynamic_update_slice_in_dim(
-                grad_q, _slice(grad_q, start, block_q) + update, start, axis=1)
+                grad_q, _slice(grad_q, start, block_q, axis=3) + update, start, axis=3)
             return grad_q, grad_k, grad_v
 
         init = (grad_q, jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
@@ -195,9 +206,10 @@ def _backward(q, k, v, q_docs, kv_docs, q_offset, out, lse, grad_out, scale, blo
         return grad_q, (grad_k, grad_v)
 
     grad_q, (grad_k, grad_v) = jax.lax.scan(key_block, grad_q, jnp.arange(blocks.num_k))
-    grad_q = grad_q[:, : blocks.q_len].reshape(q.shape)
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(  # noqa: E731
-        x.shape[1], -1, *x.shape[3:])[:, : blocks.k_len]
+    grad_q = grad_q[:, :, :, : blocks.q_len].transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    # [num_k, B, K, S, D] -> [B, Tk, K, D]
+    unblock = lambda x: x.transpose(1, 0, 3, 2, 4).reshape(  # noqa: E731
+        x.shape[1], -1, x.shape[2], x.shape[4])[:, : blocks.k_len]
     return grad_q.astype(q.dtype), unblock(grad_k).astype(k.dtype), unblock(grad_v).astype(v.dtype)
 
 
@@ -207,5 +219,5 @@ def _pad_time(x, pad, value=0):
     return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
 
-def _slice(x, start, size):
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+def _slice(x, start, size, axis=1):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
