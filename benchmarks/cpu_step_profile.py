@@ -29,6 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Families in the order the table prints them; within a frame the first matching rule wins.
 FAMILIES = (
+    # Fused projections carry only this file's frames (the traced stack is cut short there).
+    ("input projections (fused: q k v z b a, q gate k v, gate up)", ("model/projections.py",)),
     ("routed experts", ("ops/grouped_matmul.py", "parallel/expert_parallel.py",
                         "ops/bucketed_swiglu.py", "routed_experts")),
     ("router + shared expert", ("model/moe.py", "model/mlp.py")),

@@ -71,6 +71,11 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
     sequence shards); the expert weights [X, E, F] / [X, F, E] sharded by the table (FSDP is
     gathered on entry)."""
     mesh = jax.sharding.get_abstract_mesh()
+    num_tokens, top_k = experts.shape
+    if mesh.size == 1 and _capacity(num_tokens, top_k, 1, capacity_factor) == num_tokens:
+        # One device holds every expert and drops nothing: no shard_map, whose backward would
+        # sum the weight gradients over one-device axes (a copy per layer on XLA:CPU).
+        return grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w)
     tokens_spec = PartitionSpec(TOKEN_AXES, None)
     in_specs = (
         tokens_spec, tokens_spec, tokens_spec,
@@ -89,11 +94,7 @@ def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *,
     """Per device: tokens [n, E], routing [n, k], local experts [X/S, ...]."""
     num_tokens, top_k = experts.shape
     local_experts = gate_w.shape[0]
-    if capacity_factor is None:
-        capacity = num_tokens
-    else:
-        capacity = min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens * top_k / shards)))
-
+    capacity = _capacity(num_tokens, top_k, shards, capacity_factor)
     if shards == 1 and capacity == num_tokens:  # every expert here and nothing dropped
         return _sum_over_tensor(grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w))
     home = experts // local_experts  # [n, k] the device along `expert` holding each choice
@@ -129,6 +130,13 @@ def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *,
     gathered = returned.at[device, slot].get(mode="fill", fill_value=0)  # [n, S, E]
     out = jnp.sum(jnp.where(kept[..., None], gathered, 0), axis=1)
     return _sum_over_tensor(out)
+
+
+def _capacity(num_tokens, top_k, shards, capacity_factor):
+    """Rows of each device's receive buffer: every token (dropless) without a factor."""
+    if capacity_factor is None:
+        return num_tokens
+    return min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens * top_k / shards)))
 
 
 def _sum_over_tensor(out):
