@@ -11,8 +11,10 @@ os.environ.setdefault(
 )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests build the same small programs many times (each trainer is a fresh jit); a per-session
-# persistent compilation cache turns the repeats into cache hits.
+# persistent compilation cache turns the repeats into cache hits. pytest-xdist's workers and
+# the tests' subprocesses inherit the directory this process names, so all of them share it.
 _CACHE = Path(tempfile.gettempdir()) / f"qnext_jax_test_jit_cache_{os.getpid()}"
+_OWNS_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
@@ -31,6 +33,9 @@ def repo_root() -> Path:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """The process that named the cache removes it (an xdist worker's session ends while the
+    other workers may still read it)."""
     import shutil
 
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if _OWNS_CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)

@@ -164,3 +164,26 @@ def test_moe_matches_numpy_per_token_loop():
         gate = 1 / (1 + np.exp(-(token @ p["shared_expert_gate"])))
         expected[t] += gate * (silu(token @ shared["gate_proj"]) * (token @ shared["up_proj"])) @ shared["down_proj"]
     np.testing.assert_allclose(np.asarray(out[0]), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_projections_together_equal_numpy_per_kernel():
+    """One matmul against side-by-side kernels gives each kernel's own product (float64 NumPy),
+    and so does the per-kernel path taken when `tensor` splits the heads."""
+    from qnext_jax.model.projections import outputs_unsplit, project_together
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 16))
+    kernels = [rng.normal(size=shape) for shape in ((16, 2, 4), (16, 3), (16, 6, 2, 1))]
+    expected = [np.tensordot(x, kernel, axes=1) for kernel in kernels]
+    args = (jnp.asarray(x, jnp.float32), [jnp.asarray(k, jnp.float32) for k in kernels])
+    assert outputs_unsplit()
+    for got, want in zip(project_together(*args), expected):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    from qnext_jax.parallel.mesh import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig(fsdp=1, tensor=2), devices=jax.devices()[:2])
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert not outputs_unsplit()
+        for got, want in zip(project_together(*args), expected):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
