@@ -75,7 +75,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 if __name__ == "__main__":
-    from qnext_jax.host_memory import use_huge_pages_for_host_buffers
-
-    use_huge_pages_for_host_buffers()  # XLA:CPU's per-step buffers (see qnext_jax/host_memory.py)
     sys.exit(main(sys.argv[1:]))

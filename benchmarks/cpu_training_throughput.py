@@ -171,7 +171,4 @@ def main():
 
 
 if __name__ == "__main__":
-    from qnext_jax.host_memory import use_huge_pages_for_host_buffers
-
-    use_huge_pages_for_host_buffers()  # as train.py: both frameworks' steps run under it
     main()
