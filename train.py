@@ -35,6 +35,9 @@ def main(argv: list[str]) -> int:
     from qnext_jax.parallel.distributed import initialize_from_env
 
     initialize_from_env()  # before anything touches the devices
+    from qnext_jax.host_memory import reuse_cpu_step_memory
+
+    reuse_cpu_step_memory()  # also before: it sets how the CPU client dispatches
 
     import jax
 

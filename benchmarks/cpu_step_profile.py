@@ -217,7 +217,9 @@ def main():
 
     from cpu_training_throughput import dense_of_active_width
     from qnext_jax.config import ModelConfig
+    from qnext_jax.host_memory import reuse_cpu_step_memory
 
+    reuse_cpu_step_memory()  # as train.py does
     config = ModelConfig.from_yaml(args.config)
     if args.no_mtp:
         config = config.replace(mtp_num_hidden_layers=0)

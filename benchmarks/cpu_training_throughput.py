@@ -12,13 +12,21 @@ Every row also gives the model FLOP/s (ModelConfig.training_flops_per_token, for
 backward, no recomputation) and its share of this machine's matmul peak, measured in the same
 run as the best of a large fp32 matmul in jax, and the system time and minor page faults per
 step (getrusage): the kernel zeroing the fresh pages of each step's temporaries.
+
+This process sets its allocator as train.py does (qnext_jax/host_memory.py: one mapping reused
+for every step's temporaries; QNEXT_JAX_KEEP_ALLOCATOR=1 measures ours without it). The peer is
+timed twice: in a process of its own with glibc's stock allocator, as a transformers user runs
+it, and in this process, under our allocator settings, which help PyTorch too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -138,7 +146,7 @@ def matmul_peak_flops(size: int = 4096, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "small.yaml"))
     parser.add_argument("--batch", type=int, default=8)
@@ -150,23 +158,48 @@ def main():
     parser.add_argument("--dense-variant", action="store_true",
                         help="also time ours with a dense MLP of the MoE's active width in place "
                              "of the MoE (where the CPU step's time goes)")
-    args = parser.parse_args()
+    parser.add_argument("--peer-only", action="store_true",
+                        help="time transformers alone, print its result as JSON (the stock-"
+                             "allocator process the full benchmark starts)")
+    return parser.parse_args(argv)
+
+
+def transformers_in_stock_process(argv: list[str]) -> dict:
+    """The peer timed by a fresh Python process that leaves glibc's allocator as it is."""
+    env = {**os.environ, "QNEXT_JAX_KEEP_ALLOCATOR": "1"}
+    completed = subprocess.run([sys.executable, __file__, *argv, "--peer-only"], env=env,
+                               capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main():
+    argv = sys.argv[1:]
+    args = parse_args(argv)
 
     from qnext_jax.config import ModelConfig
 
     config = ModelConfig.from_yaml(args.config)
     if args.num_experts:
         config = config.replace(num_experts=args.num_experts)
+    batches = random_rows(config.vocab_size, args.batch, args.seq_len, args.warmup + args.steps)
+    no_mtp = config.replace(mtp_num_hidden_layers=0)
+    if args.peer_only:
+        print(json.dumps(time_transformers(no_mtp, batches, args.warmup, args.threads)))
+        return
+    stock_peer = transformers_in_stock_process(argv)  # first: this process's allocator changes
+
+    from qnext_jax.host_memory import reuse_cpu_step_memory
+
+    print(f"allocator keeps the step's memory mapped: {reuse_cpu_step_memory()}", flush=True)
     peak = matmul_peak_flops()
     print(f"matmul peak (4096^3 fp32, jax): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    batches = random_rows(config.vocab_size, args.batch, args.seq_len, args.warmup + args.steps)
     tokens = args.batch * args.seq_len
-    no_mtp = config.replace(mtp_num_hidden_layers=0)
     runs = [
+        ("transformers (no MTP, own process, stock allocator)", no_mtp, lambda: stock_peer),
         ("qnext_jax (with MTP, as trained)", config,
          lambda: time_ours(config, batches, args.warmup)),
         ("qnext_jax (no MTP)", no_mtp, lambda: time_ours(no_mtp, batches, args.warmup)),
-        ("transformers (no MTP)", no_mtp,
+        ("transformers (no MTP, our allocator settings)", no_mtp,
          lambda: time_transformers(no_mtp, batches, args.warmup, args.threads)),
     ]
     if args.dense_variant:
@@ -179,11 +212,15 @@ def main():
         result["tokens_per_sec"] = tokens / result["seconds_per_step"]
         result["flops_per_sec"] = model.training_flops_per_token(args.seq_len) * result["tokens_per_sec"]
         results[name] = result
-        print(f"{name:42s} {result['seconds_per_step']:7.2f} s/step  "
+        print(f"{name:52s} {result['seconds_per_step']:7.2f} s/step  "
               f"{result['tokens_per_sec']:8.0f} tok/s  {result['flops_per_sec'] / 1e9:6.1f} "
               f"GFLOP/s ({result['flops_per_sec'] / peak:.0%} of peak)  "
               f"loss {result['last_loss']:.3f}  system {result['system_seconds_per_step']:.2f} "
               f"s/step, {result['minor_faults_per_step']:,.0f} page faults/step", flush=True)
+    ours = results["qnext_jax (no MTP)"]["tokens_per_sec"]
+    for name in ("transformers (no MTP, own process, stock allocator)",
+                 "transformers (no MTP, our allocator settings)"):
+        print(f"ours (no MTP) / {name}: {ours / results[name]['tokens_per_sec']:.2f}x")
     print(json.dumps({"batch": args.batch, "seq_len": args.seq_len, "num_experts": config.num_experts,
                       "matmul_peak_flops": peak, "results": results}, indent=1))
 
