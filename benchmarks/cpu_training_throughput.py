@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -165,9 +164,9 @@ def parse_args(argv=None):
 
 
 def transformers_in_stock_process(argv: list[str]) -> dict:
-    """The peer timed by a fresh Python process that leaves glibc's allocator as it is."""
-    env = {**os.environ, "QNEXT_JAX_KEEP_ALLOCATOR": "1"}
-    completed = subprocess.run([sys.executable, __file__, *argv, "--peer-only"], env=env,
+    """The peer timed by a fresh Python process that leaves glibc's allocator as it is (the
+    --peer-only path never calls reuse_cpu_step_memory)."""
+    completed = subprocess.run([sys.executable, __file__, *argv, "--peer-only"],
                                capture_output=True, text=True, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
