@@ -83,6 +83,13 @@ class ModelConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    # Design switches, each defaulting to the released architecture (the small-replica studies
+    # of qnext_jax/experiments turn them off one at a time). Hugging Face knows none of them as
+    # a config field: a model with the gate off cannot be exported; plain norms export as the
+    # zero-centred weights w - 1, which compute the same x_hat * w.
+    attention_output_gate: bool = True  # False: plain attention output, no gate projection
+    norm_style: Literal["zero_centred", "plain"] = "zero_centred"  # x_hat*(1+w), w=0 | x_hat*w, w=1
+    router_init: Literal["normalised", "plain"] = "normalised"  # equal-norm expert rows | normal(0, std)
     bos_token_id: int | None = 151643
     eos_token_id: int | None = 151645
     pad_token_id: int | None = None
@@ -179,6 +186,11 @@ class ModelConfig:
         _check_choice(self, "delta_rule_impl", ("auto", "reference", "chunked", "pallas"))
         _check_choice(self, "attention_impl", ("auto", "blockwise", "splash", "xla"))
         _check_choice(self, "moe_impl", ("ragged", "dense"))
+        _check_choice(self, "norm_style", ("zero_centred", "plain"))
+        _check_choice(self, "router_init", ("normalised", "plain"))
+        if not isinstance(self.attention_output_gate, bool):
+            raise ConfigError(f"attention_output_gate must be true or false, got "
+                              f"{self.attention_output_gate!r}")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise ConfigError(
                 f"moe_capacity_factor must be > 0 or null (dropless), got {self.moe_capacity_factor}"
@@ -263,10 +275,11 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
-        """Reads the `model:` section of a preset in `configs/` (or a file of only model keys)."""
-        data = read_yaml_mapping(path)
-        section = data.get("model", data)
-        return cls.from_dict(section, where=f"{path} (model section)")
+        """Reads the `model:` section of a preset in `configs/` (or a file of only model keys).
+
+        The section may itself name a `preset` (a path relative to this file) that its other
+        keys change: configs/small_all_attention.yaml is small.yaml with another layer pattern."""
+        return cls.from_dict(read_model_section(path), where=f"{path} (model section)")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -301,7 +314,9 @@ class ModelConfig:
             + 2 * hv + dv + value_dim * h
         )
         q_heads, kv_heads, d = self.num_attention_heads, self.num_key_value_heads, self.head_dim
-        attention = h * q_heads * d * 2 + 2 * h * kv_heads * d + q_heads * d * h + 2 * d
+        query_and_gate = 2 if self.attention_output_gate else 1
+        attention = (h * q_heads * d * query_and_gate + 2 * h * kv_heads * d + q_heads * d * h
+                     + 2 * d)
         moe = (
             h * self.num_experts
             + self.num_experts * 3 * h * self.moe_intermediate_size
@@ -362,6 +377,20 @@ class ModelConfig:
         delta_rule = self.linear_num_value_heads * (2 * chunk_size * (2 * dk + 2 * dv) + 6 * dk * dv)
         forward = 2 * weights + attention_layers * attention + deltanet_layers * delta_rule
         return 3.0 * forward
+
+
+def read_model_section(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The model keys of a preset file, its own `preset` (relative to it) resolved first."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    section = dict(data.get("model", data))
+    base = section.pop("preset", None)
+    if base is None:
+        return section
+    base_path = path.parent / base
+    if base_path.resolve() in _seen or base_path.resolve() == path.resolve():
+        raise ConfigError(f"{path}: its model preset {base} leads back to itself")
+    return {**read_model_section(base_path, _seen + (path.resolve(),)), **section}
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:

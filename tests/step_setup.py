@@ -6,6 +6,7 @@ from qnext_jax.config import ModelConfig
 from qnext_jax.data.batch import batch_from_packed_rows
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshConfig, make_mesh
+from qnext_jax.train.losses import LossConfig
 from qnext_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from qnext_jax.train.step import make_trainer
 
@@ -37,7 +38,7 @@ def packed_batch(rows=8, length=32, seed=0):
     return batch_from_packed_rows(tokens, segments)
 
 
-def trainer_for(config, mesh_config, devices=None, micro_batches=1):
+def trainer_for(config, mesh_config, devices=None, micro_batches=1, loss_config=LossConfig()):
     rules = ShardingRules(config, make_mesh(mesh_config, devices))
     return make_trainer(config, make_optimizer(OPTIMIZER), learning_rate_schedule(OPTIMIZER),
-                        rules, micro_batches=micro_batches)
+                        rules, micro_batches=micro_batches, loss_config=loss_config)

@@ -83,6 +83,22 @@ def test_round_trip_is_bit_exact(hf_checkpoint, tmp_path):
         np.testing.assert_array_equal(exported[name], array, err_msg=name)
 
 
+def test_plain_norms_load_and_export_the_same_function(hf_checkpoint, tmp_path):
+    """A plain-norm model (scale w) holds HF's zero-centred weights as 1 + w_hf: transformers'
+    logits, and the export writes w - 1 back (to one rounding of the +1 and -1)."""
+    _, directory, input_ids, expected = hf_checkpoint
+    model = load_hf_checkpoint(directory, norm_style="plain")
+    original = load_file(str(directory / "model.safetensors"))
+    stored = np.asarray(model.blocks.layers[0].input_layernorm.weight[...][0])
+    np.testing.assert_allclose(stored, 1 + original["model.layers.0.input_layernorm.weight"], rtol=1e-7)
+    logits = jax.jit(lambda ids: model(ids).logits)(jnp.asarray(input_ids))
+    assert relative_error(logits, expected) <= 1e-4
+    save_hf_checkpoint(model, tmp_path / "export")
+    exported = load_file(str(next((tmp_path / "export").glob("*.safetensors"))))
+    for name in ("model.norm.weight", "model.layers.3.self_attn.q_norm.weight"):
+        np.testing.assert_allclose(exported[name], original[name], atol=2e-7, err_msg=name)
+
+
 def test_mtp_weights_round_trip(tmp_path):
     """A checkpoint with mtp.* tensors (as the released one) loads them into the MTP module
     and writes them back unchanged."""

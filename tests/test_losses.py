@@ -1,6 +1,7 @@
 """Loss terms against NumPy: cross-entropy over valid tokens, MTP targets and masks at depths
 1 and 2 on packed rows, the MTP loss, the router z-loss, and the LBL's scale."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ from qnext_jax.data.batch import batch_from_packed_rows, positions_from_segments
 from qnext_jax.model.moe import RouterStats, route, router_stats
 from qnext_jax.model.transformer import ModelOutput
 from qnext_jax.train.losses import (
-    LossConfig, load_balancing_loss, loss_terms, mtp_targets, normalizers, token_cross_entropy,
+    LossConfig, expert_fractions, load_balancing_loss, loss_terms, mtp_targets, normalizers,
+    scoped_load_balancing_loss, token_cross_entropy,
 )
 
 
@@ -49,7 +51,7 @@ def test_loss_terms_match_numpy(packed):
     shape = packed.input_ids.shape + (32,)
     logits = [jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3)]
     router_logits = jnp.asarray(rng.normal(size=(2, 10, 6)), jnp.float32)  # 2 layers, 10 tokens
-    stats = [router_stats(l, *route(l, 2, True)[::2], 6, packed.valid) for l in router_logits]
+    stats = [router_stats(l, *route(l, 2, True)[::2], 6, packed.valid, 1) for l in router_logits]
     stats = RouterStats(*(jnp.stack(parts) for parts in zip(*stats)))
     output = ModelOutput(logits[0], None, stats, (logits[1], logits[2]), None)
     config = LossConfig(mtp_weight=0.3, z_loss_weight=0.01)
@@ -76,12 +78,78 @@ def test_loss_terms_match_numpy(packed):
 def test_lbl_is_k_for_uniform_routing_and_larger_when_collapsed():
     tokens, experts, k = 12, 4, 2
     counts = jnp.full((1, experts), tokens * k / experts)
-    stats = RouterStats(counts, jnp.full((1, experts), tokens / experts), jnp.zeros(1), jnp.full(1, tokens))
+    stats = RouterStats(counts, jnp.full((1, experts), tokens / experts), jnp.zeros(1), jnp.full(1, tokens),
+                        counts[:, None], jnp.full((1, 1, experts), tokens / experts), jnp.full((1, 1), tokens))
     assert float(load_balancing_loss(stats, counts / tokens, tokens)) == pytest.approx(k)
     collapsed = jnp.array([[tokens, tokens, 0, 0]], jnp.float32)
     probs = jnp.array([[tokens / 2, tokens / 2, 0, 0]], jnp.float32)
     stats = stats._replace(expert_counts=collapsed, prob_sums=probs)
     assert float(load_balancing_loss(stats, collapsed / tokens, tokens)) == pytest.approx(2 * k)
+
+
+def numpy_lbl(probs, valid, k, scope, micro_batch_rows):
+    """The peers' statements in float64. probs [layers, B, T, E], valid [B, T] bool.
+    global (Qwen): f, P over every valid token of the batch; micro_batch (GShard / Switch, per
+    forward pass): f, P per micro-batch, the losses averaged; sequence (DeepSeek-V3):
+    f_i = E / (k T_s) * count_i, P_i = mean over the row's tokens, alpha * sum f P per row, averaged
+    over rows (times k, our one scale)."""
+    layers, _, _, experts = probs.shape
+    chosen = np.argsort(-probs, axis=-1)[..., :k]  # [layers, B, T, k]
+    selected = (chosen[..., None] == np.arange(experts)).any(-2).astype(np.float64)
+
+    def switch(rows):  # E * sum_i f_i P_i over the valid tokens of `rows`, per layer
+        mask = valid[rows]
+        f = selected[:, rows][:, mask].mean(1)  # [layers, E], sums to k
+        p = probs[:, rows][:, mask].mean(1)
+        return experts * (f * p).sum(-1)
+
+    if scope == "global":
+        return switch(np.arange(valid.shape[0])).mean()
+    if scope == "micro_batch":
+        return np.mean([switch(rows).mean() for rows in micro_batch_rows])
+    per_row = []
+    for row in np.flatnonzero(valid.any(1)):
+        mask = valid[row]
+        f = experts / (k * mask.sum()) * selected[:, row, mask].sum(1)
+        p = probs[:, row, mask].mean(1)
+        per_row.append(k * (f * p).sum(-1))  # [layers]
+    return np.mean(per_row)
+
+
+@pytest.mark.parametrize("scope", ["global", "micro_batch", "sequence"])
+def test_lbl_scopes_match_numpy_statements_of_the_peers_formulas(scope):
+    """Two micro-batches (rows 0, 2 and 1, 3, as the step splits them) of four rows, one row of
+    padding only and one partly padded; their summed shares are the batch's loss."""
+    layers, rows, length, experts, k = 2, 4, 9, 6, 2
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(layers, rows, length, experts)).astype(np.float32) * 2
+    valid = np.ones((rows, length), bool)
+    valid[1] = False
+    valid[2, 6:] = False
+    segments = valid.astype(np.int32)
+    batch = batch_from_packed_rows(np.zeros((rows, length + 1), np.int32),
+                                   np.pad(segments, [(0, 0), (0, 1)], mode="edge"))
+    np.testing.assert_array_equal(np.asarray(batch.valid), valid)
+    micro_rows = [np.array([0, 2]), np.array([1, 3])]
+    norms = normalizers(batch, 0, micro_batches=2)
+
+    def micro_stats(rows_of):
+        per_layer = []
+        for layer_logits in logits[:, rows_of]:
+            flat = jnp.asarray(layer_logits.reshape(-1, experts))
+            probs, _, chosen = route(flat, k, True)
+            per_layer.append(router_stats(flat, probs, chosen, experts,
+                                          jnp.asarray(valid[rows_of]), len(rows_of)))
+        return RouterStats(*(jnp.stack(parts) for parts in zip(*per_layer)))
+
+    stats = [micro_stats(rows_of) for rows_of in micro_rows]
+    counts = sum(s.expert_counts for s in stats)
+    fractions = expert_fractions(stats[0]._replace(expert_counts=counts), norms.router_tokens)
+    ours = sum(float(scoped_load_balancing_loss(s, fractions, norms, scope)) for s in stats)
+    probs = np.asarray(jax.nn.softmax(logits.astype(np.float64), axis=-1))
+    expected = numpy_lbl(probs, valid, k, scope, micro_rows)
+    assert ours == pytest.approx(expected, rel=1e-5)
+    assert ours > k  # random logits are not balanced
 
 
 def test_loss_config_errors():
@@ -90,3 +158,7 @@ def test_loss_config_errors():
         LossConfig.from_dict({"mtp_wieght": 0.3})
     with pytest.raises(ConfigError, match="loss.lbl_formula must be one of"):
         LossConfig(lbl_formula="per_device")
+    with pytest.raises(ConfigError, match="loss.lbl_scope must be one of"):
+        LossConfig(lbl_scope="device")
+    with pytest.raises(ConfigError, match="hf_pooled .* takes loss.lbl_scope=global"):
+        LossConfig(lbl_formula="hf_pooled", lbl_scope="sequence")

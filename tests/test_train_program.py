@@ -151,7 +151,7 @@ def two_processes(args, cwd, port, devices_each=4):
     return processes
 
 
-def finish(processes, timeout=300):
+def finish(processes, timeout=600):  # a hang, not a slow machine under load
     outputs = [p.communicate(timeout=timeout) for p in processes]
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]

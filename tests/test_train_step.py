@@ -1,6 +1,7 @@
 """The sharded train step on 8 host CPU devices: the same numbers on every mesh, the specs the
 table promises, global-batch load balancing, gradient accumulation, and several processes."""
 
+import functools
 import os
 import socket
 import subprocess
@@ -21,8 +22,8 @@ from step_setup import MESHES, MeshConfig, packed_batch, tiny_config, trainer_fo
 LOSS_KEYS = ("loss", "ce_loss", "mtp_loss", "lbl_loss", "z_loss", "grad_norm")
 
 
-def run_step(config, mesh_config, batch, devices=None, micro_batches=1):
-    trainer = trainer_for(config, mesh_config, devices, micro_batches)
+def run_step(config, mesh_config, batch, devices=None, micro_batches=1, loss_config=LossConfig()):
+    trainer = trainer_for(config, mesh_config, devices, micro_batches, loss_config)
     state, metrics = trainer.step(trainer.init(), jax.device_put(batch, trainer.batch_sharding))
     return trainer, state, {k: np.asarray(v) for k, v in metrics.items()}
 
@@ -156,6 +157,36 @@ def test_global_lbl_is_the_whole_batch_lbl_not_the_mean_of_shard_lbls(config, me
     # And the 8-device mesh computes the whole-batch value (same shapes: no recompilation).
     _, metrics = trainer.step(trainer.init(), jax.device_put(batch, trainer.batch_sharding))
     assert float(metrics["lbl_loss"]) == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.parametrize("scope", ["micro_batch", "sequence"])
+def test_lbl_scopes_in_the_accumulating_step(config, scope):
+    """Two micro-batches: the micro-batch scope is the mean of each micro-batch's own
+    (whole-batch) LBL, the sequence scope the one-pass value of the whole batch. Also the
+    logged norm_scale_max is the largest |1 + w| of the updated RMSNorm weights."""
+    batch = packed_batch()
+    _, state, metrics = run_step(config, MeshConfig(fsdp=1), batch, jax.devices()[:1],
+                                 micro_batches=2, loss_config=LossConfig(lbl_scope=scope))
+    model = Qwen3NextModel(config, rngs=nnx.Rngs(0))  # the trainer's initial parameters
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def lbl(b, loss_config):
+        out = model(b.input_ids, positions=b.positions, segment_ids=b.segment_ids, valid=b.valid)
+        return loss_terms(out, b, normalizers(b, config.mtp_depth), loss_config, 1e-3)["lbl_loss"]
+
+    if scope == "micro_batch":
+        halves = [Batch(*(x[m::2] for x in batch)) for m in range(2)]  # rows m, m + 2, ...
+        expected = np.mean([float(lbl(half, LossConfig())) for half in halves])
+        whole = float(lbl(batch, LossConfig()))
+        assert abs(whole - expected) > 1e-4 * whole  # the scopes differ on this batch
+    else:
+        expected = float(lbl(batch, LossConfig(lbl_scope="sequence")))
+    assert float(metrics["lbl_loss"]) == pytest.approx(expected, rel=1e-5)
+    norm_weights = [np.asarray(w) for name, w in flat_params(state.params).items()
+                    if "norm" in name and "mixer']['norm" not in name]
+    assert len(norm_weights) == 18  # 8 layer norms, final, q/k x 2 attentions, MTP's 3 + 2
+    largest = max(np.abs(1 + w).max() for w in norm_weights)
+    assert float(metrics["norm_scale_max"]) == pytest.approx(largest, rel=1e-6)
 
 
 def free_port():

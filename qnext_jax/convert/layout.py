@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from qnext_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, ModelConfig
+from qnext_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, ConfigError, ModelConfig
 
 Path = tuple  # a path in the NNX state, e.g. ("blocks", "layers", 0, "mixer", "q_proj")
 
@@ -52,6 +52,16 @@ def _linear_in_heads(target: Path, index: tuple, hf_name: str, in_shape: tuple, 
 
 def _same(target: Path, index: tuple, hf_name: str, shape: tuple) -> TensorRule:
     return TensorRule(hf_name, shape, ((target, index),), lambda w: [w], lambda parts: parts[0])
+
+
+def _rms_norm(c: ModelConfig, target: Path, index: tuple, hf_name: str, size: int) -> TensorRule:
+    """HF stores zero-centred weights (scale 1 + w). A plain-norm model (scale w) converts as
+    w - 1 and back, the same function: the switch needs no config field there."""
+    if c.norm_style == "zero_centred":
+        return _same(target, index, hf_name, (size,))
+    shift = lambda w, by: (w + by).astype(w.dtype)
+    return TensorRule(hf_name, (size,), ((target, index),),
+                      lambda w: [shift(w, 1)], lambda parts: shift(parts[0], -1))
 
 
 def _gated_deltanet(c: ModelConfig, hf: str, ours: Path, index: tuple) -> list[TensorRule]:
@@ -127,8 +137,8 @@ def _attention(c: ModelConfig, hf: str, ours: Path, index: tuple) -> list[Tensor
         _linear(ours + ("k_proj",), index, f"{hf}k_proj.weight", (kv_heads, dim), hidden),
         _linear(ours + ("v_proj",), index, f"{hf}v_proj.weight", (kv_heads, dim), hidden),
         _linear_in_heads(ours + ("o_proj",), index, f"{hf}o_proj.weight", (heads, dim), hidden),
-        _same(ours + ("q_norm", "weight"), index, f"{hf}q_norm.weight", (dim,)),
-        _same(ours + ("k_norm", "weight"), index, f"{hf}k_norm.weight", (dim,)),
+        _rms_norm(c, ours + ("q_norm", "weight"), index, f"{hf}q_norm.weight", dim),
+        _rms_norm(c, ours + ("k_norm", "weight"), index, f"{hf}k_norm.weight", dim),
     ]
 
 
@@ -169,9 +179,10 @@ def _moe(c: ModelConfig, hf: str, ours: Path, index: tuple, fused: bool) -> list
 def _decoder_layer(c: ModelConfig, hf: str, ours: Path, index: tuple, mixer: str, moe: bool,
                    fused_experts: bool) -> list[TensorRule]:
     rules = [
-        _same(ours + ("input_layernorm", "weight"), index, f"{hf}input_layernorm.weight", (c.hidden_size,)),
-        _same(ours + ("post_attention_layernorm", "weight"), index,
-              f"{hf}post_attention_layernorm.weight", (c.hidden_size,)),
+        _rms_norm(c, ours + ("input_layernorm", "weight"), index, f"{hf}input_layernorm.weight",
+                  c.hidden_size),
+        _rms_norm(c, ours + ("post_attention_layernorm", "weight"), index,
+                  f"{hf}post_attention_layernorm.weight", c.hidden_size),
     ]
     if mixer == LINEAR_ATTENTION:
         rules += _gated_deltanet(c, f"{hf}linear_attn.", ours + ("mixer",), index)
@@ -187,21 +198,27 @@ def _decoder_layer(c: ModelConfig, hf: str, ours: Path, index: tuple, mixer: str
 def checkpoint_rules(config: ModelConfig, fused_experts: bool = False) -> list[TensorRule]:
     """Every HF tensor of a checkpoint for `config`, in file order."""
     c = config
+    if not c.attention_output_gate:
+        raise ConfigError(
+            "attention_output_gate=False has no Hugging Face equivalent (Qwen3NextForCausalLM "
+            "always gates its attention output); such a model cannot be converted")
     hidden, vocab = c.hidden_size, c.vocab_size
     rules = [_same(("embed",), (), "model.embed_tokens.weight", (vocab, hidden))]
     for i, (mixer, moe) in enumerate(c.layer_pattern):
         repeat, position = divmod(i, c.block_size)
         rules += _decoder_layer(c, f"model.layers.{i}.", ("blocks", "layers", position), (repeat,),
                                 mixer, moe, fused_experts)
-    rules.append(_same(("final_norm", "weight"), (), "model.norm.weight", (hidden,)))
+    rules.append(_rms_norm(c, ("final_norm", "weight"), (), "model.norm.weight", hidden))
     if not c.tie_word_embeddings:
         rules.append(_linear(("lm_head",), (), "lm_head.weight", (vocab,), hidden))
     if c.mtp_num_hidden_layers:
         rules += [
             _linear(("mtp", "fc"), (), "mtp.fc.weight", (hidden,), 2 * hidden),
-            _same(("mtp", "pre_fc_norm_embedding", "weight"), (), "mtp.pre_fc_norm_embedding.weight", (hidden,)),
-            _same(("mtp", "pre_fc_norm_hidden", "weight"), (), "mtp.pre_fc_norm_hidden.weight", (hidden,)),
-            _same(("mtp", "norm", "weight"), (), "mtp.norm.weight", (hidden,)),
+            _rms_norm(c, ("mtp", "pre_fc_norm_embedding", "weight"), (),
+                      "mtp.pre_fc_norm_embedding.weight", hidden),
+            _rms_norm(c, ("mtp", "pre_fc_norm_hidden", "weight"), (), "mtp.pre_fc_norm_hidden.weight",
+                      hidden),
+            _rms_norm(c, ("mtp", "norm", "weight"), (), "mtp.norm.weight", hidden),
         ]
         for m in range(c.mtp_num_hidden_layers):
             rules += _decoder_layer(c, f"mtp.layers.{m}.", ("mtp", "layers", m), (), FULL_ATTENTION,

@@ -30,7 +30,8 @@ class GatedAttention(nnx.Module):
         # HF interleaves [query_h | gate_h] per head inside q_proj; we keep them apart so both
         # shard by heads. Kernels are named by axis order: E embed, N q heads, K kv heads, D dim.
         self.q_proj = normal_param(rngs, (hidden, heads, head_dim), config, ("embed", "heads", "head_dim"))  # END
-        self.gate_proj = normal_param(rngs, (hidden, heads, head_dim), config, ("embed", "heads", "head_dim"))  # END
+        if config.attention_output_gate:
+            self.gate_proj = normal_param(rngs, (hidden, heads, head_dim), config, ("embed", "heads", "head_dim"))  # END
         self.k_proj = normal_param(rngs, (hidden, kv_heads, head_dim), config, ("embed", "kv_heads", "head_dim"))  # EKD
         self.v_proj = normal_param(rngs, (hidden, kv_heads, head_dim), config, ("embed", "kv_heads", "head_dim"))  # EKD
         self.o_proj = normal_param(rngs, (heads, head_dim, hidden), config, ("heads", "head_dim", "embed"))  # NDE
@@ -45,11 +46,13 @@ class GatedAttention(nnx.Module):
 
     def project(self, x, rotary):
         """x [B, T, E] -> query, gate [B, T, N, D] and key, value [B, T, K, D], the query and
-        key normed and rotated (what a KV cache holds)."""
+        key normed and rotated (what a KV cache holds). The gate is None without the output gate."""
         dtype = compute_dtype(self.config)
-        kernels = (self.q_proj, self.gate_proj, self.k_proj, self.v_proj)
-        query, gate, key, value = project_together(
-            x.astype(dtype), [cast(kernel, dtype) for kernel in kernels])
+        gated = self.config.attention_output_gate
+        kernels = (self.q_proj, self.gate_proj) if gated else (self.q_proj,)
+        projected = project_together(
+            x.astype(dtype), [cast(kernel, dtype) for kernel in (*kernels, self.k_proj, self.v_proj)])
+        query, gate, key, value = projected if gated else (projected[0], None, *projected[1:])
         cos, sin = rotary
         query = apply_rotary(self.q_norm(query), cos, sin)
         key = apply_rotary(self.k_norm(key), cos, sin)
@@ -66,8 +69,9 @@ class GatedAttention(nnx.Module):
                                 impl=self.config.attention_impl)
 
     def finish(self, out, gate):
-        """Output gate, then o_proj: [B, T, N, D] -> [B, T, E]."""
-        out = out * jax.nn.sigmoid(gate)
+        """Output gate (unless switched off), then o_proj: [B, T, N, D] -> [B, T, E]."""
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate)
         return jnp.einsum("BTND,NDE->BTE", out, cast(self.o_proj, compute_dtype(self.config)))
 
 

@@ -33,6 +33,10 @@ class RouterStats(NamedTuple):
     prob_sums: jnp.ndarray  # [E] sum of router probabilities (carries the gradient)
     z_sums: jnp.ndarray  # [] sum of logsumexp(router logits)^2 (the router z-loss)
     num_tokens: jnp.ndarray  # [] number of valid tokens counted
+    # The same sums per row (the sequence-scope balancing loss); unused, XLA drops them.
+    row_expert_counts: jnp.ndarray  # [B, E]
+    row_prob_sums: jnp.ndarray  # [B, E]
+    row_tokens: jnp.ndarray  # [B]
 
 
 def normalized_router_init(key, hidden: int, num_experts: int, std: float) -> jnp.ndarray:
@@ -59,7 +63,11 @@ class SparseMoE(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         hidden, experts, width = config.hidden_size, config.num_experts, config.moe_intermediate_size
-        router = normalized_router_init(rngs.params(), hidden, experts, config.initializer_range)
+        if config.router_init == "normalised":
+            router = normalized_router_init(rngs.params(), hidden, experts, config.initializer_range)
+        else:  # HF's default: every linear normal(0, std), expert norms as they fall
+            router = config.initializer_range * jax.random.normal(
+                rngs.params(), (hidden, experts), jnp.float32)
         self.router = param(router, config, ("embed", None))  # EX: every rank scores every expert
         self.gate_proj = normal_param(rngs, (experts, hidden, width), config, EXPERT_IN)  # XEF
         self.up_proj = normal_param(rngs, (experts, hidden, width), config, EXPERT_IN)  # XEF
@@ -88,7 +96,7 @@ class SparseMoE(nnx.Module):
         else:
             routed = grouped_swiglu(tokens, weights, experts, *self._expert_weights(dtype))
         out = routed + jax.nn.sigmoid(shared_gate_logit) * self.shared_expert(tokens)
-        stats = router_stats(logits, probs, experts, config.num_experts, valid)
+        stats = router_stats(logits, probs, experts, config.num_experts, valid, batch)
         return out.reshape(batch, length, hidden), stats
 
     def _expert_weights(self, dtype):
@@ -105,8 +113,8 @@ class SparseMoE(nnx.Module):
         return jnp.einsum("NXE,NX->NE", out, combine)
 
 
-def router_stats(logits, probs, experts, num_experts, valid) -> RouterStats:
-    """Sums over valid tokens; `valid` [B, T] or None (all valid)."""
+def router_stats(logits, probs, experts, num_experts, valid, rows: int) -> RouterStats:
+    """Sums over valid tokens (N = rows * T of them); `valid` [B, T] or None (all valid)."""
     if valid is None:
         mask = jnp.ones(probs.shape[:1], jnp.float32)
     else:
@@ -115,4 +123,9 @@ def router_stats(logits, probs, experts, num_experts, valid) -> RouterStats:
     counts = jax.lax.stop_gradient(jnp.einsum("NX,N->X", selected, mask))
     prob_sums = jnp.einsum("NX,N->X", probs, mask)
     log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [N]
-    return RouterStats(counts, prob_sums, jnp.sum(mask * log_z * log_z), jnp.sum(mask))
+    by_row = lambda x: x.reshape(rows, -1, *x.shape[1:])  # [N, ...] -> [B, T, ...]
+    row_mask = by_row(mask)
+    row_counts = jax.lax.stop_gradient(jnp.einsum("BTX,BT->BX", by_row(selected), row_mask))
+    row_probs = jnp.einsum("BTX,BT->BX", by_row(probs), row_mask)
+    return RouterStats(counts, prob_sums, jnp.sum(mask * log_z * log_z), jnp.sum(mask),
+                       row_counts, row_probs, jnp.sum(row_mask, axis=1))

@@ -38,3 +38,9 @@ def param(value, config: ModelConfig, axes: tuple[str | None, ...]) -> nnx.Param
 def cast(param: nnx.Param, dtype) -> jnp.ndarray:
     """A weight in the compute dtype (parameters are stored in param_dtype, fp32 by default)."""
     return param[...].astype(dtype)
+
+
+def parameter_names(path) -> tuple[str, ...]:
+    """The module and parameter names of a pytree path into an nnx.State or a nested dict."""
+    # Dict keys name modules and parameters; NNX Variables add a trailing `.value`.
+    return tuple(str(key.key) for key in path if isinstance(key, jax.tree_util.DictKey))

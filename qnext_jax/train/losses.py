@@ -11,6 +11,17 @@ Load balancing (spec section 5.4), per MoE layer l with E experts:
 "global" averages LBL_l over layers (the main model's and the MTP module's); "hf_pooled" is
 transformers' formula (f and P pooled over the main model's layers), for parity checks.
 Both equal k under perfectly uniform routing, the scale `router_aux_loss_coef` is set for.
+
+`lbl_scope` says over which tokens f and P are taken, so that the global batch can be measured
+against the scopes peers use (the Qwen team's "global-batch vs micro-batch" comparison):
+    global       f over the whole global batch (Qwen3-Next; the default)
+    micro_batch  f and P over each gradient-accumulation micro-batch, the loss averaged over
+                 the micro-batches (GShard / Switch as transformers and Megatron's `aux_loss`
+                 compute it per forward pass)
+    sequence     f and P over each row, the loss averaged over the rows that hold a valid
+                 token (DeepSeek-V2/V3's sequence-wise loss; their f carries a 1/k more, so
+                 their alpha is our coefficient / k)
+Each scope keeps E * sum_i f_i P_i with f summing to k, so one coefficient means the same.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from qnext_jax.model.moe import RouterStats
 from qnext_jax.ops.linear_cross_entropy import linear_cross_entropy
 
 LBL_FORMULAS = ("global", "hf_pooled")
+LBL_SCOPES = ("global", "micro_batch", "sequence")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +46,7 @@ class LossConfig:
     mtp_weight: float = 0.1  # lambda in L = CE + (lambda / D) * sum_k CE_k (Megatron's default)
     lbl_weight: float | None = None  # None: the model's router_aux_loss_coef
     lbl_formula: str = "global"
+    lbl_scope: str = "global"  # the tokens f and P are taken over: global, micro_batch, sequence
     z_loss_weight: float = 0.0  # router z-loss (ST-MoE); 0 disables it
     # The LM head fused with the cross-entropy over token chunks (ops/linear_cross_entropy):
     # the [B, T, V] logits are never held. False: the plain head and log-softmax.
@@ -43,6 +56,11 @@ class LossConfig:
     def __post_init__(self):
         if self.lbl_formula not in LBL_FORMULAS:
             raise ConfigError(f"loss.lbl_formula must be one of {LBL_FORMULAS}, got {self.lbl_formula!r}")
+        if self.lbl_scope not in LBL_SCOPES:
+            raise ConfigError(f"loss.lbl_scope must be one of {LBL_SCOPES}, got {self.lbl_scope!r}")
+        if self.lbl_formula == "hf_pooled" and self.lbl_scope != "global":
+            raise ConfigError(f"loss.lbl_formula=hf_pooled (transformers' parity formula) takes "
+                              f"loss.lbl_scope=global, got {self.lbl_scope!r}")
         if self.head_chunk_tokens is not None and self.head_chunk_tokens < 1:
             raise ConfigError(f"loss.head_chunk_tokens must be positive or null, got "
                               f"{self.head_chunk_tokens}")
@@ -62,14 +80,19 @@ class Normalizers(NamedTuple):
     target_tokens: jnp.ndarray  # [] targets counted by the main loss
     mtp_target_tokens: jnp.ndarray  # [D] targets counted at each MTP depth
     router_tokens: jnp.ndarray  # [] non-padding tokens seen by each router
+    router_rows: jnp.ndarray  # [] rows holding at least one such token (sequence scope)
+    micro_batches: jnp.ndarray  # [] how many micro-batches the batch splits into
 
 
-def normalizers(batch: Batch, mtp_depth: int) -> Normalizers:
+def normalizers(batch: Batch, mtp_depth: int, micro_batches: int = 1) -> Normalizers:
     mtp = [jnp.sum(mtp_targets(batch, k)[1]) for k in range(1, mtp_depth + 1)]
+    valid = batch.valid.astype(jnp.float32)
     return Normalizers(
         jnp.maximum(jnp.sum(batch.loss_mask), 1.0),
         jnp.maximum(jnp.stack(mtp), 1.0) if mtp else jnp.zeros((0,)),
-        jnp.maximum(jnp.sum(batch.valid.astype(jnp.float32)), 1.0),
+        jnp.maximum(jnp.sum(valid), 1.0),
+        jnp.maximum(jnp.sum(jnp.any(valid > 0, axis=1)), 1.0),
+        jnp.asarray(micro_batches, jnp.float32),
     )
 
 
@@ -108,6 +131,24 @@ def load_balancing_loss(stats: RouterStats, fractions, router_tokens, formula: s
     if formula == "hf_pooled":
         return num_experts * jnp.sum(fractions.mean(0) * probs.mean(0))
     return num_experts * jnp.mean(jnp.sum(fractions * probs, axis=-1))
+
+
+def scoped_load_balancing_loss(stats: RouterStats, fractions, norms: Normalizers, scope: str):
+    """This micro-batch's share of the LBL of `scope` (module docstring), averaged over layers;
+    `fractions` [layers, E] are the global-batch f (used by the global scope only)."""
+    num_experts = stats.prob_sums.shape[-1]
+    if scope == "global":
+        return load_balancing_loss(stats, fractions, norms.router_tokens)
+    if scope == "micro_batch":
+        tokens = jnp.maximum(stats.num_tokens, 1.0)[:, None]  # [layers, 1] this micro-batch's
+        own = expert_fractions(stats, tokens)
+        per_layer = num_experts * jnp.sum(own * stats.prob_sums / tokens, axis=-1)
+        return jnp.mean(per_layer) / norms.micro_batches
+    tokens = jnp.maximum(stats.row_tokens, 1.0)[..., None]  # [layers, B, 1]
+    own = jax.lax.stop_gradient(stats.row_expert_counts / tokens)
+    per_row = num_experts * jnp.sum(own * stats.row_prob_sums / tokens, axis=-1)  # [layers, B]
+    counted = (stats.row_tokens > 0).astype(per_row.dtype)
+    return jnp.mean(jnp.sum(per_row * counted, axis=-1)) / norms.router_rows
 
 
 def hf_pooled_load_balancing_loss(stats: RouterStats):
@@ -158,8 +199,11 @@ def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl
             stats = output.router_stats  # transformers knows no MTP module
         if fractions is None:
             fractions = expert_fractions(stats, norms.router_tokens)
-        lbl = load_balancing_loss(stats, fractions[: stats.prob_sums.shape[0]],
-                                  norms.router_tokens, config.lbl_formula)
+        fractions = fractions[: stats.prob_sums.shape[0]]
+        if config.lbl_formula == "hf_pooled":
+            lbl = load_balancing_loss(stats, fractions, norms.router_tokens, "hf_pooled")
+        else:
+            lbl = scoped_load_balancing_loss(stats, fractions, norms, config.lbl_scope)
         z_loss = jnp.mean(stats.z_sums) / norms.router_tokens
     terms["lbl_loss"] = lbl
     terms["z_loss"] = z_loss

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from qnext_jax.config import ConfigError
 
-SCALARS = ("loss", "ce_loss", "mtp_loss", "lbl_loss", "z_loss", "grad_norm", "lr")
+SCALARS = ("loss", "ce_loss", "mtp_loss", "lbl_loss", "z_loss", "grad_norm", "lr",
+           "norm_scale_max")
 THROUGHPUT = ("tokens_per_sec", "model_tflops", "mfu")
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"

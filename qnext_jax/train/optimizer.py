@@ -4,7 +4,8 @@ Decay applies to every matrix, the embeddings and the zero-centred RMSNorm weigh
 w with scale (1 + w), so decaying w pulls the scale toward 1 (Qwen3-Next's "weight-decayed
 norm"). It does not apply to the DeltaNet's A_log and dt_bias (decay rates, not weights) or to
 its gated-norm weight, which is a plain scale initialised to 1: decaying it would pull the
-scale toward 0.
+scale toward 0. `decay_norm_weights=False` (a study's control) leaves every RMSNorm weight
+undecayed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import jax
 import optax
 
 from qnext_jax.config import ConfigError, check_known_keys
+from qnext_jax.model.norms import is_rms_norm_weight
+from qnext_jax.model.params import parameter_names
 
 # Parameter paths (suffixes of the flat NNX path) that weight decay must not touch.
 NO_DECAY_SUFFIXES = (("A_log",), ("dt_bias",), ("mixer", "norm", "weight"))
@@ -35,6 +38,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float | None = 1.0
+    decay_norm_weights: bool = True  # the RMSNorm weights (Qwen3-Next's weight-decayed norms)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -79,11 +83,12 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     )
 
 
-def weight_decay_mask(params) -> Any:
+def weight_decay_mask(params, decay_norm_weights: bool = True) -> Any:
     """A pytree like `params` (an nnx.State or a nested dict) of bools: True = decay."""
     def decays(path, _):
-        # Dict keys name modules and parameters; NNX Variables add a trailing `.value`.
-        names = tuple(str(key.key) for key in path if isinstance(key, jax.tree_util.DictKey))
+        names = parameter_names(path)
+        if not decay_norm_weights and is_rms_norm_weight(names):
+            return False
         return not any(names[-len(suffix):] == suffix for suffix in NO_DECAY_SUFFIXES)
 
     return jax.tree_util.tree_map_with_path(decays, params)
@@ -92,7 +97,8 @@ def weight_decay_mask(params) -> Any:
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     adamw = optax.adamw(
         learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-        weight_decay=config.weight_decay, mask=weight_decay_mask,
+        weight_decay=config.weight_decay,
+        mask=lambda params: weight_decay_mask(params, config.decay_norm_weights),
     )
     if config.clip_norm is None:
         return adamw

@@ -9,6 +9,8 @@ Gradient accumulation runs inside the jit. Every loss term is normalised by glob
 whole batch. The load-balancing loss needs the expert counts of the whole batch before any
 micro-batch's gradient: with M > 1 a forward-only routing pass over the micro-batches collects
 them first (about one extra forward, no activations kept); with M = 1 the forward itself does.
+Only the global scope needs that pass (`loss.lbl_scope`; the others balance within a
+micro-batch or a row).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from qnext_jax.config import LINEAR_ATTENTION, ConfigError, ModelConfig
 from qnext_jax.data.batch import Batch
 from qnext_jax.model import Qwen3NextModel
+from qnext_jax.model.norms import largest_norm_scale
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshError, axis_size, batch_shards
 from qnext_jax.train.losses import LossConfig, all_router_stats, loss_terms, normalizers
@@ -154,7 +157,7 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
             split_micro_batches(batch, micro_batches),
         )
         fractions = None
-        if num_router_layers:
+        if num_router_layers and loss_config.lbl_scope == "global":
             def count(total, mb):  # forward only: the whole batch's routing, before gradients
                 return total + expert_counts(forward(params, mb, logits=False)[0]), None
 
@@ -176,7 +179,7 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
         check_batch_size(batch.input_ids.shape[0], micro_batches, mesh)
         check_sequence_split(batch.input_ids.shape[1], mesh, config)
         with jax.sharding.use_abstract_mesh(abstract_mesh):
-            norms = normalizers(batch, mtp_depth)
+            norms = normalizers(batch, mtp_depth, micro_batches)
             if micro_batches == 1:
                 grads, terms, counts = micro_batch_grads(state.params, batch, norms, None)
             else:
@@ -185,6 +188,7 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
             params = optax.apply_updates(state.params, updates)
         metrics = dict(terms)
         metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["norm_scale_max"] = largest_norm_scale(params, config.norm_style)
         metrics["lr"] = schedule(state.step)
         metrics["target_tokens"] = norms.target_tokens
         # Fraction of the routed (token, choice) pairs each expert received, per MoE layer.

@@ -1,0 +1,114 @@
+"""A study's table (markdown and JSON) and plots (PNG), from its runs' results.
+
+The table has one row per variant: each measure's mean over the seeds, with the spread
+(half the range) where there are several, so a difference smaller than the spread reads as
+what it is: no difference at this scale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from qnext_jax.experiments import measures
+
+COLUMNS = {  # measure -> (column title, format)
+    "eval_loss": ("eval loss (equal steps)", "{:.4f}"),
+    "eval_loss_at_equal_time": ("eval loss (equal time)", "{:.4f}"),
+    "train_seconds": ("train seconds", "{:.0f}"),
+    "tokens_per_sec": ("tokens/s", "{:.0f}"),
+    "load_entropy": ("load entropy / log E", "{:.3f}"),
+    "dead_experts": ("dead experts", "{:.1%}"),
+    "first_token_attention": ("attention on doc's first token", "{:.3f}"),
+    "max_activation": ("max abs h", "{:.1f}"),
+    "max_over_median_activation": ("max / median abs h", "{:.0f}"),
+    "norm_scale_max": ("max abs norm scale", "{:.3f}"),
+    "norm_scale_growth": ("growth (end / first log)", "{:.3f}"),
+    "early_imbalance": ("mean MaxVio, steps <= 100", "{:.3f}"),
+    "first_step_imbalance": ("MaxVio at step 1", "{:.3f}"),
+}
+SHOWN_WITH = {"eval_loss": ("train_seconds",), "max_activation": ("max_over_median_activation",),
+              "early_imbalance": ("first_step_imbalance",)}
+
+
+def write_report(study, results: list[dict], out_dir: Path) -> list[Path]:
+    _add_equal_time(results)
+    columns = [c for m in study.measures for c in (m, *SHOWN_WITH.get(m, ()))]
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    table = {label: {} for label in labels}
+    lines = ["| variant | seeds | " + " | ".join(COLUMNS[c][0] for c in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for label in labels:
+        runs = [r for r in results if r["label"] == label]
+        cells = []
+        for column in columns:
+            values = [r["summary"][column] for r in runs if column in r["summary"]]
+            if not values:
+                cells.append("–")
+                continue
+            mean, spread = float(np.mean(values)), (max(values) - min(values)) / 2
+            table[label][column] = {"mean": mean, "spread": spread, "values": values}
+            text = COLUMNS[column][1].format(mean)
+            cells.append(text + (" ± " + COLUMNS[column][1].format(spread) if len(values) > 1 else ""))
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    markdown = out_dir / "results.md"
+    markdown.write_text(f"**{study.name}**: {study.question}\n\n" + "\n".join(lines) + "\n")
+    summary = out_dir / "results.json"
+    summary.write_text(json.dumps({"study": study.name, "table": table}, indent=1))
+    return [markdown, summary, *_plots(study, results, out_dir)]
+
+
+def _add_equal_time(results: list[dict]) -> None:
+    """Each run's eval loss at the training time of the fastest variant's end."""
+    ends = [r["curves"]["eval_loss"][-1][1] for r in results if r["curves"]["eval_loss"]]
+    if not ends:
+        return
+    for result in results:
+        if result["curves"]["eval_loss"]:
+            result["summary"]["eval_loss_at_equal_time"] = measures.value_at_time(
+                result["curves"]["eval_loss"], min(ends))
+
+
+def _plots(study, results: list[dict], out_dir: Path) -> list[Path]:
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    panels = [("eval loss", "step", lambda c: [(s, v) for s, _, v in c["eval_loss"]])]
+    if "eval_loss_at_equal_time" in study.measures:
+        panels.append(("eval loss", "training seconds", lambda c: [(t, v) for _, t, v in c["eval_loss"]]))
+    if "load_entropy" in study.measures:
+        panels.append(("load entropy / log E", "step", lambda c: c["load_entropy"]))
+    if "norm_scale_max" in study.measures:
+        panels.append(("max |norm scale|", "step", lambda c: c["norm_scale_max"]))
+    if "early_imbalance" in study.measures:
+        panels.append(("MaxVio (E * max load - 1)", "step",
+                       lambda c: [(s, v) for s, v in c["imbalance"] if s <= measures.EARLY_STEPS]))
+    if "max_activation" in study.measures:
+        panels.append(("max |h| after layer", "layer (0: embedding)",
+                       None))
+    figure = Figure(figsize=(5 * len(panels), 3.6), dpi=80)
+    for index, (title, x_label, series) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        for result in results:
+            style = "-" if result["seed"] == results[0]["seed"] else "--"
+            if series is None:
+                points = list(enumerate(result["probe"]["max_activation"]))
+            else:
+                points = series(result["curves"])
+            if points:
+                xs, ys = zip(*points)
+                axes.plot(xs, ys, style, color=colours[result["label"]], label=result["name"],
+                          linewidth=1.2)
+        axes.set_title(title)
+        axes.set_xlabel(x_label)
+        axes.grid(alpha=0.3)
+        if series is None:
+            axes.set_yscale("log")
+    figure.axes[0].legend(fontsize=7)
+    figure.suptitle(f"{study.name}: {study.question}", fontsize=9)
+    figure.tight_layout()
+    path = out_dir / f"{study.name}.png"
+    figure.savefig(path)
+    return [path]
