@@ -157,3 +157,42 @@ def test_a_model_without_output_gate_cannot_be_exported(tmp_path):
     model = Qwen3NextModel(config, rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="attention_output_gate=False has no Hugging Face"):
         save_hf_checkpoint(model, tmp_path / "hf")
+
+
+def test_probe_runs_the_trained_model_and_measures_first_token_attention():
+    """The probe's layer-by-layer forward ends where the model's own does; its attention mass
+    on each document's first token matches a float64 NumPy softmax."""
+    from qnext_jax.data.batch import batch_from_packed_rows
+    from qnext_jax.experiments.probes import first_token_attention, probe
+
+    config = ModelConfig(**TINY)
+    model = Qwen3NextModel(config, rngs=nnx.Rngs(5))
+    rng = np.random.default_rng(2)
+    segments = np.ones((2, 17), np.int32)
+    segments[0, 7:] = 2
+    segments[1, 14:] = 0  # padding
+    batch = batch_from_packed_rows(rng.integers(1, 64, (2, 17)), segments)
+    out = probe(model, batch)
+    expected = model(batch.input_ids, positions=batch.positions, segment_ids=batch.segment_ids,
+                     valid=batch.valid, mtp=False).hidden
+    np.testing.assert_allclose(np.asarray(out["hidden"]), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    assert out["first_token_attention"].shape == (1,) and out["max_activation"].shape == (5,)
+
+    query = rng.normal(size=(2, 16, 2, 8)).astype(np.float32)
+    key = rng.normal(size=(2, 16, 1, 8)).astype(np.float32)
+    documents = np.array([[0] * 6 + [1] * 10, [0] * 16])
+    valid = np.ones((2, 16), bool)
+    valid[1, 12:] = False
+    masses = []
+    for b in range(2):
+        for n in range(2):
+            for t in range(16):
+                start = int(np.flatnonzero(documents[b] == documents[b, t])[0])
+                if t == start or not valid[b, t]:
+                    continue
+                logits = query[b, t, n].astype(np.float64) @ key[b, start:t + 1, 0].T.astype(np.float64) * 0.5
+                weights = np.exp(logits - logits.max())
+                masses.append(weights[0] / weights.sum())
+    ours = first_token_attention(jnp.asarray(query), jnp.asarray(key), jnp.asarray(documents),
+                                 jnp.asarray(valid), 0.5)
+    assert float(ours) == pytest.approx(np.mean(masses), rel=1e-5)

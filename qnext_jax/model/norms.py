@@ -24,13 +24,12 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, config: ModelConfig):
         self.eps = config.rms_norm_eps
-        self.zero_centred = config.norm_style == "zero_centred"
-        self.weight = constant_param(0.0 if self.zero_centred else 1.0, (dim,), config, ("norm",))
+        self.norm_style = config.norm_style
+        initial = 0.0 if config.norm_style == "zero_centred" else 1.0
+        self.weight = constant_param(initial, (dim,), config, ("norm",))
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        scale = self.weight[...].astype(jnp.float32)
-        if self.zero_centred:
-            scale = 1.0 + scale
+        scale = effective_scale(self.weight[...].astype(jnp.float32), self.norm_style)
         return (_normalize(x, self.eps) * scale).astype(x.dtype)
 
 
