@@ -59,3 +59,36 @@ def test_a_killed_study_resumes_without_training_finished_runs_again(tmp_path):
     assert all("early_imbalance" in row and "eval_loss" in row for row in table.values())
     assert (out / "router_init" / "router_init.png").stat().st_size > 1000
     assert "| plain | 1 |" in (out / "router_init" / "results.md").read_text()
+
+
+def _result(label, seed, eval_loss, seconds):
+    curve = [[50, seconds / 2, eval_loss + 1.0], [100, seconds, eval_loss]]
+    return {"name": f"{label}-seed{seed}", "label": label, "seed": seed, "steps": 100,
+            "summary": {"eval_loss": eval_loss, "train_seconds": seconds},
+            "curves": {"eval_loss": curve, "load_entropy": [], "norm_scale_max": [],
+                       "imbalance": [], "dead_experts": []}, "probe": None}
+
+
+def test_the_table_gives_mean_and_half_range_and_says_which_differences_leave_seed_noise(tmp_path):
+    from qnext_jax.experiments.report import write_report
+    from qnext_jax.experiments.studies import Study
+
+    study = Study("toy", "a beats b and c", {"a": (), "b": (), "c": ()},
+                  ("eval_loss", "eval_loss_at_equal_time"))
+    results = [_result("a", 0, 3.0, 10.0), _result("a", 1, 3.2, 10.0),
+               _result("b", 0, 3.5, 20.0), _result("b", 1, 3.7, 20.0),   # ranges apart
+               _result("c", 0, 3.1, 10.0), _result("c", 1, 3.3, 10.0)]  # ranges overlap
+    write_report(study, results, tmp_path)
+    report = json.loads((tmp_path / "results.json").read_text())
+    b = report["table"]["b"]["eval_loss"]
+    assert abs(b["mean"] - 3.6) < 1e-12 and abs(b["spread"] - 0.1) < 1e-12
+    # At a's end (10 s) b has trained half as long: its loss there is its step-50 loss.
+    assert abs(report["table"]["b"]["eval_loss_at_equal_time"]["mean"] - 4.6) < 1e-12
+    verdicts = {(v["measure"], v["variant"]): v for v in report["separation"]}
+    assert verdicts["eval_loss", "b"]["verdict"] == "separated"
+    assert verdicts["eval_loss", "c"]["verdict"] == "inside seed noise"
+    assert abs(verdicts["eval_loss", "b"]["difference"] - 0.5) < 1e-12
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| b | 2 | 3.6000 ± 0.1000 |" in markdown
+    assert "eval loss (equal steps): b - a = +0.5000 (separated" in markdown
+    assert (tmp_path / "toy.png").stat().st_size > 1000

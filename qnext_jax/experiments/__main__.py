@@ -46,6 +46,13 @@ def main(argv: list[str]) -> int:
     from qnext_jax.host_memory import reuse_cpu_step_memory
 
     reuse_cpu_step_memory()  # before JAX starts its backends, as train.py does
+    import jax
+
+    # The runs of a study compile the same steps (seeds, initialisations and most switches
+    # leave the step's program unchanged): a persistent cache under the output folder compiles
+    # each program once per study instead of once per run. A cache the user set is kept.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(args.out.resolve() / "compilation_cache"))
     from qnext_jax.config import ConfigError
     from qnext_jax.experiments.runner import StudyStopped, run_study
     from qnext_jax.train.loop import TrainingError

@@ -54,11 +54,43 @@ def write_report(study, results: list[dict], out_dir: Path) -> list[Path]:
             text = COLUMNS[column][1].format(mean)
             cells.append(text + (" ± " + COLUMNS[column][1].format(spread) if len(values) > 1 else ""))
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    verdicts = separation(table, [c for c in columns if c in study.measures])
     markdown = out_dir / "results.md"
-    markdown.write_text(f"**{study.name}**: {study.question}\n\n" + "\n".join(lines) + "\n")
+    markdown.write_text(f"**{study.name}**: {study.question}\n\n" + "\n".join(lines) + "\n\n"
+                        + "\n".join(f"- {v['text']}" for v in verdicts) + "\n")
     summary = out_dir / "results.json"
-    summary.write_text(json.dumps({"study": study.name, "table": table}, indent=1))
+    summary.write_text(json.dumps({"study": study.name, "table": table, "separation": verdicts},
+                                  indent=1))
     return [markdown, summary, *_plots(study, results, out_dir)]
+
+
+def separation(table: dict, columns: list[str]) -> list[dict]:
+    """Each variant against the first (the released design), measure by measure: the
+    difference of the means, and whether the seeds' ranges leave each other (separated) or
+    overlap (inside seed noise at this scale). One seed per variant gives no noise estimate,
+    and says so."""
+    labels = list(table)
+    verdicts = []
+    for column in columns:
+        base = table[labels[0]].get(column)
+        for label in labels[1:]:
+            other = table[label].get(column)
+            if base is None or other is None:
+                continue
+            title, form = COLUMNS[column]
+            difference = other["mean"] - base["mean"]
+            if len(base["values"]) < 2 or len(other["values"]) < 2:
+                verdict = "one seed: no noise estimate"
+            elif min(other["values"]) > max(base["values"]) or max(other["values"]) < min(base["values"]):
+                verdict = "separated: the seeds' ranges do not overlap"
+            else:
+                verdict = "inside seed noise: the seeds' ranges overlap"
+            sign = "+" if difference >= 0 else "-"
+            verdicts.append({"measure": column, "variant": label, "baseline": labels[0],
+                             "difference": difference, "verdict": verdict.split(":")[0],
+                             "text": f"{title}: {label} - {labels[0]} = {sign}"
+                                     f"{form.format(abs(difference))} ({verdict})"})
+    return verdicts
 
 
 def _add_equal_time(results: list[dict]) -> None:

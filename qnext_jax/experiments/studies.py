@@ -76,7 +76,7 @@ STUDIES = {study.name: study for study in (
         "norms", "zero-centred, weight-decayed norms keep the norm weights from growing",
         {"zero_centred_decayed": ("model.norm_style=zero_centred", "optimizer.decay_norm_weights=true"),
          "plain_undecayed": ("model.norm_style=plain", "optimizer.decay_norm_weights=false")},
-        ("eval_loss", "norm_scale_max", "norm_scale_growth"),
+        ("eval_loss", "norm_scale_max", "norm_scale_growth"), seeds=(0, 1),
     ),
     Study(
         "router_init", "the normalised router initialisation balances the experts from the start",
