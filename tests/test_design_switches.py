@@ -150,6 +150,22 @@ def test_switch_values_are_checked():
         ModelConfig(**TINY, router_init="uniform")
     with pytest.raises(ConfigError, match="attention_output_gate must be true or false"):
         ModelConfig(**TINY, attention_output_gate="no")
+    with pytest.raises(ConfigError, match="optimizer.decay_norm_weights must be true or false"):
+        OptimizerConfig(decay_norm_weights="flase")
+
+
+def test_plain_norm_conversion_keeps_a_bf16_checkpoints_weights_exact():
+    """HF's zero-centred w_hf (bf16, near 0) becomes 1 + w_hf in fp32, not 1 + w_hf rounded to
+    bf16 steps of 2^-7 near 1; and back to w_hf exactly."""
+    from qnext_jax.convert.layout import checkpoint_rules
+
+    rules = checkpoint_rules(ModelConfig(**TINY, norm_style="plain"))
+    rule = next(r for r in rules if r.hf_name == "model.norm.weight")
+    w_hf = (np.random.default_rng(0).normal(size=TINY["hidden_size"]) * 1e-3).astype(jnp.bfloat16)
+    (ours,) = rule.to_ours(w_hf)
+    expected = 1.0 + np.asarray(w_hf, np.float64)
+    np.testing.assert_allclose(np.asarray(ours, np.float64), expected, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(rule.to_hf([ours]), np.float32).astype(jnp.bfloat16), w_hf)
 
 
 def test_a_model_without_output_gate_cannot_be_exported(tmp_path):

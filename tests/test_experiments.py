@@ -92,3 +92,21 @@ def test_the_table_gives_mean_and_half_range_and_says_which_differences_leave_se
     assert "| b | 2 | 3.6000 ± 0.1000 |" in markdown
     assert "eval loss (equal steps): b - a = +0.5000 (separated" in markdown
     assert (tmp_path / "toy.png").stat().st_size > 1000
+
+
+def test_a_finished_run_counts_as_done_only_for_its_own_steps_and_trajectory(tmp_path):
+    from qnext_jax.experiments.runner import DEFAULT_RUN, RESULT_FILE, _finished
+    from qnext_jax.train.run_config import load_run_config
+    from qnext_jax.train.run_dir import CONFIG_FILE
+
+    def config(*overrides):
+        return load_run_config(DEFAULT_RUN, ["train.steps=4", *overrides])
+
+    trained = config()
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(trained.to_dict()))
+    assert not _finished(tmp_path / RESULT_FILE, trained)  # no result yet
+    (tmp_path / RESULT_FILE).write_text(json.dumps({"steps": 4}))
+    assert _finished(tmp_path / RESULT_FILE, trained)
+    assert _finished(tmp_path / RESULT_FILE, config("train.log_every=1"))  # the same steps
+    assert not _finished(tmp_path / RESULT_FILE, config("train.steps=8"))  # trains on
+    assert not _finished(tmp_path / RESULT_FILE, config("model.norm_style=plain"))

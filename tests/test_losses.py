@@ -105,8 +105,8 @@ def numpy_lbl(probs, valid, k, scope, micro_batch_rows):
 
     if scope == "global":
         return switch(np.arange(valid.shape[0])).mean()
-    if scope == "micro_batch":
-        return np.mean([switch(rows).mean() for rows in micro_batch_rows])
+    if scope == "micro_batch":  # a micro-batch of padding only has no tokens to balance
+        return np.mean([switch(rows).mean() for rows in micro_batch_rows if valid[rows].any()])
     per_row = []
     for row in np.flatnonzero(valid.any(1)):
         mask = valid[row]
@@ -116,16 +116,19 @@ def numpy_lbl(probs, valid, k, scope, micro_batch_rows):
     return np.mean(per_row)
 
 
+@pytest.mark.parametrize("empty_micro_batch", [False, True])
 @pytest.mark.parametrize("scope", ["global", "micro_batch", "sequence"])
-def test_lbl_scopes_match_numpy_statements_of_the_peers_formulas(scope):
+def test_lbl_scopes_match_numpy_statements_of_the_peers_formulas(scope, empty_micro_batch):
     """Two micro-batches (rows 0, 2 and 1, 3, as the step splits them) of four rows, one row of
-    padding only and one partly padded; their summed shares are the batch's loss."""
+    padding only and one partly padded (or the whole second micro-batch padding); their summed
+    shares are the batch's loss."""
     layers, rows, length, experts, k = 2, 4, 9, 6, 2
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(layers, rows, length, experts)).astype(np.float32) * 2
     valid = np.ones((rows, length), bool)
     valid[1] = False
     valid[2, 6:] = False
+    valid[3] = not empty_micro_batch
     segments = valid.astype(np.int32)
     batch = batch_from_packed_rows(np.zeros((rows, length + 1), np.int32),
                                    np.pad(segments, [(0, 0), (0, 1)], mode="edge"))

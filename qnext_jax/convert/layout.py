@@ -59,7 +59,9 @@ def _rms_norm(c: ModelConfig, target: Path, index: tuple, hf_name: str, size: in
     w - 1 and back, the same function: the switch needs no config field there."""
     if c.norm_style == "zero_centred":
         return _same(target, index, hf_name, (size,))
-    shift = lambda w, by: (w + by).astype(w.dtype)
+    # In fp32: 1 + w rounded to a bf16 checkpoint's dtype would lose w's low bits (bf16 steps
+    # near 1 are 2^-7). The loader and the writer cast to the dtypes asked for.
+    shift = lambda w, by: np.asarray(w, np.float32) + np.float32(by)
     return TensorRule(hf_name, (size,), ((target, index),),
                       lambda w: [shift(w, 1)], lambda parts: shift(parts[0], -1))
 

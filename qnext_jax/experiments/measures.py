@@ -14,16 +14,35 @@ import numpy as np
 
 DEAD_SHARE = 0.1  # an expert with less than a tenth of the uniform load counts as dead
 EARLY_STEPS = 100  # the router-init study's window
+COMPILING = 0.5  # a logged window under half the run's median rate held a compile
+
+# Every value `summary` gives, as the tables title and format it; a study names its measures
+# from these.
+COLUMNS = {
+    "eval_loss": ("eval loss (equal steps)", "{:.4f}"),
+    "eval_loss_at_equal_time": ("eval loss (equal time)", "{:.4f}"),
+    "train_seconds": ("train seconds", "{:.0f}"),
+    "tokens_per_sec": ("tokens/s", "{:.0f}"),
+    "load_entropy": ("load entropy / log E", "{:.3f}"),
+    "dead_experts": (f"dead experts (< {DEAD_SHARE:.0%} of uniform load)", "{:.1%}"),
+    "first_token_attention": ("attention on doc's first token", "{:.3f}"),
+    "max_activation": ("max abs h", "{:.1f}"),
+    "max_over_median_activation": ("max / median abs h (worst layer)", "{:.0f}"),
+    "norm_scale_max": ("max abs norm scale", "{:.3f}"),
+    "norm_scale_growth": ("growth (end / first log)", "{:.3f}"),
+    "early_imbalance": (f"mean MaxVio, steps <= {EARLY_STEPS}", "{:.3f}"),
+    "first_step_imbalance": ("MaxVio at step 1", "{:.3f}"),
+}
 
 
 def curves(rows: list[dict], tokens_per_step: int) -> dict[str, list]:
     """Per logged step: training seconds so far (compile, evaluation and saving excluded: each
     window's steps at its measured rate), eval loss, norm scale, load imbalance, entropy."""
-    # The first window is the compiling step alone when it was logged by itself: time it at
-    # the next window's rate.
+    # A window that compiled (the first step's, the first after a resume) is timed at the
+    # run's median rate instead.
     rates = [row.get("tokens_per_sec", 0.0) for row in rows]
-    if len(rows) > 1 and rows[0]["step"] == 1:
-        rates[0] = rates[1]
+    typical = float(np.median(rates)) if rates else 0.0
+    rates = [typical if rate < COMPILING * typical else rate for rate in rates]
     seconds, previous, out = 0.0, 0, {"eval_loss": [], "norm_scale_max": [], "imbalance": [],
                                       "load_entropy": [], "dead_experts": []}
     for row, rate in zip(rows, rates):
@@ -57,10 +76,11 @@ def summary(rows: list[dict], run_curves: dict[str, list], probe: dict | None) -
     if late:
         values["load_entropy"] = float(np.mean(late))
         values["dead_experts"] = float(np.mean(_last_quarter(run_curves["dead_experts"])))
-    early = [value for step, value in run_curves["imbalance"] if step <= EARLY_STEPS]
+    early = [(step, value) for step, value in run_curves["imbalance"] if step <= EARLY_STEPS]
     if early:
-        values["early_imbalance"] = float(np.mean(early))
-        values["first_step_imbalance"] = early[0]
+        values["early_imbalance"] = float(np.mean([value for _, value in early]))
+        if early[0][0] == 1:
+            values["first_step_imbalance"] = early[0][1]
     scales = run_curves["norm_scale_max"]
     if scales:
         values["norm_scale_max"] = scales[-1][1]
@@ -68,14 +88,19 @@ def summary(rows: list[dict], run_curves: dict[str, list], probe: dict | None) -
     if probe:
         values["first_token_attention"] = float(np.mean(probe["first_token_attention"]))
         values["max_activation"] = max(probe["max_activation"])
-        values["max_over_median_activation"] = max(probe["max_activation"]) / probe["median_activation"]
+        values["max_over_median_activation"] = max(
+            largest / max(median, 1e-30)
+            for largest, median in zip(probe["max_activation"], probe["median_activation"]))
     return values
 
 
 def value_at_time(eval_curve: list, seconds: float) -> float:
-    """Eval loss at `seconds` of training, linear between the evaluations around it."""
+    """Eval loss at `seconds` of training, linear between the evaluations around it; NaN
+    before the first evaluation or after the last (unknown there, not the nearest value)."""
     times = [t for _, t, _ in eval_curve]
     losses = [loss for _, _, loss in eval_curve]
+    if not times or not times[0] <= seconds <= times[-1] * (1 + 1e-9):
+        return float("nan")
     return float(np.interp(seconds, times, losses))
 
 

@@ -39,13 +39,21 @@ def first_token_attention(query, key, documents, valid, scale):
 
 
 def probe(model, batch: Batch) -> dict[str, jnp.ndarray]:
-    """{"first_token_attention" [attention layers], "max_activation" [layers + 1] (embedding
-    output, then each layer's), "median_activation" [] (of the last layer's |h|), "hidden"}."""
+    """{"first_token_attention" [attention layers], "max_activation" and "median_activation"
+    [layers + 1] (of |h| over the valid tokens: the embedding output, then each layer's),
+    "hidden"}."""
     config = model.config
     rotary = rotary_tables(batch.positions, config, compute_dtype(config))
     documents = document_index(batch.segment_ids)
     h = model.embed_tokens(batch.input_ids)
-    sinks, largest = [], [jnp.max(jnp.abs(h))]
+    sinks, largest, median = [], [], []
+
+    def measure(h):
+        magnitude = jnp.abs(h.astype(jnp.float32))
+        largest.append(jnp.max(jnp.where(batch.valid[..., None], magnitude, 0.0)))
+        median.append(jnp.nanmedian(jnp.where(batch.valid[..., None], magnitude, jnp.nan)))
+
+    measure(h)
     graph, stacked = nnx.split(model.blocks)
     for index in range(config.num_blocks):
         block = nnx.merge(graph, jax.tree.map(lambda x: x[index], stacked))
@@ -60,10 +68,10 @@ def probe(model, batch: Batch) -> dict[str, jnp.ndarray]:
                                                    config.head_dim ** -0.5))
                 h = h + mixer.finish(mixer.attend(query, key, value, documents), gate)
             h, _ = layer.feed_forward(h, valid=batch.valid)
-            largest.append(jnp.max(jnp.abs(h)))
+            measure(h)
     return {"first_token_attention": jnp.stack(sinks) if sinks else jnp.zeros((0,)),
             "max_activation": jnp.stack(largest),
-            "median_activation": jnp.median(jnp.abs(h)),
+            "median_activation": jnp.stack(median),
             "hidden": model.final_norm(h)}
 
 
@@ -72,4 +80,4 @@ def probe_params(graphdef, params, batch: Batch) -> dict[str, float | list[float
     out = jax.jit(lambda p, b: probe(nnx.merge(graphdef, p), b))(params, batch)
     return {"first_token_attention": [float(x) for x in out["first_token_attention"]],
             "max_activation": [float(x) for x in out["max_activation"]],
-            "median_activation": float(out["median_activation"])}
+            "median_activation": [float(x) for x in out["median_activation"]]}

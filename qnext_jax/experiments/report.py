@@ -15,21 +15,7 @@ from matplotlib.figure import Figure
 
 from qnext_jax.experiments import measures
 
-COLUMNS = {  # measure -> (column title, format)
-    "eval_loss": ("eval loss (equal steps)", "{:.4f}"),
-    "eval_loss_at_equal_time": ("eval loss (equal time)", "{:.4f}"),
-    "train_seconds": ("train seconds", "{:.0f}"),
-    "tokens_per_sec": ("tokens/s", "{:.0f}"),
-    "load_entropy": ("load entropy / log E", "{:.3f}"),
-    "dead_experts": ("dead experts", "{:.1%}"),
-    "first_token_attention": ("attention on doc's first token", "{:.3f}"),
-    "max_activation": ("max abs h", "{:.1f}"),
-    "max_over_median_activation": ("max / median abs h", "{:.0f}"),
-    "norm_scale_max": ("max abs norm scale", "{:.3f}"),
-    "norm_scale_growth": ("growth (end / first log)", "{:.3f}"),
-    "early_imbalance": ("mean MaxVio, steps <= 100", "{:.3f}"),
-    "first_step_imbalance": ("MaxVio at step 1", "{:.3f}"),
-}
+COLUMNS = measures.COLUMNS
 SHOWN_WITH = {"eval_loss": ("train_seconds",), "max_activation": ("max_over_median_activation",),
               "early_imbalance": ("first_step_imbalance",)}
 
@@ -54,7 +40,7 @@ def write_report(study, results: list[dict], out_dir: Path) -> list[Path]:
             text = COLUMNS[column][1].format(mean)
             cells.append(text + (" ± " + COLUMNS[column][1].format(spread) if len(values) > 1 else ""))
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
-    verdicts = separation(table, [c for c in columns if c in study.measures])
+    verdicts = separation(table, [c for c in columns if c in study.measures], study.pairs())
     markdown = out_dir / "results.md"
     markdown.write_text(f"**{study.name}**: {study.question}\n\n" + "\n".join(lines) + "\n\n"
                         + "\n".join(f"- {v['text']}" for v in verdicts) + "\n")
@@ -64,17 +50,15 @@ def write_report(study, results: list[dict], out_dir: Path) -> list[Path]:
     return [markdown, summary, *_plots(study, results, out_dir)]
 
 
-def separation(table: dict, columns: list[str]) -> list[dict]:
-    """Each variant against the first (the released design), measure by measure: the
-    difference of the means, and whether the seeds' ranges leave each other (separated) or
-    overlap (inside seed noise at this scale). One seed per variant gives no noise estimate,
-    and says so."""
-    labels = list(table)
+def separation(table: dict, columns: list[str], pairs) -> list[dict]:
+    """Each (variant, baseline) pair, measure by measure: the difference of the means, and
+    whether the seeds' ranges leave each other (separated) or overlap (inside seed noise at
+    this scale). One seed per variant gives no noise estimate, and says so."""
     verdicts = []
     for column in columns:
-        base = table[labels[0]].get(column)
-        for label in labels[1:]:
-            other = table[label].get(column)
+        for label, baseline in pairs:
+            base = table.get(baseline, {}).get(column)
+            other = table.get(label, {}).get(column)
             if base is None or other is None:
                 continue
             title, form = COLUMNS[column]
@@ -86,9 +70,9 @@ def separation(table: dict, columns: list[str]) -> list[dict]:
             else:
                 verdict = "inside seed noise: the seeds' ranges overlap"
             sign = "+" if difference >= 0 else "-"
-            verdicts.append({"measure": column, "variant": label, "baseline": labels[0],
+            verdicts.append({"measure": column, "variant": label, "baseline": baseline,
                              "difference": difference, "verdict": verdict.split(":")[0],
-                             "text": f"{title}: {label} - {labels[0]} = {sign}"
+                             "text": f"{title}: {label} - {baseline} = {sign}"
                                      f"{form.format(abs(difference))} ({verdict})"})
     return verdicts
 

@@ -1,9 +1,14 @@
 """Runs a study: every run trains in its own folder under the study's, through the same
 `train()` as train.py, and leaves `result.json` when done; then the table and the plots.
 
-Resumable at two levels: a run with a `result.json` is skipped; a run that was cut short
-resumes from its last checkpoint (train.py's exact resume), so a study killed at any point
-and started again ends with the same results.
+Resumable at two levels: a run with a `result.json` for the same configuration is skipped;
+a run that was cut short resumes from its last checkpoint (train.py's exact resume), so a
+study killed at any point and started again ends with the same results. A finished run asked
+for more steps trains on from its checkpoint; one asked to change its trajectory (another
+model, data or loss) is refused by train()'s resume check, naming the keys.
+
+A skipped run's table values are computed again from its metrics (and its stored probe), so
+a change to the measures reaches finished runs without training them again.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from qnext_jax.experiments.studies import Study
 from qnext_jax.train.loop import train
 from qnext_jax.train.metrics_log import read_metrics
 from qnext_jax.train.run_config import RunConfig, load_run_config
+from qnext_jax.train.run_dir import CONFIG_FILE, trajectory_changes
 from qnext_jax.train.step import abstract_model
 
 DEFAULT_RUN = Path(__file__).resolve().parents[2] / "configs" / "small.yaml"
@@ -54,20 +60,33 @@ def run_study(study: Study, out_dir: Path, extra: tuple[str, ...] = (),
     for name, label, seed, config in study_configs(study, out_dir, extra, seeds):
         run_dir = out_dir / name
         result_path = run_dir / RESULT_FILE
-        if result_path.exists():
+        if _finished(result_path, config):
             log(f"{study.name}: {name} is done ({result_path}); skipping it")
-        else:
-            log(f"{study.name}: training {name} in {run_dir}")
-            last, state = train(config, run_dir)
-            if int(state.step) < config.train.steps:
-                raise StudyStopped(f"{name} stopped at step {int(state.step)}; run the study "
-                                   "again to continue")
-            probe = _probe(config, run_dir, state) if set(PROBED) & set(study.measures) else None
-            _write_result(result_path, _result(name, label, seed, config, run_dir, probe))
-        results.append(json.loads(result_path.read_text()))
+            probe = json.loads(result_path.read_text()).get("probe")
+            results.append(_result(name, label, seed, config, run_dir, probe))
+            continue
+        if result_path.exists():
+            log(f"{study.name}: {name} was trained with another configuration; training it on")
+        log(f"{study.name}: training {name} in {run_dir}")
+        _, state = train(config, run_dir)
+        if int(state.step) < config.train.steps:
+            raise StudyStopped(f"{name} stopped at step {int(state.step)}; run the study "
+                               "again to continue")
+        probe = _probe(config, run_dir, state) if set(PROBED) & set(study.measures) else None
+        results.append(_result(name, label, seed, config, run_dir, probe))
+        _write_result(result_path, results[-1])
     paths = write_report(study, results, out_dir)
     log(f"{study.name}: " + ", ".join(str(p) for p in paths))
     return results
+
+
+def _finished(result_path: Path, config: RunConfig) -> bool:
+    """A result of this run's step count and trajectory (its config.json against `config`)."""
+    saved = result_path.parent / CONFIG_FILE
+    if not (result_path.exists() and saved.exists()):
+        return False
+    same_steps = json.loads(result_path.read_text())["steps"] == config.train.steps
+    return same_steps and not trajectory_changes(json.loads(saved.read_text()), config.to_dict())
 
 
 def _result(name, label, seed, config: RunConfig, run_dir: Path, probe) -> dict:

@@ -15,12 +15,14 @@ Both equal k under perfectly uniform routing, the scale `router_aux_loss_coef` i
 `lbl_scope` says over which tokens f and P are taken, so that the global batch can be measured
 against the scopes peers use (the Qwen team's "global-batch vs micro-batch" comparison):
     global       f over the whole global batch (Qwen3-Next; the default)
-    micro_batch  f and P over each gradient-accumulation micro-batch, the loss averaged over
-                 the micro-batches (GShard / Switch as transformers and Megatron's `aux_loss`
-                 compute it per forward pass)
+    micro_batch  f and P over each gradient-accumulation micro-batch (all its data shards
+                 together), the loss averaged over the micro-batches that hold a valid token
+                 (GShard / Switch as transformers and Megatron's `aux_loss` compute it per
+                 forward pass; with one device per forward pass, as there, it is theirs; with
+                 train.micro_batches=1 it equals the global scope)
     sequence     f and P over each row, the loss averaged over the rows that hold a valid
-                 token (DeepSeek-V2/V3's sequence-wise loss; their f carries a 1/k more, so
-                 their alpha is our coefficient / k)
+                 token (DeepSeek-V2/V3's sequence-wise loss; their f_i = E / (k T) * count_i
+                 makes their sum k times smaller, so their alpha is k times our coefficient)
 Each scope keeps E * sum_i f_i P_i with f summing to k, so one coefficient means the same.
 """
 
@@ -81,18 +83,22 @@ class Normalizers(NamedTuple):
     mtp_target_tokens: jnp.ndarray  # [D] targets counted at each MTP depth
     router_tokens: jnp.ndarray  # [] non-padding tokens seen by each router
     router_rows: jnp.ndarray  # [] rows holding at least one such token (sequence scope)
-    micro_batches: jnp.ndarray  # [] how many micro-batches the batch splits into
+    micro_batches: jnp.ndarray  # [] micro-batches holding at least one such token
 
 
 def normalizers(batch: Batch, mtp_depth: int, micro_batches: int = 1) -> Normalizers:
+    """The counts of `batch`, to be split into `micro_batches` as the step splits it (row r
+    into micro-batch r mod M)."""
     mtp = [jnp.sum(mtp_targets(batch, k)[1]) for k in range(1, mtp_depth + 1)]
     valid = batch.valid.astype(jnp.float32)
+    rows = valid.shape[0]
+    by_micro_batch = valid.reshape(rows // micro_batches, micro_batches, -1).sum((0, 2))
     return Normalizers(
         jnp.maximum(jnp.sum(batch.loss_mask), 1.0),
         jnp.maximum(jnp.stack(mtp), 1.0) if mtp else jnp.zeros((0,)),
         jnp.maximum(jnp.sum(valid), 1.0),
         jnp.maximum(jnp.sum(jnp.any(valid > 0, axis=1)), 1.0),
-        jnp.asarray(micro_batches, jnp.float32),
+        jnp.maximum(jnp.sum(by_micro_batch > 0), 1.0).astype(jnp.float32),
     )
 
 

@@ -50,6 +50,9 @@ class OptimizerConfig:
             )
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"optimizer.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if not isinstance(self.decay_norm_weights, bool):
+            raise ConfigError(f"optimizer.decay_norm_weights must be true or false, got "
+                              f"{self.decay_norm_weights!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OptimizerConfig:
