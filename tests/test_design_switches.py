@@ -179,7 +179,8 @@ def test_probe_runs_the_trained_model_and_measures_first_token_attention():
     """The probe's layer-by-layer forward ends where the model's own does; its attention mass
     on each document's first token matches a float64 NumPy softmax."""
     from qnext_jax.data.batch import batch_from_packed_rows
-    from qnext_jax.experiments.probes import first_token_attention, probe
+    from qnext_jax.experiments.probes import (first_token_attention, probe,
+                                              uniform_first_token_share)
 
     config = ModelConfig(**TINY)
     model = Qwen3NextModel(config, rngs=nnx.Rngs(5))
@@ -199,7 +200,7 @@ def test_probe_runs_the_trained_model_and_measures_first_token_attention():
     documents = np.array([[0] * 6 + [1] * 10, [0] * 16])
     valid = np.ones((2, 16), bool)
     valid[1, 12:] = False
-    masses = []
+    masses, even = [], []
     for b in range(2):
         for n in range(2):
             for t in range(16):
@@ -209,6 +210,9 @@ def test_probe_runs_the_trained_model_and_measures_first_token_attention():
                 logits = query[b, t, n].astype(np.float64) @ key[b, start:t + 1, 0].T.astype(np.float64) * 0.5
                 weights = np.exp(logits - logits.max())
                 masses.append(weights[0] / weights.sum())
+                even.append(1 / (t - start + 1))
     ours = first_token_attention(jnp.asarray(query), jnp.asarray(key), jnp.asarray(documents),
                                  jnp.asarray(valid), 0.5)
     assert float(ours) == pytest.approx(np.mean(masses), rel=1e-5)
+    uniform = uniform_first_token_share(jnp.asarray(documents), jnp.asarray(valid))
+    assert float(uniform) == pytest.approx(np.mean(even), rel=1e-6)

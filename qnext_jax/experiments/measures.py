@@ -26,6 +26,7 @@ COLUMNS = {
     "load_entropy": ("load entropy / log E", "{:.3f}"),
     "dead_experts": (f"dead experts (< {DEAD_SHARE:.0%} of uniform load)", "{:.1%}"),
     "first_token_attention": ("attention on doc's first token", "{:.3f}"),
+    "first_token_uniform": ("the same, attention spread evenly", "{:.3f}"),
     "max_activation": ("max abs h", "{:.1f}"),
     "max_over_median_activation": ("max / median abs h (worst layer)", "{:.0f}"),
     "norm_scale_max": ("max abs norm scale", "{:.3f}"),
@@ -87,6 +88,8 @@ def summary(rows: list[dict], run_curves: dict[str, list], probe: dict | None) -
         values["norm_scale_growth"] = scales[-1][1] / scales[0][1]
     if probe:
         values["first_token_attention"] = float(np.mean(probe["first_token_attention"]))
+        if "first_token_uniform" in probe:
+            values["first_token_uniform"] = probe["first_token_uniform"]
         values["max_activation"] = max(probe["max_activation"])
         values["max_over_median_activation"] = max(
             largest / max(median, 1e-30)

@@ -38,10 +38,21 @@ def first_token_attention(query, key, documents, valid, scale):
     return jnp.sum(mass * counted) / jnp.maximum(jnp.sum(counted) * heads, 1.0)
 
 
+def uniform_first_token_share(documents, valid):
+    """What `first_token_attention` would be if every query spread its attention evenly over
+    the tokens it may see (1 / its position in the document, plus one): the mass above which
+    the first token is a sink. documents / valid [B, T]."""
+    position = jnp.arange(documents.shape[1])
+    first = jnp.argmax(documents[:, :, None] == documents[:, None, :], axis=-1)  # [B, T]
+    counted = (valid & (first != position[None])).astype(jnp.float32)
+    share = 1.0 / (position[None] - first + 1).astype(jnp.float32)
+    return jnp.sum(share * counted) / jnp.maximum(jnp.sum(counted), 1.0)
+
+
 def probe(model, batch: Batch) -> dict[str, jnp.ndarray]:
-    """{"first_token_attention" [attention layers], "max_activation" and "median_activation"
-    [layers + 1] (of |h| over the valid tokens: the embedding output, then each layer's),
-    "hidden"}."""
+    """{"first_token_attention" [attention layers], "first_token_uniform" [] (the same for
+    evenly spread attention), "max_activation" and "median_activation" [layers + 1] (of |h|
+    over the valid tokens: the embedding output, then each layer's), "hidden"}."""
     config = model.config
     rotary = rotary_tables(batch.positions, config, compute_dtype(config))
     documents = document_index(batch.segment_ids)
@@ -70,6 +81,7 @@ def probe(model, batch: Batch) -> dict[str, jnp.ndarray]:
             h, _ = layer.feed_forward(h, valid=batch.valid)
             measure(h)
     return {"first_token_attention": jnp.stack(sinks) if sinks else jnp.zeros((0,)),
+            "first_token_uniform": uniform_first_token_share(documents, batch.valid),
             "max_activation": jnp.stack(largest),
             "median_activation": jnp.stack(median),
             "hidden": model.final_norm(h)}
@@ -79,5 +91,6 @@ def probe_params(graphdef, params, batch: Batch) -> dict[str, float | list[float
     """The probe of a trained state's parameters, as plain numbers."""
     out = jax.jit(lambda p, b: probe(nnx.merge(graphdef, p), b))(params, batch)
     return {"first_token_attention": [float(x) for x in out["first_token_attention"]],
+            "first_token_uniform": float(out["first_token_uniform"]),
             "max_activation": [float(x) for x in out["max_activation"]],
             "median_activation": [float(x) for x in out["median_activation"]]}

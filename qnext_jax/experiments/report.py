@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from qnext_jax.experiments import measures
 
 COLUMNS = measures.COLUMNS
-SHOWN_WITH = {"eval_loss": ("train_seconds",), "max_activation": ("max_over_median_activation",),
+SHOWN_WITH = {"eval_loss": ("train_seconds",), "first_token_attention": ("first_token_uniform",), "max_activation": ("max_over_median_activation",),
               "early_imbalance": ("first_step_imbalance",)}
 
 
