@@ -47,7 +47,7 @@ def write_report(study, results: list[dict], out_dir: Path) -> list[Path]:
     summary = out_dir / "results.json"
     summary.write_text(json.dumps({"study": study.name, "table": table, "separation": verdicts},
                                   indent=1))
-    return [markdown, summary, *_plots(study, results, out_dir)]
+    return [markdown, summary, *_plots(study, results, table, out_dir)]
 
 
 def separation(table: dict, columns: list[str], pairs) -> list[dict]:
@@ -88,7 +88,7 @@ def _add_equal_time(results: list[dict]) -> None:
                 result["curves"]["eval_loss"], min(ends))
 
 
-def _plots(study, results: list[dict], out_dir: Path) -> list[Path]:
+def _plots(study, results: list[dict], table: dict, out_dir: Path) -> list[Path]:
     labels = list(dict.fromkeys(r["label"] for r in results))
     colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     panels = [("eval loss", "step", lambda c: [(s, v) for s, _, v in c["eval_loss"]])]
@@ -104,27 +104,53 @@ def _plots(study, results: list[dict], out_dir: Path) -> list[Path]:
     if "max_activation" in study.measures:
         panels.append(("max |h| after layer", "layer (0: embedding)",
                        None))
-    figure = Figure(figsize=(5 * len(panels), 3.6), dpi=80)
+    figure = Figure(figsize=(5 * (len(panels) + bool(study.grid)), 3.6), dpi=80)
+    seeds = sorted({r["seed"] for r in results})
     for index, (title, x_label, series) in enumerate(panels):
-        axes = figure.add_subplot(1, len(panels), index + 1)
+        axes = figure.add_subplot(1, len(panels) + bool(study.grid), index + 1)
         for result in results:
-            style = "-" if result["seed"] == results[0]["seed"] else "--"
+            first_seed = result["seed"] == seeds[0]
             if series is None:
                 points = list(enumerate(result["probe"]["max_activation"]))
             else:
                 points = series(result["curves"])
             if points:
                 xs, ys = zip(*points)
-                axes.plot(xs, ys, style, color=colours[result["label"]], label=result["name"],
-                          linewidth=1.2)
+                axes.plot(xs, ys, "-" if first_seed else "--", color=colours[result["label"]],
+                          label=result["label"] if first_seed else "_nolegend_", linewidth=1.2)
         axes.set_title(title)
         axes.set_xlabel(x_label)
         axes.grid(alpha=0.3)
         if series is None:
             axes.set_yscale("log")
-    figure.axes[0].legend(fontsize=7)
+    if study.grid:
+        _grid_panel(figure.add_subplot(1, len(panels) + 1, len(panels) + 1), study, table)
+    legend_title = f"solid: seed {seeds[0]}, dashed: seed {', '.join(map(str, seeds[1:]))}"
+    figure.axes[0].legend(fontsize=7, title=legend_title if len(seeds) > 1 else None,
+                          title_fontsize=7)
     figure.suptitle(f"{study.name}: {study.question}", fontsize=9)
     figure.tight_layout()
     path = out_dir / f"{study.name}.png"
     figure.savefig(path)
     return [path]
+
+
+def _grid_panel(axes, study, table: dict) -> None:
+    """The final eval loss of each variant against the study's grid axis, one line per group
+    (lbl_scope: against the expert count, one line per scope), bars spanning the seeds."""
+    groups = list(dict.fromkeys(group for group, _ in study.grid.values()))
+    for index, group in enumerate(groups):
+        points = sorted((x, table[label]["eval_loss"]) for label, (g, x) in study.grid.items()
+                        if g == group and "eval_loss" in table.get(label, {}))
+        if points:
+            xs = [x for x, _ in points]
+            axes.errorbar(xs, [cell["mean"] for _, cell in points],
+                          yerr=[cell["spread"] for _, cell in points], marker="o", capsize=3,
+                          label=group, color=f"C{index}")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(sorted({x for _, x in study.grid.values()}),
+                    [str(x) for x in sorted({x for _, x in study.grid.values()})])
+    axes.set_title("final eval loss")
+    axes.set_xlabel(study.grid_axis)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)

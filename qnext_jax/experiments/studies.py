@@ -36,6 +36,9 @@ class Study:
     # (variant, baseline) pairs the report compares; default: every variant against the
     # first, the released design.
     comparisons: tuple[tuple[str, str], ...] = ()
+    # label -> (line, x): the plot adds the final eval loss against `grid_axis`, one line each.
+    grid: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    grid_axis: str = ""
 
     def __post_init__(self):
         unknown = [m for m in self.measures if m not in COLUMNS]
@@ -115,5 +118,7 @@ STUDIES = {study.name: study for study in (
         _lbl_variants(), ("eval_loss", "load_entropy", "dead_experts"),
         # Four micro-batches of two rows: the micro-batch scope balances each pair of rows.
         overrides=("train.micro_batches=4",), seeds=(0, 1), comparisons=_lbl_comparisons(),
+        grid={f"{scope}-{e}e": (scope, e) for e in LBL_EXPERTS for scope in LBL_SCOPES},
+        grid_axis="experts (top-4)",
     ),
 )}
