@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from qnext_jax.experiments import measures
 
 COLUMNS = measures.COLUMNS
-SHOWN_WITH = {"eval_loss": ("train_seconds",), "first_token_attention": ("first_token_uniform",), "max_activation": ("max_over_median_activation",),
+SHOWN_WITH = {"eval_loss": ("train_seconds",), "first_token_attention": ("first_token_uniform",),
+              "max_activation": ("max_over_median_activation",),
               "early_imbalance": ("first_step_imbalance",)}
 
 
@@ -121,8 +123,9 @@ def _plots(study, results: list[dict], table: dict, out_dir: Path) -> list[Path]
         axes.set_title(title)
         axes.set_xlabel(x_label)
         axes.grid(alpha=0.3)
-        if series is None:
+        if series is None:  # per layer
             axes.set_yscale("log")
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if study.grid:
         _grid_panel(figure.add_subplot(1, len(panels) + 1, len(panels) + 1), study, table)
     legend_title = f"solid: seed {seeds[0]}, dashed: seed {', '.join(map(str, seeds[1:]))}"
