@@ -96,6 +96,11 @@ class ModelConfig:
     # Numerics and implementation choices (not part of the architecture).
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The router's (and shared-expert gate's) matmul: "float32" routes on fp32 logits from the
+    # fp32 weights, as Megatron and DeepSeek-V3 train (bf16 logits pick another expert set for
+    # ~7% of tokens at 512 experts, top-10); "compute" multiplies in the compute dtype as
+    # transformers does, for bf16 inference that must match it bit for bit.
+    router_dtype: Literal["float32", "compute"] = "float32"
     delta_rule_impl: Literal["auto", "reference", "chunked", "pallas"] = "auto"
     # ops/causal_attention.py: "auto" is splash on TPU, blockwise elsewhere; "blockwise" is an
     # online softmax over key blocks (O(T * block) memory); "splash" JAX's TPU kernel; "xla"
@@ -183,6 +188,7 @@ class ModelConfig:
             raise ConfigError("attention_bias=True is not supported; Qwen3-Next has no biases")
         _check_choice(self, "dtype", ("float32", "bfloat16", "float16"))
         _check_choice(self, "param_dtype", ("float32", "bfloat16"))
+        _check_choice(self, "router_dtype", ("float32", "compute"))
         _check_choice(self, "delta_rule_impl", ("auto", "reference", "chunked", "pallas"))
         _check_choice(self, "attention_impl", ("auto", "blockwise", "splash", "xla"))
         _check_choice(self, "moe_impl", ("ragged", "dense"))

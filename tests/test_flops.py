@@ -11,14 +11,14 @@ from flax import nnx
 from conftest import REPO_ROOT
 from qnext_jax.config import ModelConfig
 from qnext_jax.model import Qwen3NextModel
-from qnext_jax.train.step import abstract_model
+from qnext_jax.model import abstract_model
 
 
 def matmul_weights_per_token(config: ModelConfig) -> float:
     """Multiply-adds per token of every weight matrix, read off the model's own parameters:
     expert stacks count k of E, the LM head once per output (main + each MTP depth),
     embedding lookups and vectors (norms, biases, decay rates) count nothing."""
-    _, params = abstract_model(config)
+    _, params = nnx.split(abstract_model(config), nnx.Param)
     total = 0.0
     for path, leaf in nnx.to_flat_state(params):
         names = [str(p) for p in path]

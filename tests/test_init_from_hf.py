@@ -20,7 +20,7 @@ from qnext_jax.convert.safetensors_dir import SafetensorsDir
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshConfig, make_mesh
 from qnext_jax.train.run_config import load_run_config
-from qnext_jax.train.step import abstract_model
+from qnext_jax.model import abstract_model
 
 SEQ_LEN = 32
 MESH = ["mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2"]
@@ -110,7 +110,7 @@ def test_hf_tensors_are_built_on_their_shardings(hf_directory):
     _, directory, _ = hf_directory
     config = load_run_config(None, [f"train.init_from_hf={directory}"]).model
     rules = ShardingRules(config, make_mesh(MeshConfig(fsdp=2, expert=2, tensor=2)))
-    _, abstract_params = abstract_model(config)
+    _, abstract_params = nnx.split(abstract_model(config), nnx.Param)
     shardings = dict(nnx.to_flat_state(rules.param_shardings(abstract_params)))
     params = load_hf_state(SafetensorsDir(directory), config, abstract_params, shardings.get)
     reference = nnx.state(load_hf_checkpoint(directory), nnx.Param)

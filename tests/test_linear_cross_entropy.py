@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qnext_jax.ops.linear_cross_entropy import linear_cross_entropy
+from qnext_jax.parallel.axes import head_sharding
 from qnext_jax.parallel.mesh import MeshConfig, make_mesh
 
 B, T, E, V = 4, 12, 16, 48
@@ -76,7 +77,8 @@ def test_vocabulary_parallel_on_a_mesh_equals_one_device(inputs, vocab_major):
     @jax.jit
     def sharded(hidden, weight, targets, loss_grad):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return losses_and_grads(hidden, weight, targets, loss_grad, **kwargs)
+            return losses_and_grads(hidden, weight, targets, loss_grad, **kwargs,
+                                    sharding=head_sharding())
 
     placed = [jax.device_put(x, s) for x, s in
               zip((hidden, weight, targets, loss_grad), (acts, weights, rows, rows))]

@@ -10,8 +10,8 @@ from qnext_jax.data.batch import batch_from_packed_rows, positions_from_segments
 from qnext_jax.model.moe import RouterStats, route, router_stats
 from qnext_jax.model.transformer import ModelOutput
 from qnext_jax.train.losses import (
-    LossConfig, expert_fractions, load_balancing_loss, loss_terms, mtp_targets, normalizers,
-    scoped_load_balancing_loss, token_cross_entropy,
+    LossConfig, SeenCounts, expert_fractions, load_balancing_loss, loss_terms, mtp_targets,
+    normalizers, running_fractions, scoped_load_balancing_loss, token_cross_entropy,
 )
 
 
@@ -105,6 +105,16 @@ def numpy_lbl(probs, valid, k, scope, micro_batch_rows):
 
     if scope == "global":
         return switch(np.arange(valid.shape[0])).mean()
+    if scope == "global_running":  # Megatron's global_aux_loss, micro-batches weighted by tokens
+        total, seen_counts, seen_tokens = 0.0, 0.0, 0
+        for rows in micro_batch_rows:
+            mask = valid[rows]
+            seen_counts = seen_counts + selected[:, rows][:, mask].sum(1)  # [layers, E]
+            seen_tokens += mask.sum()
+            f = seen_counts / max(seen_tokens, 1)
+            p = probs[:, rows][:, mask].sum(1) / valid.sum()  # this micro-batch's share of P
+            total += (experts * (f * p).sum(-1)).mean()
+        return total
     if scope == "micro_batch":  # a micro-batch of padding only has no tokens to balance
         return np.mean([switch(rows).mean() for rows in micro_batch_rows if valid[rows].any()])
     per_row = []
@@ -117,7 +127,7 @@ def numpy_lbl(probs, valid, k, scope, micro_batch_rows):
 
 
 @pytest.mark.parametrize("empty_micro_batch", [False, True])
-@pytest.mark.parametrize("scope", ["global", "micro_batch", "sequence"])
+@pytest.mark.parametrize("scope", ["global", "global_running", "micro_batch", "sequence"])
 def test_lbl_scopes_match_numpy_statements_of_the_peers_formulas(scope, empty_micro_batch):
     """Two micro-batches (rows 0, 2 and 1, 3, as the step splits them) of four rows, one row of
     padding only and one partly padded (or the whole second micro-batch padding); their summed
@@ -148,7 +158,15 @@ def test_lbl_scopes_match_numpy_statements_of_the_peers_formulas(scope, empty_mi
     stats = [micro_stats(rows_of) for rows_of in micro_rows]
     counts = sum(s.expert_counts for s in stats)
     fractions = expert_fractions(stats[0]._replace(expert_counts=counts), norms.router_tokens)
-    ours = sum(float(scoped_load_balancing_loss(s, fractions, norms, scope)) for s in stats)
+    if scope == "global_running":  # each micro-batch's f: the counts seen up to it
+        seen = [SeenCounts(sum((s.expert_counts for s in stats[:m]), jnp.zeros_like(counts)),
+                           sum((s.num_tokens[0] for s in stats[:m]), jnp.zeros(())))
+                for m in range(len(stats))]
+        fractions = [running_fractions(s, before) for s, before in zip(stats, seen)]
+    else:
+        fractions = [fractions] * len(stats)
+    ours = sum(float(scoped_load_balancing_loss(s, f, norms, scope))
+               for s, f in zip(stats, fractions))
     probs = np.asarray(jax.nn.softmax(logits.astype(np.float64), axis=-1))
     expected = numpy_lbl(probs, valid, k, scope, micro_rows)
     assert ours == pytest.approx(expected, rel=1e-5)

@@ -71,7 +71,7 @@ def test_a_resume_that_changes_the_trajectory_names_the_keys(tmp_path):
     saved = load_run_config(None, ["train.steps=200"])
     write_config(tmp_path, saved.to_dict())
     free = load_run_config(None, ["train.steps=200", "mesh.expert=4", "train.log_every=1",
-                                  "train.micro_batches=2", "model.remat_policy=full"])
+                                  "model.remat_policy=full"])
     logged = []
     check_resume_config(tmp_path, free.to_dict(), (), logged.append)
     assert logged == []
@@ -96,13 +96,33 @@ def test_with_a_capacity_factor_the_mesh_and_micro_batches_change_the_trajectory
     """Which tokens overflow an expert depends on the tokens per device and micro-batch."""
     from qnext_jax.train.run_dir import trajectory_changes
 
-    dropless = load_run_config(None, []).to_dict()
-    assert trajectory_changes(dropless, load_run_config(None, ["mesh.expert=4",
+    exact = ["loss.lbl_scope=global"]  # micro-batches alone change nothing under it
+    dropless = load_run_config(None, exact).to_dict()
+    assert trajectory_changes(dropless, load_run_config(None, [*exact, "mesh.expert=4",
                                                                "train.micro_batches=2"]).to_dict()) == {}
-    capped = load_run_config(None, ["model.moe_capacity_factor=1.25"]).to_dict()
-    changed = load_run_config(None, ["model.moe_capacity_factor=1.25", "mesh.expert=4",
+    capped = load_run_config(None, [*exact, "model.moe_capacity_factor=1.25"]).to_dict()
+    changed = load_run_config(None, [*exact, "model.moe_capacity_factor=1.25", "mesh.expert=4",
                                      "train.micro_batches=2", "train.log_every=1"]).to_dict()
     assert set(trajectory_changes(capped, changed)) == {"mesh.expert", "train.micro_batches"}
+
+
+@pytest.mark.parametrize("scope,changes", [("global", False), ("sequence", False),
+                                           ("global_running", True), ("micro_batch", True)])
+def test_micro_batches_change_the_trajectory_where_the_lbl_scope_depends_on_them(scope, changes):
+    """The micro_batch scope balances each micro-batch, global_running the micro-batches seen
+    so far: a different split is a different loss. The two global forms are one loss when the
+    step has one micro-batch."""
+    from qnext_jax.train.run_dir import trajectory_changes
+
+    saved = load_run_config(None, [f"loss.lbl_scope={scope}"]).to_dict()
+    resumed = load_run_config(None, [f"loss.lbl_scope={scope}", "train.micro_batches=2"]).to_dict()
+    assert set(trajectory_changes(saved, resumed)) == ({"train.micro_batches"} if changes else set())
+    exact = load_run_config(None, ["loss.lbl_scope=global"]).to_dict()
+    running = load_run_config(None, ["loss.lbl_scope=global_running"]).to_dict()
+    assert trajectory_changes(exact, running) == {}
+    split = ["train.micro_batches=2"]
+    assert set(trajectory_changes(load_run_config(None, ["loss.lbl_scope=global", *split]).to_dict(),
+                                  load_run_config(None, split).to_dict())) == {"loss.lbl_scope"}
 
 
 def test_keys_added_since_a_run_was_saved_count_only_when_not_default():

@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 from conftest import REPO_ROOT, TESTS_DIR
 from qnext_jax.data.batch import Batch
 from qnext_jax.model import Qwen3NextModel
-from qnext_jax.train.losses import LossConfig, loss_terms, normalizers
+from qnext_jax.train.losses import LossConfig, all_router_stats, loss_terms, normalizers
+from qnext_jax.train.step import abstract_state
 from step_setup import MESHES, MeshConfig, packed_batch, tiny_config, trainer_for
 
 LOSS_KEYS = ("loss", "ce_loss", "mtp_loss", "lbl_loss", "z_loss", "grad_norm")
@@ -116,9 +117,10 @@ def check_specs(state):
 
 def test_accumulated_micro_batches_equal_one_large_batch(config, single_device):
     """4 micro-batches of 2 rows, on 4 devices (expert 2 x tensor 2), == the one 8-row batch on
-    one device: losses (the global LBL included), gradient norm, updated parameters."""
+    one device: losses (the exact global LBL included), gradient norm, updated parameters."""
     mesh = MeshConfig(fsdp=1, expert=2, tensor=2)
-    _, state, metrics = run_step(config, mesh, packed_batch(), jax.devices()[:4], micro_batches=4)
+    _, state, metrics = run_step(config, mesh, packed_batch(), jax.devices()[:4], micro_batches=4,
+                                 loss_config=LossConfig(lbl_scope="global"))
     assert_same_step(metrics, flat_params(state.params), *single_device)
 
 
@@ -159,11 +161,13 @@ def test_global_lbl_is_the_whole_batch_lbl_not_the_mean_of_shard_lbls(config, me
     assert float(metrics["lbl_loss"]) == pytest.approx(whole, rel=1e-5)
 
 
-@pytest.mark.parametrize("scope", ["micro_batch", "sequence"])
+@pytest.mark.parametrize("scope", ["micro_batch", "sequence", "global_running"])
 def test_lbl_scopes_in_the_accumulating_step(config, scope):
     """Two micro-batches: the micro-batch scope is the mean of each micro-batch's own
-    (whole-batch) LBL, the sequence scope the one-pass value of the whole batch. Also the
-    logged norm_scale_max is the largest |1 + w| of the updated RMSNorm weights."""
+    (whole-batch) LBL, the sequence scope the one-pass value of the whole batch, the running
+    global scope the second micro-batch balanced on both micro-batches' counts, the first on
+    its own. Also the logged norm_scale_max is the largest |1 + w| of the updated RMSNorm
+    weights."""
     batch = packed_batch()
     _, state, metrics = run_step(config, MeshConfig(fsdp=1), batch, jax.devices()[:1],
                                  micro_batches=2, loss_config=LossConfig(lbl_scope=scope))
@@ -174,11 +178,29 @@ def test_lbl_scopes_in_the_accumulating_step(config, scope):
         out = model(b.input_ids, positions=b.positions, segment_ids=b.segment_ids, valid=b.valid)
         return loss_terms(out, b, normalizers(b, config.mtp_depth), loss_config, 1e-3)["lbl_loss"]
 
+    halves = [Batch(*(x[m::2] for x in batch)) for m in range(2)]  # rows m, m + 2, ...
     if scope == "micro_batch":
-        halves = [Batch(*(x[m::2] for x in batch)) for m in range(2)]  # rows m, m + 2, ...
         expected = np.mean([float(lbl(half, LossConfig())) for half in halves])
         whole = float(lbl(batch, LossConfig()))
         assert abs(whole - expected) > 1e-4 * whole  # the scopes differ on this batch
+    elif scope == "global_running":
+        @jax.jit
+        def stats_of(b):
+            out = model(b.input_ids, positions=b.positions, segment_ids=b.segment_ids,
+                        valid=b.valid)
+            return all_router_stats(out)
+
+        expected, counts_seen, tokens_seen = 0.0, 0.0, 0.0
+        all_tokens = float(np.asarray(batch.valid).sum())
+        for half in halves:
+            stats = stats_of(half)
+            counts_seen = counts_seen + np.asarray(stats.expert_counts, np.float64)
+            tokens_seen += float(np.asarray(half.valid).sum())
+            fractions = counts_seen / tokens_seen
+            probs = np.asarray(stats.prob_sums, np.float64) / all_tokens
+            expected += np.mean(config.num_experts * np.sum(fractions * probs, axis=-1))
+        whole = float(lbl(batch, LossConfig(lbl_scope="global")))
+        assert abs(whole - expected) > 1e-4 * whole  # the global forms differ on this batch
     else:
         expected = float(lbl(batch, LossConfig(lbl_scope="sequence")))
     assert float(metrics["lbl_loss"]) == pytest.approx(expected, rel=1e-5)
@@ -187,6 +209,20 @@ def test_lbl_scopes_in_the_accumulating_step(config, scope):
     assert len(norm_weights) == 18  # 8 layer norms, final, q/k x 2 attentions, MTP's 3 + 2
     largest = max(np.abs(1 + w).max() for w in norm_weights)
     assert float(metrics["norm_scale_max"]) == pytest.approx(largest, rel=1e-6)
+
+
+def test_running_global_lbl_runs_no_second_forward(config):
+    """XLA's cost analysis of the lowered step (a loop body counts once): the exact global
+    scope adds a forward-only routing pass over the micro-batches; the running form costs
+    what a scope without global counts costs."""
+    flops = {}
+    for scope in ("global", "global_running", "micro_batch"):
+        trainer = trainer_for(config, MeshConfig(fsdp=1), jax.devices()[:1], micro_batches=2,
+                              loss_config=LossConfig(lbl_scope=scope))
+        batch = jax.device_put(packed_batch(), trainer.batch_sharding)
+        flops[scope] = trainer.step.lower(abstract_state(trainer), batch).cost_analysis()["flops"]
+    assert flops["global_running"] == pytest.approx(flops["micro_batch"], rel=0.01)
+    assert flops["global"] > 1.2 * flops["global_running"]
 
 
 def free_port():

@@ -19,18 +19,9 @@ from flax import nnx
 from qnext_jax.config import ModelConfig
 from qnext_jax.convert.layout import TensorRule, checkpoint_rules
 from qnext_jax.convert.safetensors_dir import CheckpointError, SafetensorsDir
-from qnext_jax.model import Qwen3NextModel
+from qnext_jax.model import Qwen3NextModel, abstract_model
 
 log = logging.getLogger(__name__)
-
-# Parameters kept in fp32 whatever the requested dtype: they feed g and the delta-rule state.
-_ALWAYS_FP32 = ("A_log", "dt_bias")
-
-
-def abstract_model(config: ModelConfig) -> Qwen3NextModel:
-    """The model with ShapeDtypeStructs for parameters: nothing is allocated."""
-    return nnx.eval_shape(lambda: Qwen3NextModel(config, rngs=nnx.Rngs(0)))
-
 
 def read_hf_config(directory, files: SafetensorsDir, param_dtype, **overrides) -> ModelConfig:
     config = ModelConfig.from_hf(Path(directory), **overrides)
@@ -121,7 +112,7 @@ def load_hf_state(files: SafetensorsDir, config: ModelConfig, abstract_state,
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat = []
     for path, variable in leaves.items():
-        dtype = np.dtype(jnp.float32 if path[-1] in _ALWAYS_FP32 else variable.value.dtype)
+        dtype = np.dtype(variable.value.dtype)  # the model's (A_log, dt_bias: always fp32)
         shape = variable.value.shape
         sharding = (shardings(path) if shardings is not None else None) or default
         built: dict[tuple, np.ndarray] = {}  # replicated shards are assembled once

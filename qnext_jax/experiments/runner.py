@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from qnext_jax.data.build import TOKENIZER_FILE, make_tokenizer, packed_rows
 from qnext_jax.data.pipeline import batch_dataset
@@ -26,11 +27,11 @@ from qnext_jax.experiments import measures
 from qnext_jax.experiments.probes import probe_params
 from qnext_jax.experiments.report import write_report
 from qnext_jax.experiments.studies import Study
+from qnext_jax.model import abstract_model
 from qnext_jax.train.loop import train
 from qnext_jax.train.metrics_log import read_metrics
 from qnext_jax.train.run_config import RunConfig, load_run_config
 from qnext_jax.train.run_dir import CONFIG_FILE, trajectory_changes
-from qnext_jax.train.step import abstract_model
 
 DEFAULT_RUN = Path(__file__).resolve().parents[2] / "configs" / "small.yaml"
 RESULT_FILE = "result.json"
@@ -104,7 +105,7 @@ def _probe(config: RunConfig, run_dir: Path, state) -> dict:
     rows = packed_rows(config.data, tokenizer, config.train.seq_len + 1, "eval")
     data = batch_dataset(rows, config.train.batch_size, seed=0, shuffle=False, repeat=False)
     batch = jax.tree.map(lambda x: jax.numpy.asarray(np.asarray(x)), next(iter(data)))
-    graphdef, _ = abstract_model(config.model, config.train.seed)
+    graphdef, _ = nnx.split(abstract_model(config.model, config.train.seed), nnx.Param)
     return probe_params(graphdef, jax.device_get(state.params), batch)
 
 

@@ -66,7 +66,7 @@ def _layers(kind: tuple[str, ...]) -> str:
     return "model.layer_types=[" + ",".join(kind) + "]"
 
 
-LBL_SCOPES, LBL_EXPERTS = ("global", "micro_batch", "sequence"), (16, 32, 64)
+LBL_SCOPES, LBL_EXPERTS = ("global", "global_running", "micro_batch", "sequence"), (16, 32, 64)
 
 
 def _lbl_variants():

@@ -12,7 +12,7 @@ from flax import nnx
 
 from qnext_jax.config import ConfigError, ModelConfig
 from qnext_jax.convert import load_hf_checkpoint
-from qnext_jax.convert.load import abstract_model
+from qnext_jax.model import abstract_model
 from qnext_jax.data.tokenizer import load_tokenizer
 
 CHECKPOINTS, TOKENIZER = "checkpoints", "tokenizer.json"

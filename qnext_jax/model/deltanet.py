@@ -44,9 +44,10 @@ class GatedDeltaNet(nnx.Module):
         self.conv_q = normal_param(rngs, (width, key_heads, key_dim), config, KEY_CONV)  # WKD
         self.conv_k = normal_param(rngs, (width, key_heads, key_dim), config, KEY_CONV)  # WKD
         self.conv_v = normal_param(rngs, (width, value_heads, value_dim), config, VALUE_CONV)  # WHD
-        self.dt_bias = constant_param(1.0, (value_heads,), config, ("value_heads",))
+        # fp32 whatever param_dtype says (as HF keeps them): they set g, the state's decay.
+        self.dt_bias = constant_param(1.0, (value_heads,), config, ("value_heads",), jnp.float32)
         decay_rates = jax.random.uniform(rngs.params(), (value_heads,), jnp.float32, 0.01, 16.0)
-        self.A_log = param(jnp.log(decay_rates), config, ("value_heads",))
+        self.A_log = param(jnp.log(decay_rates), config, ("value_heads",), jnp.float32)
         self.norm = GatedRMSNorm(value_dim, config)
         self.out_proj = normal_param(rngs, (value_heads, value_dim, hidden), config, ("value_heads", "head_dim", "embed"))  # HDE
 

@@ -19,7 +19,8 @@ from qnext_jax.model.mlp import SwiGLU
 from qnext_jax.model.params import cast, compute_dtype, normal_param, param
 from qnext_jax.model.projections import project_together
 from qnext_jax.parallel.axes import under_mesh
-from qnext_jax.parallel.expert_parallel import expert_parallel_ffn, grouped_swiglu
+from qnext_jax.ops.grouped_swiglu import grouped_swiglu
+from qnext_jax.parallel.expert_parallel import expert_parallel_ffn
 
 EXPERT_IN = ("experts", "embed", "mlp")  # gate and up projections [X, E, F]
 EXPERT_OUT = ("experts", "mlp", "embed")  # down projection [X, F, E]
@@ -81,9 +82,7 @@ class SparseMoE(nnx.Module):
         dtype = compute_dtype(config)
         batch, length, hidden = x.shape
         tokens = x.astype(dtype).reshape(batch * length, hidden)
-        # [N, X] router logits in the activation dtype, as HF; the shared expert's gate [N, 1].
-        logits, shared_gate_logit = project_together(
-            tokens, [cast(self.router, dtype), cast(self.shared_expert_gate, dtype)[:, None]])
+        logits, shared_gate_logit = self.router_logits(tokens)
         probs, weights, experts = route(logits, config.num_experts_per_tok, config.norm_topk_prob)
         weights = weights.astype(dtype)
         if config.moe_impl == "dense":
@@ -95,9 +94,18 @@ class SparseMoE(nnx.Module):
             )
         else:
             routed = grouped_swiglu(tokens, weights, experts, *self._expert_weights(dtype))
-        out = routed + jax.nn.sigmoid(shared_gate_logit) * self.shared_expert(tokens)
+        shared_gate = jax.nn.sigmoid(shared_gate_logit).astype(dtype)
+        out = routed + shared_gate * self.shared_expert(tokens)
         stats = router_stats(logits, probs, experts, config.num_experts, valid, batch)
         return out.reshape(batch, length, hidden), stats
+
+    def router_logits(self, tokens):
+        """tokens [N, E] -> (router logits [N, X], the shared expert's gate logit [N, 1]), in
+        fp32 from fp32 weights (or in the compute dtype: config.router_dtype)."""
+        dtype = jnp.float32 if self.config.router_dtype == "float32" else tokens.dtype
+        return project_together(
+            tokens.astype(dtype),
+            [cast(self.router, dtype), cast(self.shared_expert_gate, dtype)[:, None]])
 
     def _expert_weights(self, dtype):
         return cast(self.gate_proj, dtype), cast(self.up_proj, dtype), cast(self.down_proj, dtype)

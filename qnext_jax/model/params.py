@@ -25,14 +25,24 @@ def normal_param(rngs: nnx.Rngs, shape, config: ModelConfig, axes: tuple[str | N
     return param(value, config, axes)
 
 
-def constant_param(value, shape, config: ModelConfig, axes: tuple[str | None, ...]) -> nnx.Param:
-    return param(jnp.full(shape, value, jnp.float32), config, axes)
+def constant_param(value, shape, config: ModelConfig, axes: tuple[str | None, ...],
+                   dtype=None) -> nnx.Param:
+    return param(jnp.full(shape, value, jnp.float32), config, axes, dtype)
 
 
-def param(value, config: ModelConfig, axes: tuple[str | None, ...]) -> nnx.Param:
+def param(value, config: ModelConfig, axes: tuple[str | None, ...], dtype=None) -> nnx.Param:
+    """A parameter in `dtype`, by default the config's param_dtype."""
     if len(axes) != value.ndim:
         raise ValueError(f"axes {axes} do not name the {value.ndim} dimensions of {value.shape}")
-    return nnx.Param(value.astype(param_dtype(config)), axes=tuple(axes))
+    dtype = param_dtype(config) if dtype is None else dtype
+    return nnx.Param(value.astype(dtype), axes=tuple(axes))
+
+
+def abstract_model(config: ModelConfig, seed: int = 0):
+    """The model with ShapeDtypeStructs for parameters: structure and shapes, nothing allocated."""
+    from qnext_jax.model.transformer import Qwen3NextModel
+
+    return nnx.eval_shape(lambda: Qwen3NextModel(config, rngs=nnx.Rngs(seed)))
 
 
 def cast(param: nnx.Param, dtype) -> jnp.ndarray:

@@ -19,6 +19,7 @@ from qnext_jax.model.norms import RMSNorm
 from qnext_jax.model.params import cast, compute_dtype, normal_param
 from qnext_jax.model.rope import rotary_tables
 from qnext_jax.ops.platform import target_platform
+from qnext_jax.ops.take_rows import take_rows
 from qnext_jax.parallel.axes import constrain
 
 HIDDEN_AXES = ("batch", "sequence", "act_embed")
@@ -46,10 +47,12 @@ class Qwen3NextModel(nnx.Module):
         self.mtp = MultiTokenPredictor(config, rngs=rngs) if config.mtp_num_hidden_layers else None
 
     def embed_tokens(self, input_ids):
+        """[B, T] ids -> [B, T, E] rows in the compute dtype; the table's gradient sums every
+        token's row in fp32 (a frequent token's thousands of bf16 rows would round away)."""
         # FSDP: gather the table's width before the lookup (a lookup into a width-sharded table
         # would leave the rows width-sharded, and XLA can only re-shard that by replicating).
-        table = constrain(cast(self.embed, compute_dtype(self.config)), ("vocab", None))
-        return jnp.take(table, input_ids, axis=0)
+        return take_rows(self.embed[...], input_ids, compute_dtype(self.config),
+                         constrain=lambda table: constrain(table, ("vocab", None)))
 
     def head_weight(self):
         """(weight in the compute dtype, vocab_major): the tied embedding [V, E] or the LM

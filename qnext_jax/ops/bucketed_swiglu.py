@@ -199,7 +199,9 @@ def _backward(tile, residuals, out_grad):
          down_w_grad))
     every_grad = _with_zero_row(jnp.concatenate(
         [rows_grad_buckets.reshape(num_experts * capacity, hidden), overflow_grad]))
-    rows_grad = every_grad[plan.source].reshape(num_rows, top_k, hidden).sum(axis=1)
+    # A row's k choices add up in fp32 (in bf16 they would round at every addition).
+    rows_grad = every_grad[plan.source].reshape(num_rows, top_k, hidden).sum(
+        axis=1, dtype=jnp.float32).astype(rows.dtype)
     no_grad = jax.tree.map(lambda _: None, plan)
     return rows_grad, weights_grad, gate_w_grad, up_w_grad, down_w_grad, no_grad
 

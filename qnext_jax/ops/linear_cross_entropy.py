@@ -15,9 +15,9 @@ Our own custom VJP, because no maintained library does this where we run: tokama
 materialises the logits), takes no per-token mask, and returns a per-shard logsumexp when the
 vocabulary is sharded, so its gradients would be wrong under tensor parallelism.
 
-Under a mesh the forward and the backward are each one `shard_map`: every device takes its own
-tokens (batch and sequence shards) and its slice of the vocabulary (the `tensor` axis, as the
-head weight is sharded), the logsumexp and the target logit are combined over `tensor` (a
+Under a mesh (`sharding`, which the caller reads off its sharding table) the forward and the
+backward are each one `shard_map`: every device takes its own tokens (batch and sequence
+shards) and its slice of the vocabulary (as the head weight is sharded), the logsumexp and the target logit are combined over `tensor` (a
 vocabulary-parallel cross-entropy), the hidden-state gradient is summed over `tensor`, and the
 weight gradient is accumulated locally over every chunk and summed over the token shards once.
 """
@@ -26,28 +26,36 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from qnext_jax.parallel.axes import logical_spec, under_mesh
-
 # A chunk's fp32 logits are about this many elements (64 MiB) unless asked otherwise, and at
 # least _MIN_CHUNK_TOKENS rows, so that the chunk's matmuls stay large.
 _CHUNK_LOGITS_ELEMENTS = 1 << 24
 _MIN_CHUNK_TOKENS = 256
-_HIDDEN_AXES = ("batch", "sequence", "act_embed")
+
+
+class HeadSharding(NamedTuple):
+    """The mesh axes (a name, a tuple of names, or None) of the ambient mesh that split the
+    rows, the positions and the vocabulary."""
+
+    rows: str | tuple[str, ...] | None
+    positions: str | tuple[str, ...] | None
+    vocab: str | tuple[str, ...] | None
 
 
 def linear_cross_entropy(hidden, weight, targets, *, vocab_major: bool,
-                         chunk_tokens: int | None = None):
+                         chunk_tokens: int | None = None, sharding: HeadSharding | None = None):
     """-log softmax(hidden @ W)[target] per token, in fp32, without materialising the logits.
 
     hidden: [B, T, E] (the compute dtype); targets: [B, T] int in [0, V).
     weight: [V, E] when `vocab_major` (a tied embedding table), else [E, V] (an LM head); the
         logits are accumulated in fp32 from operands in the compute dtype, as the plain head.
     chunk_tokens: tokens per chunk on each device; None keeps a chunk's logits near 64 MiB.
+    sharding: how the ambient mesh splits tokens and vocabulary; None: one device.
     Returns [B, T] fp32; differentiable in `hidden` and `weight`.
     """
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
@@ -57,58 +65,53 @@ def linear_cross_entropy(hidden, weight, targets, *, vocab_major: bool,
     if weight.ndim != 2 or width != hidden.shape[2]:
         layout = "[V, E]" if vocab_major else "[E, V]"
         raise ValueError(f"weight must be {layout} with E = {hidden.shape[2]}; got {weight.shape}")
-    return _fused(hidden, weight, targets.astype(jnp.int32), vocab_major, chunk_tokens)
+    return _fused(hidden, weight, targets.astype(jnp.int32), vocab_major, chunk_tokens, sharding)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(hidden, weight, targets, vocab_major, chunk_tokens):
-    return _forward(hidden, weight, targets, vocab_major, chunk_tokens)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(hidden, weight, targets, vocab_major, chunk_tokens, sharding):
+    return _forward(hidden, weight, targets, vocab_major, chunk_tokens, sharding)[0]
 
 
-def _fused_fwd(hidden, weight, targets, vocab_major, chunk_tokens):
-    keep = _keeps_logits(hidden, weight, vocab_major, chunk_tokens)
-    loss, lse, logits = _forward(hidden, weight, targets, vocab_major, chunk_tokens, keep=keep)
+def _fused_fwd(hidden, weight, targets, vocab_major, chunk_tokens, sharding):
+    keep = _keeps_logits(hidden, weight, vocab_major, chunk_tokens, sharding)
+    loss, lse, logits = _forward(hidden, weight, targets, vocab_major, chunk_tokens, sharding,
+                                 keep=keep)
     return loss, (hidden, weight, targets, lse, logits)
 
 
-def _fused_bwd(vocab_major, chunk_tokens, residuals, loss_grad):
+def _fused_bwd(vocab_major, chunk_tokens, sharding, residuals, loss_grad):
     hidden, weight, targets, lse, logits = residuals
     grad_hidden, grad_weight = _backward(hidden, weight, targets, lse, loss_grad,
-                                         vocab_major, chunk_tokens, logits)
+                                         vocab_major, chunk_tokens, sharding, logits)
     return grad_hidden, grad_weight, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _one_device() -> bool:
-    """No mesh, or a mesh of one device (the default CPU run): nothing to split."""
-    return not under_mesh() or jax.sharding.get_abstract_mesh().size == 1
-
-
-def _keeps_logits(hidden, weight, vocab_major, chunk_tokens) -> bool:
+def _keeps_logits(hidden, weight, vocab_major, chunk_tokens, sharding) -> bool:
     """On one device, when every token fits in one chunk, the forward's logits are kept for
     the backward instead of recomputed: the peak is the same one chunk of logits (it just lives
     until the backward), and the head's matmuls drop from four to three."""
     tokens = hidden.shape[0] * hidden.shape[1]
-    return (_one_device()
+    return (sharding is None
             and _chunk_size(tokens, _vocab(weight, vocab_major), chunk_tokens) == tokens)
 
 
 class _Axes:
     """Mesh axes the computation is split over (empty on one device)."""
 
-    def __init__(self):
-        if _one_device():
+    def __init__(self, sharding: HeadSharding | None):
+        if sharding is None:
             self.tokens, self.vocab = (), ()
             self.hidden = self.rows = self.weights = None
             return
-        hidden = logical_spec(_HIDDEN_AXES)
-        vocab = logical_spec(("vocab",))[0]
-        self.tokens = _names(hidden[0]) + _names(hidden[1])
+        rows, positions, vocab = sharding
+        self.tokens = _names(rows) + _names(positions)
         self.vocab = _names(vocab)
-        self.hidden = PartitionSpec(hidden[0], hidden[1], None)
-        self.rows = PartitionSpec(hidden[0], hidden[1])
+        self.hidden = PartitionSpec(rows, positions, None)
+        self.rows = PartitionSpec(rows, positions)
         self.weights = {True: PartitionSpec(vocab, None), False: PartitionSpec(None, vocab)}
 
     def weight_spec(self, vocab_major):
@@ -128,9 +131,9 @@ class _Axes:
         return index
 
 
-def _forward(hidden, weight, targets, vocab_major, chunk_tokens, keep=False):
+def _forward(hidden, weight, targets, vocab_major, chunk_tokens, sharding, keep=False):
     """(loss, lse, the chunks' logits [N, C, V] when `keep`, else None)."""
-    axes = _Axes()
+    axes = _Axes(sharding)
 
     def local(hidden, weight, targets):
         chunk, unchunk = _chunker(hidden, weight, vocab_major, chunk_tokens)
@@ -155,9 +158,10 @@ def _forward(hidden, weight, targets, vocab_major, chunk_tokens, keep=False):
         hidden, weight, targets)
 
 
-def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens, kept=None):
+def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens, sharding,
+              kept=None):
     """kept: the forward's logits [N, C, V] (then not recomputed), or None."""
-    axes = _Axes()
+    axes = _Axes(sharding)
 
     def local(hidden, weight, targets, lse, loss_grad):
         chunk, unchunk = _chunker(hidden, weight, vocab_major, chunk_tokens)

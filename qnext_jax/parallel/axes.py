@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qnext_jax.config import ModelConfig
+from qnext_jax.ops.linear_cross_entropy import HeadSharding
 from qnext_jax.parallel.mesh import BATCH_AXES, MESH_AXES, MeshError, axis_size
 
 LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
@@ -137,6 +138,15 @@ def under_mesh() -> bool:
     """True while tracing under one of our meshes (the train step sets it)."""
     mesh = jax.sharding.get_abstract_mesh()
     return not mesh.empty and set(MESH_AXES) <= set(mesh.axis_names)
+
+
+def head_sharding() -> HeadSharding | None:
+    """How the fused LM head + cross-entropy (ops/linear_cross_entropy) splits its tokens and
+    vocabulary under the ambient mesh; None with no mesh or one device (nothing to split)."""
+    if not under_mesh() or jax.sharding.get_abstract_mesh().size == 1:
+        return None
+    hidden = logical_spec(("batch", "sequence"))
+    return HeadSharding(hidden[0], hidden[1], logical_spec(("vocab",))[0])
 
 
 def shard_map_logical(fn, in_axes, out_axes):

@@ -31,38 +31,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from qnext_jax.ops.bucketed_swiglu import DEFAULT_TILE, bucketed_swiglu
-from qnext_jax.ops.grouped_matmul import grouped_matmul
-from qnext_jax.ops.platform import target_platform
+from qnext_jax.ops.grouped_swiglu import grouped_swiglu
+from qnext_jax.ops.take_rows import take_rows
 from qnext_jax.parallel.axes import logical_spec
 from qnext_jax.parallel.mesh import TOKEN_AXES, axis_size
-
-
-def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w):
-    """Dropless SwiGLU experts as one grouped matmul per projection.
-
-    tokens [N, E]; weights, experts [N, k] (expert ids >= the number of local experts, G, are
-    choices that live elsewhere and are skipped); gate_w, up_w [G, E, F]; down_w [G, F, E].
-    Returns [N, E]: for every token the sum over its choices of weight * expert(token).
-    """
-    num_tokens, top_k = experts.shape
-    num_groups = gate_w.shape[0]
-    if target_platform() == "cpu" and experts.size > DEFAULT_TILE:
-        # XLA:CPU has no grouped GEMM: per-expert buckets as batched matmuls (few rows, as in
-        # decoding, take the gathered grouped matmul below).
-        return bucketed_swiglu(tokens, weights, experts, gate_w, up_w, down_w)
-    flat_experts = experts.reshape(-1)  # [N*k]
-    order = jnp.argsort(flat_experts, stable=True)  # skipped choices sort last
-    rows = tokens[order // top_k]  # [N*k, E] grouped by expert
-    group_sizes = jnp.bincount(flat_experts, length=num_groups).astype(jnp.int32)
-    gate = grouped_matmul(rows, gate_w, group_sizes)  # [N*k, F]
-    up = grouped_matmul(rows, up_w, group_sizes)
-    out_sorted = grouped_matmul(jax.nn.silu(gate) * up, down_w, group_sizes)  # [N*k, E]
-    # Rows past the last group are not computed; zero them rather than trust their contents.
-    computed = (flat_experts[order] < num_groups)[:, None]
-    out_sorted = jnp.where(computed, out_sorted, 0)
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(num_tokens, top_k, -1)
-    return jnp.einsum("NKE,NK->NE", out, weights)
 
 
 def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
@@ -113,7 +85,12 @@ def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *,
     # Choices bound elsewhere get id `local_experts` (skipped by grouped_swiglu) and weight 0.
     choice_ids = jnp.where(bound_for, (experts % local_experts)[:, :, None], local_experts)
     choice_weights = jnp.where(bound_for, weights[:, :, None], 0).astype(weights.dtype)
-    send_tokens = to_buffers(jnp.broadcast_to(tokens[:, None], (num_tokens, shards, tokens.shape[1])), 0)
+    # Each buffer slot names the token it carries (num_tokens: an empty slot, a zero row), so
+    # the tokens are gathered once, and a token's gradient rows from its S destinations are
+    # summed in fp32 (take_rows).
+    source_token = to_buffers(jnp.broadcast_to(jnp.arange(num_tokens)[:, None], slot.shape),
+                              num_tokens)  # [S, C]
+    send_tokens = take_rows(tokens, source_token)  # [S, C, E]
     send_ids = to_buffers(choice_ids.transpose(0, 2, 1), local_experts)  # [S, C, k]
     send_weights = to_buffers(choice_weights.transpose(0, 2, 1), 0)
 
@@ -128,8 +105,8 @@ def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *,
     )
     returned = exchange(out_rows.reshape(shards, capacity, -1))  # [S (expert device), C, E]
     gathered = returned.at[device, slot].get(mode="fill", fill_value=0)  # [n, S, E]
-    out = jnp.sum(jnp.where(kept[..., None], gathered, 0), axis=1)
-    return _sum_over_tensor(out)
+    out = jnp.sum(jnp.where(kept[..., None], gathered, 0), axis=1, dtype=jnp.float32)
+    return _sum_over_tensor(out.astype(tokens.dtype))
 
 
 def _capacity(num_tokens, top_k, shards, capacity_factor):

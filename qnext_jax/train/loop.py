@@ -28,6 +28,7 @@ from qnext_jax.convert.load import load_hf_state
 from qnext_jax.convert.safetensors_dir import SafetensorsDir
 from qnext_jax.data.build import TOKENIZER_FILE, make_tokenizer, packed_rows
 from qnext_jax.data.pipeline import batch_dataset
+from qnext_jax.model import abstract_model
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.distributed import global_batch
 from qnext_jax.parallel.mesh import make_mesh
@@ -41,8 +42,9 @@ from qnext_jax.train.preemption import Preemption
 from qnext_jax.train.progress import ProgressBar, Throughput, peak_tflops_per_device
 from qnext_jax.train.run_config import RunConfig, check_run_config
 from qnext_jax.train.run_dir import check_resume_config, write_config
-from qnext_jax.train.step import (TrainState, abstract_model, abstract_state, check_batch_size,
-                                  check_sequence_split, make_trainer, router_layer_names)
+from qnext_jax.train.step import (TrainState, abstract_state, check_batch_size,
+                                  check_sequence_split, check_trainable_dtypes, make_trainer,
+                                  router_layer_names)
 
 
 class TrainingError(RuntimeError):
@@ -56,6 +58,7 @@ def train(config: RunConfig, run_dir: Path, stream=None):
     is_main = jax.process_index() == 0
     # ---- Everything that can be known without compiling, before anything is written.
     check_run_config(config)
+    check_trainable_dtypes(config.model)
     config.data.check_paths(evaluate=tc.eval_every > 0)
     check_wandb(tc.wandb_project)
     mesh = make_mesh(config.mesh)
@@ -258,7 +261,7 @@ def _initial_state(trainer, checkpoints: Checkpoints, latest: int, train_data,
     if config.train.init_from_hf:
         directory = config.train.init_from_hf
         files = SafetensorsDir(directory)
-        _, abstract_params = abstract_model(config.model)
+        _, abstract_params = nnx.split(abstract_model(config.model), nnx.Param)
         params = load_hf_state(files, config.model, abstract_params,
                                dict(nnx.to_flat_state(trainer.state_shardings.params)).get)
         log(f"initialised from the Hugging Face checkpoint {directory}")

@@ -14,7 +14,14 @@ Both equal k under perfectly uniform routing, the scale `router_aux_loss_coef` i
 
 `lbl_scope` says over which tokens f and P are taken, so that the global batch can be measured
 against the scopes peers use (the Qwen team's "global-batch vs micro-batch" comparison):
-    global       f over the whole global batch (Qwen3-Next; the default)
+    global_running  f over the global batch as far as the step has seen it: micro-batch m
+                 uses the counts of micro-batches 1..m (all data shards) over their tokens, as
+                 Megatron's `global_aux_loss` accumulates them; the last micro-batch sees the
+                 whole batch's f. One forward per micro-batch (the default)
+    global       f over the whole global batch for every micro-batch (Qwen3-Next's
+                 definition, exactly): with train.micro_batches > 1 a forward-only routing pass
+                 over the micro-batches counts first (train/step.py), +25-33% FLOPs; both
+                 global forms are the same with one micro-batch
     micro_batch  f and P over each gradient-accumulation micro-batch (all its data shards
                  together), the loss averaged over the micro-batches that hold a valid token
                  (GShard / Switch as transformers and Megatron's `aux_loss` compute it per
@@ -38,9 +45,12 @@ from qnext_jax.config import ConfigError, check_known_keys
 from qnext_jax.data.batch import Batch
 from qnext_jax.model.moe import RouterStats
 from qnext_jax.ops.linear_cross_entropy import linear_cross_entropy
+from qnext_jax.parallel.axes import head_sharding
 
 LBL_FORMULAS = ("global", "hf_pooled")
-LBL_SCOPES = ("global", "micro_batch", "sequence")
+LBL_SCOPES = ("global_running", "global", "micro_batch", "sequence")
+# Scopes whose loss depends on how the batch is split into micro-batches.
+SPLIT_DEPENDENT_SCOPES = ("global_running", "micro_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +58,7 @@ class LossConfig:
     mtp_weight: float = 0.1  # lambda in L = CE + (lambda / D) * sum_k CE_k (Megatron's default)
     lbl_weight: float | None = None  # None: the model's router_aux_loss_coef
     lbl_formula: str = "global"
-    lbl_scope: str = "global"  # the tokens f and P are taken over: global, micro_batch, sequence
+    lbl_scope: str = "global_running"  # the tokens f and P are taken over (LBL_SCOPES)
     z_loss_weight: float = 0.0  # router z-loss (ST-MoE); 0 disables it
     # The LM head fused with the cross-entropy over token chunks (ops/linear_cross_entropy):
     # the [B, T, V] logits are never held. False: the plain head and log-softmax.
@@ -60,9 +70,9 @@ class LossConfig:
             raise ConfigError(f"loss.lbl_formula must be one of {LBL_FORMULAS}, got {self.lbl_formula!r}")
         if self.lbl_scope not in LBL_SCOPES:
             raise ConfigError(f"loss.lbl_scope must be one of {LBL_SCOPES}, got {self.lbl_scope!r}")
-        if self.lbl_formula == "hf_pooled" and self.lbl_scope != "global":
+        if self.lbl_formula == "hf_pooled" and self.lbl_scope not in ("global", "global_running"):
             raise ConfigError(f"loss.lbl_formula=hf_pooled (transformers' parity formula) takes "
-                              f"loss.lbl_scope=global, got {self.lbl_scope!r}")
+                              f"loss.lbl_scope=global or global_running, got {self.lbl_scope!r}")
         if self.head_chunk_tokens is not None and self.head_chunk_tokens < 1:
             raise ConfigError(f"loss.head_chunk_tokens must be positive or null, got "
                               f"{self.head_chunk_tokens}")
@@ -74,6 +84,13 @@ class LossConfig:
     def from_dict(cls, values: dict[str, Any]) -> LossConfig:
         check_known_keys(values, cls, "loss")
         return cls(**values)
+
+
+class SeenCounts(NamedTuple):
+    """What the micro-batches before this one routed (the global_running scope)."""
+
+    expert_counts: jnp.ndarray  # [layers, E] top-k selections per expert
+    tokens: jnp.ndarray  # [] valid tokens
 
 
 class Normalizers(NamedTuple):
@@ -130,6 +147,14 @@ def expert_fractions(stats: RouterStats, router_tokens) -> jnp.ndarray:
     return jax.lax.stop_gradient(stats.expert_counts / router_tokens)
 
 
+def running_fractions(stats: RouterStats, seen: SeenCounts) -> jnp.ndarray:
+    """f [layers, E] of the global_running scope: the selections of the micro-batches seen so
+    far and this one, per valid token of theirs."""
+    counts = seen.expert_counts[: stats.expert_counts.shape[0]] + stats.expert_counts
+    tokens = jnp.maximum(seen.tokens + stats.num_tokens[0], 1.0)
+    return expert_fractions(stats._replace(expert_counts=counts), tokens)
+
+
 def load_balancing_loss(stats: RouterStats, fractions, router_tokens, formula: str = "global"):
     """LBL from this micro-batch's probability sums and global-batch fractions f [layers, E]."""
     num_experts = stats.prob_sums.shape[-1]
@@ -143,7 +168,7 @@ def scoped_load_balancing_loss(stats: RouterStats, fractions, norms: Normalizers
     """This micro-batch's share of the LBL of `scope` (module docstring), averaged over layers;
     `fractions` [layers, E] are the global-batch f (used by the global scope only)."""
     num_experts = stats.prob_sums.shape[-1]
-    if scope == "global":
+    if scope in ("global", "global_running"):
         return load_balancing_loss(stats, fractions, norms.router_tokens)
     if scope == "micro_batch":
         tokens = jnp.maximum(stats.num_tokens, 1.0)[:, None]  # [layers, 1] this micro-batch's
@@ -172,10 +197,12 @@ def all_router_stats(output) -> RouterStats | None:
 
 
 def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl_coef: float,
-               fractions=None, head=None) -> dict[str, jnp.ndarray]:
+               fractions=None, head=None, seen: SeenCounts | None = None
+               ) -> dict[str, jnp.ndarray]:
     """This micro-batch's share of every loss term; they and their gradients add over
     micro-batches. `fractions` [layers, E]: global-batch f; None takes it from `output` (one
-    micro-batch: the batch's own counts are the global counts). An `output` without logits
+    micro-batch: the batch's own counts are the global counts), together with `seen`, the
+    earlier micro-batches' counts, under the global_running scope. An `output` without logits
     (the model called with logits=False) needs `head`, the model's `head_weight()`."""
     def cross_entropy(logits, hidden, targets):
         if logits is not None:
@@ -184,7 +211,8 @@ def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl
             raise ValueError("the model output has no logits: pass head=model.head_weight()")
         weight, vocab_major = head
         return linear_cross_entropy(hidden, weight, targets, vocab_major=vocab_major,
-                                    chunk_tokens=config.head_chunk_tokens)
+                                    chunk_tokens=config.head_chunk_tokens,
+                                    sharding=head_sharding())
 
     ce = jnp.sum(cross_entropy(output.logits, output.hidden, batch.targets) * batch.loss_mask)
     terms = {"ce_loss": ce / norms.target_tokens}
@@ -203,7 +231,9 @@ def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl
     if stats is not None:
         if config.lbl_formula == "hf_pooled" and output.router_stats is not None:
             stats = output.router_stats  # transformers knows no MTP module
-        if fractions is None:
+        if fractions is None and seen is not None:
+            fractions = running_fractions(stats, seen)
+        elif fractions is None:
             fractions = expert_fractions(stats, norms.router_tokens)
         fractions = fractions[: stats.prob_sums.shape[0]]
         if config.lbl_formula == "hf_pooled":

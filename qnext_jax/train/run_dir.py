@@ -22,6 +22,7 @@ import jax
 
 from qnext_jax.config import ConfigError
 from qnext_jax.parallel.distributed import broadcast_text
+from qnext_jax.train.losses import SPLIT_DEPENDENT_SCOPES
 from qnext_jax.train.optimizer import default_warmup_steps
 from qnext_jax.train.run_config import all_keys
 
@@ -44,6 +45,11 @@ FREE_TO_CHANGE = (
 # ...unless experts drop tokens over capacity: which ones depends on the tokens per device and
 # micro-batch and on the expert shards, and the dense MoE drops none.
 CAPACITY_DEPENDS_ON = ("mesh.", "train.micro_batches", "model.moe_impl")
+# ...and the micro-batch count unless the balancing loss is taken over the whole batch
+# (the micro_batch scope balances each micro-batch, global_running the ones seen so far).
+SPLIT_DEPENDS_ON = ("train.micro_batches",)
+# Scopes that compute the same loss as another when the step has one micro-batch.
+SAME_SCOPE_AT_ONE_MICRO_BATCH = {"global_running": "global"}
 
 # Keys that follow another unless set: (the key they follow, the rule), to say why a key the
 # user never wrote has changed.
@@ -89,13 +95,21 @@ def trajectory_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]
     old, new, defaults = flat_config(saved), flat_config(current), all_keys()
     dropping = any(c.get("model", {}).get("moe_capacity_factor") is not None
                    for c in (saved, current))
+    split_dependent = any(c.get(key, defaults[key]) in SPLIT_DEPENDENT_SCOPES
+                          for c in (old, new) for key in ("loss.lbl_scope",))
+    one_micro_batch = all(c.get("train.micro_batches", 1) == 1 for c in (old, new))
     changes = {}
     for key in sorted(old.keys() | new.keys()):
-        if _matches(key, FREE_TO_CHANGE) and not (dropping and _matches(key, CAPACITY_DEPENDS_ON)):
+        if (_matches(key, FREE_TO_CHANGE)
+                and not (dropping and _matches(key, CAPACITY_DEPENDS_ON))
+                and not (split_dependent and _matches(key, SPLIT_DEPENDS_ON))):
             continue
         if key not in old and new[key] == defaults.get(key):
             continue
-        if old.get(key) != new.get(key):
+        before, after = old.get(key), new.get(key)
+        if key == "loss.lbl_scope" and one_micro_batch:
+            before, after = (SAME_SCOPE_AT_ONE_MICRO_BATCH.get(s, s) for s in (before, after))
+        if before != after:
             changes[key] = (old.get(key), new.get(key))
     return changes
 

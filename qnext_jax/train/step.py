@@ -6,11 +6,11 @@ the train state donated (updated in place: no second copy of the model).
 
 Gradient accumulation runs inside the jit. Every loss term is normalised by global-batch counts
 (train/losses.py), so the summed gradients of M micro-batches are exactly the gradient of the
-whole batch. The load-balancing loss needs the expert counts of the whole batch before any
-micro-batch's gradient: with M > 1 a forward-only routing pass over the micro-batches collects
-them first (about one extra forward, no activations kept); with M = 1 the forward itself does.
-Only the global scope needs that pass (`loss.lbl_scope`; the others balance within a
-micro-batch or a row).
+whole batch. The load-balancing loss of the exact `global` scope needs the expert counts of the
+whole batch before any micro-batch's gradient: with M > 1 a forward-only routing pass over the
+micro-batches collects them first (one more forward of every micro-batch, no activations kept).
+The default `global_running` scope carries the counts of the micro-batches seen so far through
+the accumulation loop instead (no second pass); with M = 1 both are the forward's own counts.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from qnext_jax.config import LINEAR_ATTENTION, ConfigError, ModelConfig
 from qnext_jax.data.batch import Batch
-from qnext_jax.model import Qwen3NextModel
+from qnext_jax.model import Qwen3NextModel, abstract_model
 from qnext_jax.model.norms import largest_norm_scale
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshError, axis_size, batch_shards
-from qnext_jax.train.losses import LossConfig, all_router_stats, loss_terms, normalizers
+from qnext_jax.train.losses import (LossConfig, SeenCounts, all_router_stats, loss_terms,
+                                    normalizers)
 
 
 class TrainState(NamedTuple):
@@ -49,12 +50,6 @@ class Trainer(NamedTuple):
     step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # jitted, donates the state
 
 
-def abstract_model(config: ModelConfig, seed: int = 0):
-    """(graphdef, abstract params): structure and shapes, nothing allocated."""
-    model = nnx.eval_shape(lambda: Qwen3NextModel(config, rngs=nnx.Rngs(seed)))
-    return nnx.split(model, nnx.Param)
-
-
 def router_layer_names(config: ModelConfig) -> list[str]:
     """Names of the router-statistics rows, in order (for logs and plots)."""
     names = [f"layer {i}" for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
@@ -67,6 +62,17 @@ def router_layer_names(config: ModelConfig) -> list[str]:
 def router_layers(config: ModelConfig) -> int:
     """Rows of the router statistics: the main model's MoE layers, then the MTP module's."""
     return len(router_layer_names(config))
+
+
+def check_trainable_dtypes(config: ModelConfig) -> None:
+    """Training keeps fp32 parameters: they are the master weights, and AdamW's moments follow
+    their dtype."""
+    if config.param_dtype != "float32":
+        raise ConfigError(
+            f"model.param_dtype={config.param_dtype} would train without fp32 master weights: "
+            "AdamW's moments and every update would be rounded to it (at lr 3e-4 a weight of "
+            "1.0 never moves in bf16). Train with model.param_dtype=float32 and compute in "
+            "bf16 with model.dtype=bfloat16; bf16 parameters are for inference")
 
 
 def check_batch_size(global_batch: int, micro_batches: int, mesh) -> None:
@@ -107,7 +113,8 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
                  seed: int = 0) -> Trainer:
     if micro_batches < 1:
         raise ConfigError(f"micro_batches must be >= 1, got {micro_batches}")
-    graphdef, abstract_params = abstract_model(config, seed)
+    check_trainable_dtypes(config)
+    graphdef, abstract_params = nnx.split(abstract_model(config, seed), nnx.Param)
     lbl_coef = config.router_aux_loss_coef if loss_config.lbl_weight is None else loss_config.lbl_weight
     mtp_depth = config.mtp_depth if config.mtp_num_hidden_layers else 0
     num_router_layers = router_layers(config)
@@ -139,15 +146,15 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
         stats = all_router_stats(output)
         return jnp.zeros((0, 1)) if stats is None else stats.expert_counts  # [layers, E]
 
-    def loss_fn(params, batch, norms, fractions):
+    def loss_fn(params, batch, norms, fractions, seen):
         output, head = forward(params, batch, logits=not loss_config.fused_head)
-        terms = loss_terms(output, batch, norms, loss_config, lbl_coef, fractions, head)
+        terms = loss_terms(output, batch, norms, loss_config, lbl_coef, fractions, head, seen)
         return terms["loss"], (terms, expert_counts(output))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def micro_batch_grads(params, batch, norms, fractions):
-        (_, (terms, counts)), grads = grad_fn(params, batch, norms, fractions)
+    def micro_batch_grads(params, batch, norms, fractions, seen=None):
+        (_, (terms, counts)), grads = grad_fn(params, batch, norms, fractions, seen)
         return jax.lax.with_sharding_constraint(grads, param_shardings), terms, counts
 
     def accumulated_grads(params, batch, norms):
@@ -165,14 +172,20 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
             counts, _ = jax.lax.scan(count, zero, micro)
             fractions = counts / norms.router_tokens
 
+        running = bool(num_router_layers) and loss_config.lbl_scope == "global_running"
+
         def accumulate(carry, mb):
-            update = micro_batch_grads(params, mb, norms, fractions)
-            return jax.tree.map(jnp.add, carry, update), None
+            sums, tokens_seen = carry  # sums: (grads, terms, counts) of the micro-batches so far
+            seen = SeenCounts(sums[2], tokens_seen) if running else None
+            update = micro_batch_grads(params, mb, norms, fractions, seen)
+            tokens_seen += jnp.sum(mb.valid.astype(jnp.float32))
+            return (jax.tree.map(jnp.add, sums, update), tokens_seen), None
 
         zeros = jax.eval_shape(micro_batch_grads, params, jax.tree.map(lambda x: x[0], micro),
                                norms, fractions)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-        (grads, terms, counts), _ = jax.lax.scan(accumulate, zeros, micro)
+        ((grads, terms, counts), _), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
         return grads, terms, counts
 
     def train_step(state: TrainState, batch: Batch):
