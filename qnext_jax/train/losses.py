@@ -196,14 +196,11 @@ def all_router_stats(output) -> RouterStats | None:
     return RouterStats(*(jnp.concatenate(p) for p in zip(*parts)))
 
 
-def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl_coef: float,
-               fractions=None, head=None, seen: SeenCounts | None = None
-               ) -> dict[str, jnp.ndarray]:
-    """This micro-batch's share of every loss term; they and their gradients add over
-    micro-batches. `fractions` [layers, E]: global-batch f; None takes it from `output` (one
-    micro-batch: the batch's own counts are the global counts), together with `seen`, the
-    earlier micro-batches' counts, under the global_running scope. An `output` without logits
-    (the model called with logits=False) needs `head`, the model's `head_weight()`."""
+def prediction_loss_sums(output, batch: Batch, config: LossConfig, head=None):
+    """(main cross-entropy summed over its counted targets [], MTP cross-entropy summed per
+    depth [D]); each divided by its target count gives the mean (see `mtp_targets`). An
+    `output` without logits (the model called with logits=False) needs `head`, the model's
+    `head_weight()`."""
     def cross_entropy(logits, hidden, targets):
         if logits is not None:
             return token_cross_entropy(logits, targets)
@@ -215,16 +212,28 @@ def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl
                                     sharding=head_sharding())
 
     ce = jnp.sum(cross_entropy(output.logits, output.hidden, batch.targets) * batch.loss_mask)
-    terms = {"ce_loss": ce / norms.target_tokens}
-
     depths = max(len(output.mtp_logits), len(output.mtp_hidden))
-    mtp = jnp.zeros((), jnp.float32)
+    mtp = []
     for k in range(1, depths + 1):
         targets, mask = mtp_targets(batch, k)
         logits = output.mtp_logits[k - 1] if output.mtp_logits else None
         hidden = output.mtp_hidden[k - 1] if output.mtp_hidden else None
-        mtp += jnp.sum(cross_entropy(logits, hidden, targets) * mask) / norms.mtp_target_tokens[k - 1]
-    terms["mtp_loss"] = mtp / max(depths, 1)
+        mtp.append(jnp.sum(cross_entropy(logits, hidden, targets) * mask))
+    return ce, jnp.stack(mtp) if mtp else jnp.zeros((0,), jnp.float32)
+
+
+def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl_coef: float,
+               fractions=None, head=None, seen: SeenCounts | None = None
+               ) -> dict[str, jnp.ndarray]:
+    """This micro-batch's share of every loss term; they and their gradients add over
+    micro-batches. `fractions` [layers, E]: global-batch f; None takes it from `output` (one
+    micro-batch: the batch's own counts are the global counts), together with `seen`, the
+    earlier micro-batches' counts, under the global_running scope. An `output` without logits
+    (the model called with logits=False) needs `head`, the model's `head_weight()`."""
+    ce, mtp = prediction_loss_sums(output, batch, config, head)
+    terms = {"ce_loss": ce / norms.target_tokens}
+    depths = mtp.shape[0]
+    terms["mtp_loss"] = jnp.sum(mtp / norms.mtp_target_tokens[:depths]) / max(depths, 1)
 
     stats = all_router_stats(output)
     lbl = z_loss = jnp.zeros((), jnp.float32)

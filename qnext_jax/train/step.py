@@ -97,12 +97,17 @@ def check_sequence_split(seq_len: int, mesh, config: ModelConfig) -> None:
             f"DeltaNet conv needs from its neighbour (linear_conv_kernel_dim - 1 = {halo})")
 
 
-def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+def split_micro_batches(batch: Batch, micro_batches: int, batch_sharding=None) -> Batch:
     """[B, T] -> [M, B/M, T]; micro-batch m holds rows m, M+m, 2M+m, ... so that each device's
-    rows split evenly and no row moves between devices."""
+    rows split evenly and no row moves between devices (`batch_sharding`, the [B, T] arrays'
+    sharding, pins each micro-batch to it)."""
     def split(x):
         rows = x.shape[0] // micro_batches
-        return jnp.swapaxes(x.reshape(rows, micro_batches, *x.shape[1:]), 0, 1)
+        x = jnp.swapaxes(x.reshape(rows, micro_batches, *x.shape[1:]), 0, 1)
+        if batch_sharding is None:
+            return x
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(batch_sharding.mesh, PartitionSpec(None, *batch_sharding.spec)))
 
     return jax.tree.map(split, batch)
 
@@ -158,11 +163,7 @@ def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,
         return jax.lax.with_sharding_constraint(grads, param_shardings), terms, counts
 
     def accumulated_grads(params, batch, norms):
-        micro = jax.tree.map(
-            lambda x: jax.lax.with_sharding_constraint(
-                x, NamedSharding(mesh, PartitionSpec(None, *batch_sharding.spec))),
-            split_micro_batches(batch, micro_batches),
-        )
+        micro = split_micro_batches(batch, micro_batches, batch_sharding)
         fractions = None
         if num_router_layers and loss_config.lbl_scope == "global":
             def count(total, mb):  # forward only: the whole batch's routing, before gradients
