@@ -32,4 +32,4 @@ if jax.process_index() == 0:
     leaves = {jax.tree_util.keystr(p): np.asarray(x)
               for p, x in jax.tree_util.tree_leaves_with_path(params)}
     metric_values = {f"metric/{k}": np.asarray(v) for k, v in metrics.items()}
-    np.savez(sys.argv[1], **leaves, **metric_values, rows_per_process=rows.stop - rows.start)
+    np.savez(sys.argv[1], **leaves, **metric_values, rows_per_process=len(rows))

@@ -101,11 +101,14 @@ def test_pipeline_order_shards_and_epochs(rows):
     second_epoch = [first_tokens(b) for b, _ in zip(batch_dataset(rows, 4, seed=1), range(24))][12:]
     assert sorted(sum(second_epoch, [])) == list(range(48)) and second_epoch != order
 
-    shards = [[first_tokens(b) for b, _ in zip(batch_dataset(rows, 2, seed=1, process_index=p,
-                                                             process_count=2), range(12))]
-              for p in range(2)]
-    assert sorted(sum(shards[0] + shards[1], [])) == list(range(48))
-    assert not set(sum(shards[0], [])) & set(sum(shards[1], []))
+    # Processes holding rows {0, 2} and {1, 3} of each global batch read exactly those rows:
+    # together, the same batches; two processes holding the same rows read the same.
+    shares = [[first_tokens(b) for b, _ in zip(batch_dataset(rows, 4, seed=1, held_rows=held),
+                                               range(12))] for held in ([0, 2], [1, 3])]
+    assert [[a[0], b[0], a[1], b[1]] for a, b in zip(*shares)] == order
+    again = [first_tokens(b) for b, _ in zip(batch_dataset(rows, 4, seed=1, held_rows=[0, 2]),
+                                             range(12))]
+    assert again == shares[0]
 
 
 def test_pipeline_resumes_exactly_from_its_state(rows):
@@ -132,7 +135,7 @@ def test_array_record_rows_equal_the_rows_written(rows, tmp_path):
     with pytest.raises(DataError, match="holds no prepared rows"):
         ArrayRecordRows(tmp_path)
     with pytest.raises(DataError, match="fewer than one global batch"):
-        batch_dataset(stored, 30, seed=0, process_count=2)
+        batch_dataset(stored, 60, seed=0, held_rows=[0, 1])
 
 
 def test_prepare_command_writes_rows_a_prepared_run_reads(tmp_path):

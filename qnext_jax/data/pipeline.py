@@ -2,9 +2,12 @@
 
 Rows come from memory (a corpus tokenized at start-up) or from ArrayRecord shards written by
 `python -m qnext_jax.data prepare` (corpora too large to tokenize on the fly). The pipeline is
-index-based (`grain.MapDataset`): shuffled by seed, reshuffled every epoch, and process p of P
-reads only rows p, p+P, p+2P, ... of that order. Its whole state is one position, saved with
-each checkpoint, so a resumed run sees exactly the batches it would have seen.
+index-based (`grain.MapDataset`): shuffled by seed, reshuffled every epoch, and global batch b
+is rows bB .. bB+B-1 of that order whatever the processes. A process reads only the rows of
+each global batch that its devices hold (`parallel.distributed.process_rows`): processes whose
+devices split the same rows over `sequence` or `tensor` read the same rows. Its whole state is
+one position, saved with each checkpoint, so a resumed run sees exactly the batches it would
+have seen.
 """
 
 from __future__ import annotations
@@ -79,20 +82,37 @@ def write_array_record_rows(directory: str | Path, tokens: np.ndarray, segment_i
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
 
 
-def batch_dataset(rows, batch_rows: int, *, seed: int, process_index: int = 0,
-                  process_count: int = 1, shuffle: bool = True, repeat: bool = True):
-    """A grain IterDataset of `Batch`es of this process's `batch_rows` rows."""
-    if len(rows) < batch_rows * process_count:
-        raise DataError(
-            f"the data has {len(rows)} rows, fewer than one global batch "
-            f"({batch_rows} rows x {process_count} processes)"
-        )
+class RowsOfBatches:
+    """Random access to the rows `held` (global row indices, ascending) of every global batch
+    of `batch_rows` consecutive items of `dataset`: item i is row held[i % h] of batch i // h."""
+
+    def __init__(self, dataset, batch_rows: int, held):
+        self.dataset, self.batch_rows = dataset, batch_rows
+        self.held = [int(r) for r in held]
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.batch_rows * len(self.held)
+
+    def __getitem__(self, index):
+        batch, row = divmod(index, len(self.held))
+        return self.dataset[batch * self.batch_rows + self.held[row]]
+
+
+def batch_dataset(rows, batch_rows: int, *, seed: int, held_rows=None, shuffle: bool = True,
+                  repeat: bool = True):
+    """A grain IterDataset of `Batch`es: of global batches of `batch_rows` rows, the rows
+    `held_rows` (global row indices; default: all of them)."""
+    if len(rows) < batch_rows:
+        raise DataError(f"the data has {len(rows)} rows, fewer than one global batch "
+                        f"({batch_rows} rows)")
+    held = range(batch_rows) if held_rows is None else held_rows
     dataset = grain.MapDataset.source(rows)
     if shuffle:
         dataset = dataset.shuffle(seed=seed)
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset[process_index::process_count].batch(batch_rows, drop_remainder=True)
+    dataset = grain.MapDataset.source(RowsOfBatches(dataset, batch_rows, held))
+    dataset = dataset.batch(len(held), drop_remainder=True)
     return dataset.map(_to_batch).to_iter_dataset()
 
 

@@ -99,24 +99,22 @@ def broadcast_text(text: str | None, max_bytes: int = 4096) -> str:
     return bytes(received[received != 0]).decode()
 
 
-def process_rows(global_rows: int, sharding: NamedSharding) -> slice:
-    """The rows of a [global_rows, ...] batch that this process's devices hold: what it loads."""
+def process_rows(global_rows: int, sharding: NamedSharding) -> np.ndarray:
+    """The rows of a [global_rows, T] batch that this process's devices hold, ascending: what
+    it loads, every token of them. Where `sequence` or `tensor` spans processes, several
+    processes hold (parts of) the same rows and load the same rows; each device then takes its
+    part (`global_batch`)."""
     # The second dimension only has to split evenly over the sequence shards.
-    indices = sharding.addressable_devices_indices_map((global_rows, axis_size(sharding.mesh, "sequence")))
-    starts = sorted({index[0].indices(global_rows)[0] for index in indices.values()})
-    stops = sorted({index[0].indices(global_rows)[1] for index in indices.values()})
-    rows = slice(starts[0], stops[-1])
-    held = sum(stop - start for start, stop in zip(starts, stops))
-    if held != rows.stop - rows.start:
-        raise MeshError(
-            f"this process's devices hold rows {list(zip(starts, stops))} of the batch, not one "
-            "contiguous block; order the mesh so that each process's devices are adjacent"
-        )
-    return rows
+    shape = (global_rows, axis_size(sharding.mesh, "sequence"))
+    held = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        held.update(range(*index[0].indices(global_rows)))
+    return np.array(sorted(held), np.int64)
 
 
 def global_batch(local, sharding: NamedSharding, global_rows: int):
-    """A pytree of process-local numpy arrays (its `process_rows`) -> global jax.Arrays."""
+    """A pytree of this process's rows (its `process_rows`, whole) -> global jax.Arrays: each
+    device takes its block of rows and tokens from them."""
     def place(x):
         x = np.asarray(x)
         return jax.make_array_from_process_local_data(sharding, x, (global_rows,) + x.shape[1:])

@@ -20,7 +20,7 @@ from flax import nnx
 
 from qnext_jax.data.pipeline import batch_dataset
 from qnext_jax.data.sources import DataError
-from qnext_jax.parallel.distributed import global_batch
+from qnext_jax.parallel.distributed import global_batch, process_rows
 from qnext_jax.train.losses import mtp_targets, prediction_loss_sums
 from qnext_jax.train.mtp_acceptance import acceptance_counts
 from qnext_jax.train.step import split_micro_batches
@@ -76,9 +76,9 @@ class Evaluator:
         self.eval_sums = eval_sums
 
     def __call__(self, state) -> dict[str, float]:
-        processes, rank = jax.process_count(), jax.process_index()
-        data = batch_dataset(self.rows, self.batch_size // processes, seed=0, process_index=rank,
-                             process_count=processes, shuffle=False, repeat=False)
+        held_rows = process_rows(self.batch_size, self.trainer.batch_sharding)
+        data = batch_dataset(self.rows, self.batch_size, seed=0, held_rows=held_rows,
+                             shuffle=False, repeat=False)
         total = 0.0
         for local, _ in zip(data, range(self.num_batches)):
             batch = global_batch(local, self.trainer.batch_sharding, self.batch_size)

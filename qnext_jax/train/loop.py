@@ -30,7 +30,7 @@ from qnext_jax.data.build import TOKENIZER_FILE, make_tokenizer, packed_rows
 from qnext_jax.data.pipeline import batch_dataset
 from qnext_jax.model import abstract_model
 from qnext_jax.parallel.axes import ShardingRules
-from qnext_jax.parallel.distributed import global_batch
+from qnext_jax.parallel.distributed import global_batch, process_rows
 from qnext_jax.parallel.mesh import make_mesh
 from qnext_jax.train.checkpoint import Checkpoints
 from qnext_jax.train.evaluation import Evaluator, eval_batch_count
@@ -88,10 +88,9 @@ def train(config: RunConfig, run_dir: Path, stream=None):
             tokenizer.save(run_dir / TOKENIZER_FILE)
         row_length = tc.seq_len + 1
         train_rows = packed_rows(config.data, tokenizer, row_length, "train")
-        processes, rank = jax.process_count(), jax.process_index()
-        train_data = iter(batch_dataset(train_rows, tc.batch_size // processes,
-                                        seed=config.data.seed, process_index=rank,
-                                        process_count=processes))
+        held_rows = process_rows(tc.batch_size, rules.batch_sharding())
+        train_data = iter(batch_dataset(train_rows, tc.batch_size, seed=config.data.seed,
+                                        held_rows=held_rows))
         eval_rows = num_eval_batches = None
         if tc.eval_every:
             eval_rows = packed_rows(config.data, tokenizer, row_length, "eval")
