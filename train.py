@@ -54,16 +54,11 @@ def main(argv: list[str]) -> int:
             config_path = DEFAULT_RUN
         config = load_run_config(config_path, overrides)
         named = config.train.run_dir is not None
-        run_dir = Path(config.train.run_dir) if named else new_run_dir()
+        run_dir = Path(config.train.run_dir).expanduser() if named else new_run_dir()
         is_main = jax.process_index() == 0
         if is_main:
             print(f"run_dir: {run_dir}")
-        try:
-            last, _ = train(config, run_dir)
-        except BaseException:
-            if not named and is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()  # a run that could not start leaves no folder behind
-            raise
+        last, _ = train(config, run_dir)  # a run that could not start leaves no folder behind
     except (ConfigError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -107,6 +107,9 @@ class ModelConfig:
     # jax.nn.dot_product_attention with a [T, T] document mask (the reference).
     attention_impl: Literal["auto", "blockwise", "splash", "xla"] = "auto"
     moe_impl: Literal["ragged", "dense"] = "ragged"
+    # The routed experts' grouped matmul (ops/grouped_matmul.py): "auto" is tokamax on GPU,
+    # megablox on TPU, capacity buckets on CPU; "ragged" is XLA's ragged_dot anywhere.
+    grouped_matmul: Literal["auto", "tokamax", "megablox", "ragged", "tiled"] = "auto"
     # Expert parallelism: None is dropless (each device's send buffer holds all its tokens for
     # every destination); a factor c sizes the buffers to c * tokens * k / expert-shards rows
     # and drops the routed choices that overflow (the token keeps its other experts).
@@ -192,6 +195,7 @@ class ModelConfig:
         _check_choice(self, "delta_rule_impl", ("auto", "reference", "chunked", "pallas"))
         _check_choice(self, "attention_impl", ("auto", "blockwise", "splash", "xla"))
         _check_choice(self, "moe_impl", ("ragged", "dense"))
+        _check_choice(self, "grouped_matmul", ("auto", "tokamax", "megablox", "ragged", "tiled"))
         _check_choice(self, "norm_style", ("zero_centred", "plain"))
         _check_choice(self, "router_init", ("normalised", "plain"))
         if not isinstance(self.attention_output_gate, bool):

@@ -1,5 +1,7 @@
 """`python -m qnext_jax.generate` on a run directory (parameters read from its checkpoint,
-optimizer state left on disk) and on a Hugging Face directory; bad input exits with 2."""
+optimizer state left on disk) and on a Hugging Face directory; `python -m qnext_jax.convert
+export` of a run's checkpoint; bad input exits with 2. Paths are given as users type them:
+relative to the working directory."""
 
 import json
 
@@ -53,9 +55,10 @@ def test_run_directory_loads_the_checkpointed_parameters(model_and_tokenizer, ru
         np.testing.assert_array_equal(ours, theirs)
 
 
-def test_cli_generates_from_a_run_directory(model_and_tokenizer, run_dir, capsys):
+def test_cli_generates_from_a_run_directory(model_and_tokenizer, run_dir, capsys, monkeypatch):
     model, tokenizer = model_and_tokenizer
-    assert main([str(run_dir), "--prompt", "def value", "--max-new-tokens", "8", "--no-stop",
+    monkeypatch.chdir(run_dir.parent)  # orbax refuses relative paths: they must be resolved
+    assert main([run_dir.name, "--prompt", "def value", "--max-new-tokens", "8", "--no-stop",
                  "--speculative", "2"]) == 0
     out = capsys.readouterr().out
     prompt = tokenizer.tokenizer.encode("def value", add_special_tokens=False).ids
@@ -74,6 +77,30 @@ def test_cli_generates_from_a_hugging_face_directory(model_and_tokenizer, tmp_pa
                  "--temperature", "0.8", "--top-k", "20", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "--- 'import x'" in out and "--- 'def value'" in out
+
+
+def test_export_cli_writes_a_runs_checkpoint_as_a_hugging_face_directory(
+        model_and_tokenizer, run_dir, capsys, monkeypatch):
+    from qnext_jax.convert import load_hf_checkpoint
+    from qnext_jax.convert.__main__ import main as convert
+
+    model, _ = model_and_tokenizer
+    monkeypatch.chdir(run_dir.parent)
+    assert convert(["export", run_dir.name, "--out", "exported"]) == 0  # the latest: step 7
+    exported = run_dir.parent / "exported"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):
+        assert (exported / name).is_file(), name
+    loaded = load_hf_checkpoint(exported)
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(loaded, nnx.Param)),
+                            jax.tree.leaves(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(ours, theirs)
+    assert convert(["export", run_dir.name, "--step", "7", "--dtype", "bfloat16"]) == 0
+    assert json.loads((run_dir / "hf-step7" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert convert(["export", run_dir.name, "--step", "7"]) == 2  # never over an export
+    assert "hf-step7 exists and is not empty" in capsys.readouterr().err
+    assert convert(["export", run_dir.name, "--step", "3"]) == 2
+    assert "no checkpoint of step 3; it has [7]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

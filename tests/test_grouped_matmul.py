@@ -76,3 +76,25 @@ def test_gpu_without_a_gpu_device_lowers_ragged_dot():
 def test_rejects_an_unknown_implementation():
     with pytest.raises(ValueError, match="grouped matmul impl must be one of"):
         grouped_matmul(jnp.zeros((4, 2)), jnp.zeros((1, 2, 2)), jnp.array([4]), impl="dense")
+
+
+@pytest.mark.parametrize("missing", [ImportError("No module named 'tokamax'"),
+                                     NotImplementedError("Not supported on this device")])
+def test_on_a_gpu_tokamax_missing_or_refusing_is_an_error_naming_the_fix(monkeypatch, missing):
+    """No warning and dense fallback (the dense form of the 1B recipe needs 118 GiB): the
+    error says how to install tokamax or choose XLA's ragged_dot knowingly."""
+    import qnext_jax.ops.grouped_matmul as module
+    from qnext_jax.ops.grouped_matmul import GroupedMatmulUnavailable
+
+    def refuse(*args):
+        raise missing
+
+    monkeypatch.setattr(module, "_tokamax_ragged_dot", refuse)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    shape = jax.ShapeDtypeStruct
+    args = shape((64, 16), jnp.bfloat16), shape((4, 16, 8), jnp.bfloat16), shape((4,), jnp.int32)
+    with pytest.raises(GroupedMatmulUnavailable, match=r"pip install 'qnext_jax\[cuda\]'.*"
+                       r"model.grouped_matmul=ragged"):
+        jax.eval_shape(grouped_matmul, *args)
+    # Chosen knowingly, XLA's ragged_dot runs.
+    assert jax.eval_shape(lambda *a: grouped_matmul(*a, impl="ragged"), *args).shape == (64, 8)

@@ -46,9 +46,9 @@ def tiny_run(corpus, run_dir, *extra):
     ]
 
 
-def run(args, env=ENV, timeout=300):
+def run(args, env=ENV, timeout=300, cwd=REPO_ROOT):
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_ROOT)
+                          cwd=cwd)
 
 
 def metrics(run_dir):
@@ -200,11 +200,16 @@ def test_two_processes_preempted_on_one_save_together_and_resume_exactly(corpus,
      "text file 'no/such/dir/*.txt' matches no file"),
     (["mesh.expert=3"], "expert: 3, sequence: 1, tensor: 1} cannot fill 8 devices: the fixed axes multiply "
                         "to 3, which does not divide 8"),
+    # Found only once the tokenizer is built: still before the run directory is.
+    ([str(REPO_ROOT / "configs" / "tiny.yaml")],
+     "vocab_size 256 is too small for a byte-level BPE (>= 258)"),
+    (["model.param_dtype=bfloat16"], "model.param_dtype=bfloat16 would train without fp32 master"),
 ])
 def test_bad_input_fails_with_a_clear_message(tmp_path, args, message):
-    done = run([sys.executable, str(REPO_ROOT / "train.py"), *args,
-                f"train.run_dir={tmp_path / 'run'}"])
+    """As a user types it: from a working directory, the run directory relative to it."""
+    done = run([sys.executable, str(REPO_ROOT / "train.py"), *args, "train.run_dir=runs/bad"],
+               cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     assert message in done.stderr
-    assert "Traceback" not in done.stderr
-    assert not (tmp_path / "run").exists()  # nothing is written for a run that cannot start
+    assert "Traceback" not in done.stderr and "Exception" not in done.stderr
+    assert not (tmp_path / "runs" / "bad").exists()  # nothing is left of a run that never started

@@ -2,10 +2,13 @@
 
     python -m qnext_jax.convert check  HF_DIR            # validate every tensor name and shape
     python -m qnext_jax.convert reshard HF_DIR OUT_DIR   # load into qnext_jax, write back (HF layout)
+    python -m qnext_jax.convert export RUN_DIR [--step N] [--out DIR]
+                                                         # a run's checkpoint as a HF directory
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 
@@ -31,9 +34,24 @@ def main(argv=None) -> int:
     reshard.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                          help="parameter dtype of the loaded model and of the written tensors")
     reshard.add_argument("--max-shard-gb", type=float, default=2.0)
+    export = commands.add_parser("export", help="write a training run's checkpoint (the latest, "
+                                 "or --step) as a HF directory with its tokenizer files")
+    export.add_argument("run_dir")
+    export.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+    export.add_argument("--out", help="the HF directory to write (default: RUN_DIR/hf-step<N>)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="default: train.export_dtype of the run, else its compute dtype")
+    export.add_argument("--max-shard-gb", type=float, default=2.0)
     args = parser.parse_args(argv)
     try:
-        files = SafetensorsDir(args.hf_dir)
+        if args.command == "export":
+            from qnext_jax.train.export import export_run_checkpoint
+
+            out = export_run_checkpoint(args.run_dir, args.step, args.out, args.dtype,
+                                        int(args.max_shard_gb * (1 << 30)))
+            print(f"wrote {out}")
+            return 0
+        files = SafetensorsDir(_absolute(args.hf_dir))
         if args.command == "check":
             config = read_hf_config(args.hf_dir, files, jnp.float32)
             rules = match_rules(config, files)
@@ -42,14 +60,18 @@ def main(argv=None) -> int:
             print(f"{args.hf_dir}: {len(rules)} tensors ({', '.join(dtypes)}) match the config; "
                   f"{counts['main']:,} parameters + {counts['mtp']:,} in MTP")
             return 0
-        model = load_hf_checkpoint(args.hf_dir, dtype=getattr(jnp, args.dtype))
-        save_hf_checkpoint(model, args.out_dir, dtype=args.dtype,
+        model = load_hf_checkpoint(_absolute(args.hf_dir), dtype=getattr(jnp, args.dtype))
+        save_hf_checkpoint(model, _absolute(args.out_dir), dtype=args.dtype,
                            max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
         print(f"wrote {args.out_dir}")
         return 0
     except (CheckpointError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _absolute(path: str) -> Path:
+    return Path(path).expanduser().absolute()
 
 
 if __name__ == "__main__":

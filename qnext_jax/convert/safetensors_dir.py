@@ -24,7 +24,7 @@ class SafetensorsDir:
     """Maps tensor name -> file; reads headers (shape, dtype) without loading data."""
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser().absolute()
         if not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
         index = self.directory / INDEX_NAME
@@ -63,7 +63,7 @@ class ShardedWriter:
     """Writes tensors as they come into shards of at most `max_shard_bytes`, then the index."""
 
     def __init__(self, directory: str | os.PathLike, max_shard_bytes: int = 2 << 30):
-        self.directory = Path(directory)
+        self.directory = Path(directory).expanduser().absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, np.ndarray] = {}

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         config = DataConfig(source=args.source, paths=tuple(args.paths), jsonl_field=args.jsonl_field,
                             tokenizer=args.tokenizer, eval_percent=args.eval_percent)
         config.check_paths()
-        out = Path(args.out)
+        out = Path(args.out).expanduser().absolute()
         out.mkdir(parents=True, exist_ok=True)
         vocab_size = args.vocab_size
         if vocab_size is None and args.tokenizer is None:

@@ -41,7 +41,7 @@ class ArrayRecordRows:
     """Random access to the rows of a directory written by `write_array_record_rows`."""
 
     def __init__(self, directory: str | Path):
-        directory = Path(directory)
+        directory = Path(directory).expanduser().absolute()
         meta_path = directory / METADATA_FILE
         if not meta_path.is_file():
             raise DataError(f"{directory} holds no prepared rows ({METADATA_FILE} is missing); "
@@ -66,7 +66,7 @@ def write_array_record_rows(directory: str | Path, tokens: np.ndarray, segment_i
                             *, rows_per_shard: int = 65_536, extra_metadata=None) -> None:
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    directory = Path(directory)
+    directory = Path(directory).expanduser().absolute()
     directory.mkdir(parents=True, exist_ok=True)
     shards = []
     for start in range(0, len(tokens), rows_per_shard):

@@ -44,7 +44,7 @@ class TextTokenizer:
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:
-    path = Path(path)
+    path = Path(path).expanduser().absolute()
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():

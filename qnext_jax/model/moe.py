@@ -90,10 +90,11 @@ class SparseMoE(nnx.Module):
         elif under_mesh():
             routed = expert_parallel_ffn(
                 tokens, weights, experts, *self._expert_weights(dtype),
-                capacity_factor=config.moe_capacity_factor,
+                capacity_factor=config.moe_capacity_factor, impl=config.grouped_matmul,
             )
         else:
-            routed = grouped_swiglu(tokens, weights, experts, *self._expert_weights(dtype))
+            routed = grouped_swiglu(tokens, weights, experts, *self._expert_weights(dtype),
+                                    config.grouped_matmul)
         shared_gate = jax.nn.sigmoid(shared_gate_logit).astype(dtype)
         out = routed + shared_gate * self.shared_expert(tokens)
         stats = router_stats(logits, probs, experts, config.num_experts, valid, batch)

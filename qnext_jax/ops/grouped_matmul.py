@@ -8,9 +8,12 @@ Per platform (`impl="auto"`), the grouped GEMM that does not expand into dense p
        `ragged_dot` to cuDNN where cuDNN takes the shape and otherwise expands it into
        zero-padded dense products (a G-fold waste: openxla/xla#46127), and JAX's switch to a
        Pallas Triton lowering (`jax_ragged_dot_use_gpu_pallas_triton_lowering`) imports a
-       module no released wheel ships (jax-ml/jax#40888). tokamax checks for a GPU device when
-       it traces, so a CPU machine lowering for `cuda` (ops.platform.lowering_for) gets
-       `ragged` instead, logged.
+       module no released wheel ships (jax-ml/jax#40888). On a GPU, tokamax missing or
+       refusing the device is an error naming the fix (installing it, or choosing `ragged`
+       knowingly: model.grouped_matmul); a silent dense fallback would run out of memory at the
+       recipe's scale (118 GiB for configs/gpu_1b.yaml on an 80 GB H100). tokamax checks for a
+       GPU device when it traces, so a CPU machine lowering for `cuda`
+       (ops.platform.lowering_for) gets `ragged` instead, logged.
   CPU  `tiled`: XLA:CPU lowers `ragged_dot` densely — every row times every group's matrix,
        then a select (measured: temporaries 2x rows x groups x out) — so each group's rows
        are padded to whole tiles of `tile` rows, every tile belongs to one group, and one
@@ -25,9 +28,14 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from qnext_jax.ops.platform import target_platform
+from qnext_jax.config import ConfigError
+from qnext_jax.ops.platform import running_on, target_platform
 
 IMPLEMENTATIONS = ("auto", "tiled", "ragged", "megablox", "tokamax")
+
+
+class GroupedMatmulUnavailable(ConfigError):
+    """The platform's grouped GEMM cannot run here; the message names the fix."""
 log = logging.getLogger(__name__)
 _reported: set[str] = set()
 
@@ -48,7 +56,16 @@ def grouped_matmul(rows, weights, group_sizes, *, impl: str = "auto", tile: int 
             reasons = _tokamax_unavailable(error)
             if reasons is None:
                 raise
-            _report(f"grouped matmul: XLA's ragged_dot instead of tokamax: {reasons}")
+            if running_on("gpu"):
+                raise GroupedMatmulUnavailable(
+                    f"the MoE experts' grouped matmul needs tokamax on a GPU, which "
+                    f"{'is not installed' if isinstance(error, ImportError) else 'refused'} "
+                    f"({reasons}). Install it with `pip install 'qnext_jax[cuda]'` (tokamax "
+                    f">= 0.0.12), or set model.grouped_matmul=ragged to run XLA's ragged_dot, "
+                    f"which XLA:GPU expands into dense products over all {weights.shape[0]} "
+                    f"experts ({weights.shape[0]}x the work and memory)") from error
+            _report(f"grouped matmul: XLA's ragged_dot instead of tokamax (lowering for a GPU "
+                    f"from another platform): {reasons}")
             impl = "ragged"
     if impl == "megablox":
         if interpret is None:

@@ -22,6 +22,12 @@ def target_platform() -> str:
     return _override.get() or _PLATFORMS.get(jax.default_backend(), jax.default_backend())
 
 
+def running_on(platform: str) -> bool:
+    """True when the backend jax computes on is `platform` ('cpu', 'gpu' or 'tpu'), not a
+    platform a CPU machine is lowering for."""
+    return _PLATFORMS.get(jax.default_backend(), jax.default_backend()) == platform
+
+
 @contextlib.contextmanager
 def lowering_for(platform: str):
     """Traces inside take their kernel choices for `platform` (cpu, cuda/gpu/rocm, tpu)."""

@@ -38,7 +38,7 @@ from qnext_jax.parallel.mesh import TOKEN_AXES, axis_size
 
 
 def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
-                        capacity_factor: float | None = None):
+                        capacity_factor: float | None = None, impl: str = "auto"):
     """The routed-expert output [N, E] for tokens [N, E] sharded over the token axes (rows and
     sequence shards); the expert weights [X, E, F] / [X, F, E] sharded by the table (FSDP is
     gathered on entry)."""
@@ -47,7 +47,7 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
     if mesh.size == 1 and _capacity(num_tokens, top_k, 1, capacity_factor) == num_tokens:
         # One device holds every expert and drops nothing: no shard_map, whose backward would
         # sum the weight gradients over one-device axes (a copy per layer on XLA:CPU).
-        return grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w)
+        return grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl)
     tokens_spec = PartitionSpec(TOKEN_AXES, None)
     in_specs = (
         tokens_spec, tokens_spec, tokens_spec,
@@ -55,20 +55,21 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
         logical_spec(("experts", "mlp", None)),
     )
     local = partial(_dispatch_compute_combine, shards=axis_size(mesh, "expert"),
-                    capacity_factor=capacity_factor)
+                    capacity_factor=capacity_factor, impl=impl)
     # check_vma=False: Pallas kernels inside (the TPU megablox GMM) declare no varying axes.
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens_spec,
                          check_vma=False)(tokens, weights, experts, gate_w, up_w, down_w)
 
 
 def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *, shards,
-                              capacity_factor):
+                              capacity_factor, impl):
     """Per device: tokens [n, E], routing [n, k], local experts [X/S, ...]."""
     num_tokens, top_k = experts.shape
     local_experts = gate_w.shape[0]
     capacity = _capacity(num_tokens, top_k, shards, capacity_factor)
     if shards == 1 and capacity == num_tokens:  # every expert here and nothing dropped
-        return _sum_over_tensor(grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w))
+        return _sum_over_tensor(
+            grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl))
     home = experts // local_experts  # [n, k] the device along `expert` holding each choice
     bound_for = home[:, :, None] == jnp.arange(shards)  # [n, k, S]
     visits = bound_for.any(axis=1)  # [n, S] does the token go to device s at all
@@ -101,7 +102,7 @@ def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *,
         received,
         exchange(send_weights).reshape(shards * capacity, top_k),
         exchange(send_ids).reshape(shards * capacity, top_k),
-        gate_w, up_w, down_w,
+        gate_w, up_w, down_w, impl,
     )
     returned = exchange(out_rows.reshape(shards, capacity, -1))  # [S (expert device), C, E]
     gathered = returned.at[device, slot].get(mode="fill", fill_value=0)  # [n, S, E]

@@ -25,7 +25,7 @@ class CheckpointError(ConfigError):
 
 class Checkpoints:
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = Path(directory).expanduser().absolute()  # orbax takes absolute paths
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True,  # half-written saves of a killed run are removed

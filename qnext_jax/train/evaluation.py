@@ -59,7 +59,7 @@ class Evaluator:
             head = model.head_weight()
             ce, mtp = prediction_loss_sums(output, batch, loss_config, head)
             mtp_counted = [jnp.sum(mtp_targets(batch, k)[1]) for k in range(1, depths + 1)]
-            parts = [ce[None], jnp.sum(batch.loss_mask)[None], mtp, jnp.stack(mtp_counted)]
+            parts = [ce[None], jnp.sum(batch.loss_mask)[None], mtp, jnp.asarray(mtp_counted)]
             if self.has_mtp:
                 parts += list(acceptance_counts(output, batch, head))
             return jnp.concatenate([p.astype(jnp.float32).reshape(-1) for p in parts])

@@ -16,6 +16,7 @@ preemption) the loss curves and the expert-load heatmap are drawn into run_dir.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -47,6 +48,9 @@ from qnext_jax.train.step import (TrainState, abstract_state, check_batch_size,
                                   router_layer_names)
 
 
+CHECKPOINT_DIR = "checkpoints"
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, a failed evaluation); the message names the step."""
 
@@ -65,27 +69,27 @@ def train(config: RunConfig, run_dir: Path, stream=None):
     rules = ShardingRules(config.model, mesh)
     check_batch_size(tc.batch_size, tc.micro_batches, mesh)
     check_sequence_split(tc.seq_len, mesh, config.model)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(run_dir / "checkpoints", keep=tc.keep_checkpoints)
-    start = checkpoints.latest_step() or 0
-    if start > tc.steps:
-        checkpoints.close()
-        raise ConfigError(f"train.steps={tc.steps} is below step {start} of the latest checkpoint "
-                          f"in {run_dir}; pass train.steps >= {start}")
-    bar = ProgressBar(tc.steps, stream, initial=start) if is_main else None
-    log = bar.message if bar else (lambda text: None)
+    # A folder that holds nothing of an earlier start is removed if this run never trains
+    # a step it could checkpoint (train.py creates an empty one for an unnamed run).
+    fresh = not (run_dir.is_dir() and any(run_dir.iterdir()))
+    checkpoints = bar = sink = None
     try:
+        if (run_dir / CHECKPOINT_DIR).is_dir():  # otherwise created once the inputs are known
+            checkpoints = Checkpoints(run_dir / CHECKPOINT_DIR, keep=tc.keep_checkpoints)
+        start = (checkpoints.latest_step() if checkpoints else None) or 0
+        if start > tc.steps:
+            raise ConfigError(f"train.steps={tc.steps} is below step {start} of the latest "
+                              f"checkpoint in {run_dir}; pass train.steps >= {start}")
+        bar = ProgressBar(tc.steps, stream, initial=start) if is_main else None
+        log = bar.message if bar else (lambda text: None)
         if start:
             check_resume_config(run_dir, config.to_dict(), tc.accept_changes, log)
             if start == tc.steps:
                 log(f"{run_dir} is already trained to step {start} of {tc.steps}: no steps to run")
-        write_config(run_dir, config.to_dict())
 
         # A resumed run keeps the tokenizer it trained with; a fresh one makes its own.
         tokenizer = make_tokenizer(config.data, config.model.vocab_size,
                                    run_dir / TOKENIZER_FILE if start else None)
-        if is_main:
-            tokenizer.save(run_dir / TOKENIZER_FILE)
         row_length = tc.seq_len + 1
         train_rows = packed_rows(config.data, tokenizer, row_length, "train")
         held_rows = process_rows(tc.batch_size, rules.batch_sharding())
@@ -96,9 +100,17 @@ def train(config: RunConfig, run_dir: Path, stream=None):
             eval_rows = packed_rows(config.data, tokenizer, row_length, "eval")
             num_eval_batches = eval_batch_count(len(eval_rows), tc.batch_size, tc.eval_batches,
                                                 row_length)
-            if num_eval_batches < tc.eval_batches:
-                log(f"evaluating on {num_eval_batches} batches (train.eval_batches="
-                    f"{tc.eval_batches}): the eval split holds no more without repeating rows")
+
+        # ---- The inputs are good: the run directory.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, config.to_dict())
+        if is_main:
+            tokenizer.save(run_dir / TOKENIZER_FILE)
+        if checkpoints is None:
+            checkpoints = Checkpoints(run_dir / CHECKPOINT_DIR, keep=tc.keep_checkpoints)
+        if tc.eval_every and num_eval_batches < tc.eval_batches:
+            log(f"evaluating on {num_eval_batches} batches (train.eval_batches="
+                f"{tc.eval_batches}): the eval split holds no more without repeating rows")
         log(f"dtypes: parameters {config.model.param_dtype}, compute {config.model.dtype}"
             + (f", export {export_dtype(config)}" if tc.export_hf else ""))
 
@@ -113,9 +125,9 @@ def train(config: RunConfig, run_dir: Path, stream=None):
                           wandb_project=tc.wandb_project, wandb_mode=tc.wandb_mode,
                           log=log) if is_main else None
     except BaseException:
-        checkpoints.close()
-        if bar:
-            bar.close()
+        _close(checkpoints, sink, bar)
+        if fresh and is_main:
+            _remove_unstarted(run_dir)
         raise
     run = _Run(config, trainer, checkpoints, train_data, sink, bar, log)
     try:
@@ -125,16 +137,19 @@ def train(config: RunConfig, run_dir: Path, stream=None):
             path = export_hf(trainer, state, config, run_dir, tokenizer)
             log(f"exported the final model in Hugging Face format to {path}")
     finally:
-        checkpoints.close()
-        if sink:
-            sink.close()
+        checkpoints.wait()
+        started = bool(checkpoints.all_steps())
+        _close(checkpoints, sink, None)
+        if sink and (started or not fresh):
             try:
                 plots = write_run_plots(run_dir, router_layer_names(config.model),
                                         tc.plot_log_steps)
                 log("plots: " + ", ".join(str(p) for p in plots))
             except Exception as error:  # a picture is never worth the run's exit status
                 log(f"warning: drawing the plots failed ({type(error).__name__}: {error})")
-            bar.close()
+        _close(None, None, bar)
+        if fresh and not started and is_main:
+            _remove_unstarted(run_dir)  # the first step failed: nothing to resume from
     return run.last, state
 
 
@@ -246,6 +261,22 @@ class _Run:
             self.log(f"saved a checkpoint at step {step} before stopping on the error below")
         except Exception as error:  # the original error matters more than this one
             self.log(f"could not save step {step} before stopping: {error}")
+
+
+def _close(checkpoints, sink, bar) -> None:
+    """Closes what is open, on every way out (an open checkpoint manager's threads outlive the
+    interpreter's shutdown and fail noisily)."""
+    if checkpoints is not None:
+        checkpoints.close()
+    if sink is not None:
+        sink.close()
+    if bar is not None:
+        bar.close()
+
+
+def _remove_unstarted(run_dir: Path) -> None:
+    """A run that never trained a step leaves no folder behind."""
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _initial_state(trainer, checkpoints: Checkpoints, latest: int, train_data,
