@@ -51,7 +51,7 @@ def main() -> int:
 
     model = load_run_config(args.config, []).model
     rules = ShardingRules(model, make_mesh(MeshConfig(**{"fsdp": 1, **mesh_sizes})))
-    optimizer = OptimizerConfig(total_steps=10)
+    optimizer = OptimizerConfig(total_steps=10, warmup_steps=1)
     rng = np.random.default_rng(0)
     rows = rng.integers(0, model.vocab_size, (args.batch, args.seq_len + 1))
     print(f"{Path(args.config).name}: {args.batch} x {args.seq_len} tokens, "
@@ -67,7 +67,7 @@ def main() -> int:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         text = compiled.as_text()
-        collectives = {kind: len(re.findall(rf"= \S+ {kind}(?:-start)?\(", text))
+        collectives = {kind: len(re.findall(rf" {kind}(?:-start)?\(", text))
                        for kind in ("all-to-all", "all-reduce", "all-gather", "reduce-scatter")}
         bodies[scope] = (cost["flops"], collectives)
     running, exact = bodies["global_running"][0], bodies["global"][0]

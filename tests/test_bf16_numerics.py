@@ -5,8 +5,6 @@ come from fp32 logits, and parameters (the master weights) stay fp32.
 References: float64 NumPy for the embedding rows; float64 NumPy top-k for the router; the same
 step computed in fp32 for every other gradient."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -2,10 +2,6 @@
 table promises, global-batch load balancing, gradient accumulation, and several processes."""
 
 import functools
-import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,12 +9,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import REPO_ROOT, TESTS_DIR
+from conftest import REPO_ROOT
 from qnext_jax.data.batch import Batch
 from qnext_jax.model import Qwen3NextModel
 from qnext_jax.train.losses import LossConfig, all_router_stats, loss_terms, normalizers
 from qnext_jax.train.step import abstract_state
 from step_setup import MESHES, MeshConfig, packed_batch, tiny_config, trainer_for
+from two_processes import run_two_processes
 
 LOSS_KEYS = ("loss", "ce_loss", "mtp_loss", "lbl_loss", "z_loss", "grad_norm")
 
@@ -225,26 +222,9 @@ def test_running_global_lbl_runs_no_second_forward(config):
     assert flops["global"] > 1.2 * flops["global_running"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_of_four_devices_equal_one_of_eight(mesh_steps, tmp_path):
-    port = free_port()
     out = tmp_path / "result.npz"
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(rank))
-        env.pop("XLA_FLAGS", None)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(TESTS_DIR / "multiprocess_worker.py"), str(out)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_two_processes("multiprocess_worker.py", str(out))
     result = dict(np.load(out))
     assert int(result.pop("rows_per_process")) == 4  # each process loaded half the batch
     metrics = {k[len("metric/"):]: result.pop(k) for k in list(result) if k.startswith("metric/")}

@@ -20,7 +20,7 @@ against the scopes peers use (the Qwen team's "global-batch vs micro-batch" comp
                  whole batch's f. One forward per micro-batch (the default)
     global       f over the whole global batch for every micro-batch (Qwen3-Next's
                  definition, exactly): with train.micro_batches > 1 a forward-only routing pass
-                 over the micro-batches counts first (train/step.py), +25-33% FLOPs; both
+                 over the micro-batches counts first (train/step.py), +20-25% FLOPs; both
                  global forms are the same with one micro-batch
     micro_batch  f and P over each gradient-accumulation micro-batch (all its data shards
                  together), the loss averaged over the micro-batches that hold a valid token
