@@ -58,7 +58,12 @@ def main(argv: list[str]) -> int:
         is_main = jax.process_index() == 0
         if is_main:
             print(f"run_dir: {run_dir}")
-        last, _ = train(config, run_dir)  # a run that could not start leaves no folder behind
+        try:
+            last, _ = train(config, run_dir)  # leaves nothing in run_dir if it never trained
+        except BaseException:
+            if not named and is_main and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # the folder new_run_dir made for it
+            raise
     except (ConfigError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -61,6 +61,8 @@ def run_layout(name, devices) -> dict:
     trainer = trainer_for(config.model, mesh_config, order(devices), micro_batches=2,
                           loss_config=config.loss)
     held = process_rows(BATCH, trainer.batch_sharding)
+    # Every device holds (part of) every row: each process loads them all.
+    assert held.tolist() == list(range(BATCH)), held
     data = iter(batch_dataset(packed_rows(4 * BATCH, seed=0), BATCH, seed=0, held_rows=held))
     state, losses = trainer.init(), []
     for _ in range(STEPS):

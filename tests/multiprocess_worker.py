@@ -18,13 +18,18 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from step_setup import MESHES, packed_batch, tiny_config, trainer_for  # noqa: E402
+from qnext_jax.data.pipeline import InMemoryRows, batch_dataset  # noqa: E402
+from step_setup import MESHES, packed_batch, packed_rows, tiny_config, trainer_for  # noqa: E402
 
 repo_root = Path(__file__).parent.parent
 trainer = trainer_for(tiny_config(repo_root), MESHES["data2_expert2_tensor2"])
 batch = packed_batch()
 rows = process_rows(batch.input_ids.shape[0], trainer.batch_sharding)
-local = jax.tree.map(lambda x: x[rows], batch)  # only this process's share is "loaded"
+# Only this process's rows are loaded, through the pipeline as train.py reads them.
+tokens, segments = packed_rows()
+data = batch_dataset(InMemoryRows(tokens, segments), len(tokens), seed=0, held_rows=rows,
+                     shuffle=False)
+local = next(iter(data))
 state, metrics = trainer.step(trainer.init(), global_batch(local, trainer.batch_sharding,
                                                            batch.input_ids.shape[0]))
 params = multihost_utils.process_allgather(state.params, tiled=True)

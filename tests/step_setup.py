@@ -28,14 +28,19 @@ def tiny_config(repo_root) -> ModelConfig:
     return ModelConfig.from_yaml(repo_root / "configs" / "tiny.yaml").replace(num_hidden_layers=4)
 
 
-def packed_batch(rows=8, length=32, seed=0):
-    """Two documents per row, padding at the end of row 0."""
+def packed_rows(rows=8, length=32, seed=0):
+    """(tokens, segment ids) [rows, length + 1]: two documents per row, padding at the end of
+    row 0."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, 256, (rows, length + 1))
     segments = np.ones((rows, length + 1), np.int32)
     segments[:, 20:] = 2
     segments[0, length - 2:] = 0
-    return batch_from_packed_rows(tokens, segments)
+    return tokens, segments
+
+
+def packed_batch(rows=8, length=32, seed=0):
+    return batch_from_packed_rows(*packed_rows(rows, length, seed))
 
 
 def trainer_for(config, mesh_config, devices=None, micro_batches=1, loss_config=LossConfig()):

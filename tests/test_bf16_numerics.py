@@ -97,6 +97,21 @@ def test_router_chooses_the_experts_of_fp32_logits():
     assert np.array_equal(chosen[decided], expected[decided])
 
 
+def test_router_dtype_compute_routes_in_the_compute_dtype_as_transformers():
+    """For bf16 inference that must match transformers bit for bit: the router's matmul in the
+    compute dtype; by default fp32 from the fp32 weights."""
+    config = tiny_config(REPO_ROOT).replace(dtype="bfloat16")
+    tokens = jnp.asarray(np.random.default_rng(4).normal(size=(16, config.hidden_size)),
+                         jnp.bfloat16)
+    for router_dtype, expected in (("float32", jnp.float32), ("compute", jnp.bfloat16)):
+        moe = SparseMoE(config.replace(router_dtype=router_dtype), rngs=nnx.Rngs(0))
+        logits, gate = moe.router_logits(tokens)
+        assert logits.dtype == expected and gate.dtype == expected
+        reference = np.asarray(tokens, np.float64) @ np.asarray(moe.router[...], np.float64)
+        np.testing.assert_allclose(np.asarray(logits, np.float64), reference,
+                                   rtol=2e-2 if expected == jnp.bfloat16 else 1e-5, atol=1e-3)
+
+
 def grads_of_one_step(config, params_source, batch):
     graphdef, params = nnx.split(Qwen3NextModel(config, rngs=nnx.Rngs(0)), nnx.Param)
     params = jax.tree.map(lambda _, value: value, params, params_source)

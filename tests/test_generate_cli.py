@@ -98,7 +98,7 @@ def test_export_cli_writes_a_runs_checkpoint_as_a_hugging_face_directory(
     assert convert(["export", run_dir.name, "--step", "7", "--dtype", "bfloat16"]) == 0
     assert json.loads((run_dir / "hf-step7" / "config.json").read_text())["dtype"] == "bfloat16"
     assert convert(["export", run_dir.name, "--step", "7"]) == 2  # never over an export
-    assert "hf-step7 exists and is not empty" in capsys.readouterr().err
+    assert "hf-step7 exists and is not an empty directory" in capsys.readouterr().err
     assert convert(["export", run_dir.name, "--step", "3"]) == 2
     assert "no checkpoint of step 3; it has [7]" in capsys.readouterr().err
 

@@ -134,3 +134,10 @@ def test_keys_added_since_a_run_was_saved_count_only_when_not_default():
     assert trajectory_changes(older, current) == {}
     raised = load_run_config(None, ["loss.z_loss_weight=0.01"]).to_dict()
     assert set(trajectory_changes(older, raised)) == {"loss.z_loss_weight"}
+    # A key whose earlier behaviour is not its default: runs saved before fp32 routing routed
+    # in the compute dtype, which matters in a bf16 model only.
+    bf16 = load_run_config(None, ["model.dtype=bfloat16"]).to_dict()
+    older_bf16 = {section: dict(entries) for section, entries in bf16.items()}
+    del older["model"]["router_dtype"], older_bf16["model"]["router_dtype"]
+    assert trajectory_changes(older, current) == {}
+    assert trajectory_changes(older_bf16, bf16) == {"model.router_dtype": ("compute", "float32")}

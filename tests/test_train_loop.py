@@ -145,6 +145,36 @@ def test_poisoned_batch_stops_with_the_step_named(corpus, tmp_path, monkeypatch)
     assert checkpoint_steps(run_dir) == [3]
 
 
+def test_a_run_whose_first_step_fails_leaves_nothing_behind(corpus, tmp_path, monkeypatch):
+    """Nothing was trained: the folder it made goes; a folder that was there (empty) stays,
+    emptied; a run that trained a step keeps everything (here: the NaN's step named, its
+    metrics to read)."""
+    make = loop.make_trainer
+
+    def failing_first_step(*args, **kwargs):
+        def step(state, batch):
+            raise RuntimeError("the first step failed")
+        return make(*args, **kwargs)._replace(step=step)
+
+    monkeypatch.setattr(loop, "make_trainer", failing_first_step)
+    made = tmp_path / "made"
+    there = tmp_path / "there"
+    there.mkdir()
+    for run_dir in (made, there):
+        with pytest.raises(RuntimeError, match="the first step failed"):
+            loop.train(config_for(corpus, run_dir, 2), run_dir, stream=io.StringIO())
+    assert not made.exists() and there.is_dir() and not any(there.iterdir())
+
+    monkeypatch.setattr(loop, "make_trainer", make)
+    place = loop.global_batch
+    poisoned = lambda *args: place(*args)._replace(loss_mask=jnp.full((8, 32), jnp.nan))  # noqa
+    monkeypatch.setattr(loop, "global_batch", poisoned)
+    nan = tmp_path / "nan"
+    with pytest.raises(loop.TrainingError, match="non-finite loss at step 1"):
+        loop.train(config_for(corpus, nan, 2), nan, stream=io.StringIO())
+    assert (nan / "config.json").is_file() and checkpoint_steps(nan) == []
+
+
 def refuse_to_compile(*args, **kwargs):
     raise AssertionError("compiled a trainer for a run that cannot work")
 

@@ -24,7 +24,7 @@ from qnext_jax.model import Qwen3NextModel, abstract_model
 log = logging.getLogger(__name__)
 
 def read_hf_config(directory, files: SafetensorsDir, param_dtype, **overrides) -> ModelConfig:
-    config = ModelConfig.from_hf(Path(directory), **overrides)
+    config = ModelConfig.from_hf(Path(directory).expanduser().absolute(), **overrides)
     has_mtp = any(name.startswith("mtp.") for name in files.names())
     if config.mtp_num_hidden_layers and not has_mtp and "mtp_num_hidden_layers" not in overrides:
         # transformers drops mtp.* on save; such a checkpoint simply has no MTP module.

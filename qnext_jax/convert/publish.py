@@ -67,8 +67,8 @@ def write_generation_config(directory: Path, config: ModelConfig, end_of_text_id
 def tokenizer_origin(init_from_hf: str | None, tokenizer: str | None) -> Path | None:
     """The folder whose tokenizer/generation files describe the run's model, if any."""
     if init_from_hf:
-        return Path(init_from_hf)
+        return Path(init_from_hf).expanduser()
     if tokenizer:
-        path = Path(tokenizer)
+        path = Path(tokenizer).expanduser()
         return path if path.is_dir() else path.parent
     return None

@@ -64,6 +64,7 @@ def expand_paths(patterns: list[str] | str, what: str) -> list[tuple[Path, str]]
         raise DataError(f"no {what} given")
     files = []
     for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
             raise DataError(f"{what} {pattern!r} matches no file")

@@ -64,8 +64,8 @@ def grouped_matmul(rows, weights, group_sizes, *, impl: str = "auto", tile: int 
                     f">= 0.0.12), or set model.grouped_matmul=ragged to run XLA's ragged_dot, "
                     f"which XLA:GPU expands into dense products over all {weights.shape[0]} "
                     f"experts ({weights.shape[0]}x the work and memory)") from error
-            _report(f"grouped matmul: XLA's ragged_dot instead of tokamax (lowering for a GPU "
-                    f"from another platform): {reasons}")
+            _report(f"grouped matmul: XLA's ragged_dot instead of tokamax (not on a GPU): "
+                    f"{reasons}")
             impl = "ragged"
     if impl == "megablox":
         if interpret is None:

@@ -14,7 +14,7 @@ from flax import nnx
 
 from qnext_jax.config import ConfigError
 from qnext_jax.convert.publish import tokenizer_origin, write_generation_config, write_tokenizer_files
-from qnext_jax.convert.run_checkpoint import load_run_checkpoint
+from qnext_jax.convert.run_checkpoint import complete_steps, load_run_checkpoint
 from qnext_jax.convert.save import save_hf_checkpoint
 from qnext_jax.data.build import TOKENIZER_FILE
 from qnext_jax.data.tokenizer import load_tokenizer
@@ -55,10 +55,13 @@ def export_run_checkpoint(run_dir, step: int | None = None, out=None, dtype: str
     tokenizer_file = run_dir / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise ConfigError(f"run directory {run_dir} has no {TOKENIZER_FILE}")
-    model, step, values = load_run_checkpoint(run_dir, step)
+    steps = complete_steps(run_dir)
+    if step is None and steps:
+        step = steps[-1]
     directory = Path(out).expanduser().absolute() if out else run_dir / f"hf-step{step}"
-    if directory.exists() and any(directory.iterdir()):
-        raise ConfigError(f"{directory} exists and is not empty; pass another --out")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ConfigError(f"{directory} exists and is not an empty directory; pass another --out")
+    model, step, values = load_run_checkpoint(run_dir, step)  # checks the step
     train, data = values.get("train", {}), values.get("data", {})
     dtype = _export_dtype(dtype or train.get("export_dtype"), model.config.dtype)
     origin = tokenizer_origin(train.get("init_from_hf"), data.get("tokenizer"))

@@ -69,9 +69,10 @@ def train(config: RunConfig, run_dir: Path, stream=None):
     rules = ShardingRules(config.model, mesh)
     check_batch_size(tc.batch_size, tc.micro_batches, mesh)
     check_sequence_split(tc.seq_len, mesh, config.model)
-    # A folder that holds nothing of an earlier start is removed if this run never trains
-    # a step it could checkpoint (train.py creates an empty one for an unnamed run).
-    fresh = not (run_dir.is_dir() and any(run_dir.iterdir()))
+    # What a run that never completes a step writes is removed again (a folder it created
+    # included); a folder that held anything before is never touched.
+    created = not run_dir.exists()
+    fresh = created or not any(run_dir.iterdir())
     checkpoints = bar = sink = None
     try:
         if (run_dir / CHECKPOINT_DIR).is_dir():  # otherwise created once the inputs are known
@@ -127,7 +128,7 @@ def train(config: RunConfig, run_dir: Path, stream=None):
     except BaseException:
         _close(checkpoints, sink, bar)
         if fresh and is_main:
-            _remove_unstarted(run_dir)
+            _remove_unstarted(run_dir, created)
         raise
     run = _Run(config, trainer, checkpoints, train_data, sink, bar, log)
     try:
@@ -137,10 +138,11 @@ def train(config: RunConfig, run_dir: Path, stream=None):
             path = export_hf(trainer, state, config, run_dir, tokenizer)
             log(f"exported the final model in Hugging Face format to {path}")
     finally:
-        checkpoints.wait()
-        started = bool(checkpoints.all_steps())
-        _close(checkpoints, sink, None)
-        if sink and (started or not fresh):
+        try:
+            checkpoints.wait()
+        finally:
+            _close(checkpoints, sink, None)
+        if sink and (run.trained or not fresh):
             try:
                 plots = write_run_plots(run_dir, router_layer_names(config.model),
                                         tc.plot_log_steps)
@@ -148,8 +150,8 @@ def train(config: RunConfig, run_dir: Path, stream=None):
             except Exception as error:  # a picture is never worth the run's exit status
                 log(f"warning: drawing the plots failed ({type(error).__name__}: {error})")
         _close(None, None, bar)
-        if fresh and not started and is_main:
-            _remove_unstarted(run_dir)  # the first step failed: nothing to resume from
+        if fresh and not run.trained and is_main:
+            _remove_unstarted(run_dir, created)  # the first step failed: nothing to look at
     return run.last, state
 
 
@@ -167,6 +169,7 @@ class _Run:
         )
         self.last: dict = {}
         self.saved_step = -1
+        self.trained = False  # whether this start completed any step
 
     def save(self, step: int, state) -> None:
         self.saved_step = step  # first: a save cut short is never started again over itself
@@ -189,7 +192,7 @@ class _Run:
                 batch = global_batch(local, self.trainer.batch_sharding, tc.batch_size)
                 intact = False  # the step consumes (donates) the state
                 state, metrics = self.trainer.step(state, batch)
-                intact, done = True, step
+                intact, done, self.trained = True, step, True
                 pending.append((step, metrics))
                 final = step == tc.steps
                 stop = preemption.reached(step)  # the same step on every process
@@ -274,9 +277,17 @@ def _close(checkpoints, sink, bar) -> None:
         bar.close()
 
 
-def _remove_unstarted(run_dir: Path) -> None:
-    """A run that never trained a step leaves no folder behind."""
-    shutil.rmtree(run_dir, ignore_errors=True)
+def _remove_unstarted(run_dir: Path, created: bool) -> None:
+    """A run that never completed a step leaves nothing behind: what it wrote into a folder
+    that was empty, and the folder too if it made it."""
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in run_dir.iterdir() if run_dir.is_dir() else ():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _initial_state(trainer, checkpoints: Checkpoints, latest: int, train_data,

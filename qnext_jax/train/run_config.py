@@ -153,7 +153,7 @@ def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
         # The architecture is the checkpoint's; model.* keys may still set numerics
         # (dtype, delta_rule_impl, ...) and are checked against the tensors when loading.
         model_values = {**hf_model_config(hf_directory).to_dict(), **model_values}
-        tokenizer = Path(hf_directory) / TOKENIZER_FILE
+        tokenizer = Path(hf_directory).expanduser() / TOKENIZER_FILE
         data_values = values.setdefault("data", {})
         if data_values.get("tokenizer") is None and tokenizer.is_file():
             data_values["tokenizer"] = str(tokenizer)

@@ -50,6 +50,9 @@ CAPACITY_DEPENDS_ON = ("mesh.", "train.micro_batches", "model.moe_impl")
 SPLIT_DEPENDS_ON = ("train.micro_batches",)
 # Scopes that compute the same loss as another when the step has one micro-batch.
 SAME_SCOPE_AT_ONE_MICRO_BATCH = {"global_running": "global"}
+# Keys added since runs were first saved whose earlier behaviour is not their new default:
+# a saved config without the key computed with this value.
+BEFORE_THE_KEY_EXISTED = {"model.router_dtype": "compute"}
 
 # Keys that follow another unless set: (the key they follow, the rule), to say why a key the
 # user never wrote has changed.
@@ -95,9 +98,11 @@ def trajectory_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]
     old, new, defaults = flat_config(saved), flat_config(current), all_keys()
     dropping = any(c.get("model", {}).get("moe_capacity_factor") is not None
                    for c in (saved, current))
-    split_dependent = any(c.get(key, defaults[key]) in SPLIT_DEPENDENT_SCOPES
-                          for c in (old, new) for key in ("loss.lbl_scope",))
-    one_micro_batch = all(c.get("train.micro_batches", 1) == 1 for c in (old, new))
+    old = {**{k: v for k, v in BEFORE_THE_KEY_EXISTED.items() if old}, **old}
+    split_dependent = any(c.get("loss.lbl_scope", defaults["loss.lbl_scope"])
+                          in SPLIT_DEPENDENT_SCOPES for c in (old, new))
+    one_micro_batch = all(c.get("train.micro_batches", defaults["train.micro_batches"]) == 1
+                          for c in (old, new))
     changes = {}
     for key in sorted(old.keys() | new.keys()):
         if (_matches(key, FREE_TO_CHANGE)
@@ -106,12 +111,21 @@ def trajectory_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]
             continue
         if key not in old and new[key] == defaults.get(key):
             continue
-        before, after = old.get(key), new.get(key)
-        if key == "loss.lbl_scope" and one_micro_batch:
-            before, after = (SAME_SCOPE_AT_ONE_MICRO_BATCH.get(s, s) for s in (before, after))
-        if before != after:
+        if _computes(key, old, one_micro_batch) != _computes(key, new, one_micro_batch):
             changes[key] = (old.get(key), new.get(key))
     return changes
+
+
+def _computes(key: str, config: dict, one_micro_batch: bool):
+    """What `key`'s value computes in `config`: values that compute the same there compare
+    equal (the compute dtype's router in an fp32 model is the fp32 router; both global LBL
+    forms are one loss when both runs have one micro-batch)."""
+    value = config.get(key)
+    if key == "model.router_dtype" and value == "compute":
+        return "float32" if config.get("model.dtype") == "float32" else value
+    if key == "loss.lbl_scope" and one_micro_batch:
+        return SAME_SCOPE_AT_ONE_MICRO_BATCH.get(value, value)
+    return value
 
 
 def check_resume_config(run_dir: Path, current: dict, accepted: tuple[str, ...], log) -> None:
