@@ -43,7 +43,7 @@ def measure(length: int, variant: str, remat: str) -> dict:
     from qnext_jax.parallel.mesh import MeshConfig, make_mesh
     from qnext_jax.train.losses import LossConfig
     from qnext_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
-    from qnext_jax.train.plan import lower_train_step
+    from qnext_jax.plan.trace import lower_train_step
     from qnext_jax.train.step import make_trainer
 
     options = VARIANTS[variant]

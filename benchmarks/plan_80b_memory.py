@@ -39,7 +39,7 @@ def measure(mesh_text: str, args) -> dict:
 
     from qnext_jax.config import ModelConfig
     from qnext_jax.parallel.mesh import MeshConfig, batch_shards, make_mesh
-    from qnext_jax.train.plan import lower_train_step, planned_trainer, state_bytes_per_device
+    from qnext_jax.plan.trace import lower_train_step, planned_trainer, state_bytes_per_device
 
     devices, sizes = parse_mesh(mesh_text)
     config = ModelConfig.from_yaml(REPO_ROOT / "configs" / "qwen3_next_80b_a3b.yaml").replace(

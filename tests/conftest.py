@@ -10,6 +10,10 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false"
 )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The suite runs on the CPU. With the GPU plugin installed (the `aot` extra) jax would first
+# try CUDA and log a failed cuInit on a machine without a GPU; the compile tests build their
+# own compile-only GPU and TPU devices, which need no backend of their kind.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests build the same small programs many times (each trainer is a fresh jit); a per-session
 # persistent compilation cache turns the repeats into cache hits. pytest-xdist's workers and
 # the tests' subprocesses inherit the directory this process names, so all of them share it.

@@ -59,18 +59,32 @@ def test_megablox_equals_tiled(sizes):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3, err_msg=name)
 
 
-def test_gpu_without_a_gpu_device_lowers_ragged_dot():
-    """tokamax traces only on a GPU device: lowering for cuda from CPU takes XLA's ragged_dot."""
+def test_lowering_for_cuda_with_the_cpu_as_default_device_is_an_error():
+    """tokamax checks the default device when it traces; lowering for cuda with the CPU as the
+    default device is refused, with the fix (a compile-only GPU as default device, as the
+    planner does), never XLA's dense ragged_dot."""
+    pytest.importorskip("tokamax")
     from jax import export
 
+    from qnext_jax.ops.grouped_matmul import GroupedMatmulUnavailable
     from qnext_jax.ops.platform import lowering_for
 
     shape = jax.ShapeDtypeStruct
-    with lowering_for("cuda"):
-        exported = export.export(jax.jit(lambda r, w, s: grouped_matmul(r, w, s)),
-                                 platforms=["cuda"])(
-            shape((64, 16), jnp.bfloat16), shape((4, 16, 8), jnp.bfloat16), shape((4,), jnp.int32))
+    args = shape((64, 16), jnp.bfloat16), shape((4, 16, 8), jnp.bfloat16), shape((4,), jnp.int32)
+    with lowering_for("cuda"), pytest.raises(GroupedMatmulUnavailable, match="qnext_jax.plan"):
+        export.export(jax.jit(lambda r, w, s: grouped_matmul(r, w, s)), platforms=["cuda"])(*args)
+    with lowering_for("cuda"):  # chosen knowingly
+        exported = export.export(jax.jit(lambda r, w, s: grouped_matmul(r, w, s, impl="ragged")),
+                                 platforms=["cuda"])(*args)
     assert "ragged_dot" in exported.mlir_module()
+
+
+def test_tokamax_kernels_by_shape():
+    from qnext_jax.ops.grouped_matmul import tokamax_implementations
+
+    assert tokamax_implementations(1024, 256) == ("mosaic", "triton")
+    assert tokamax_implementations(64, 32) == ("triton",)  # narrower than Mosaic's 128 tiles
+    assert tokamax_implementations(128, 192) == ("triton",)
 
 
 def test_rejects_an_unknown_implementation():

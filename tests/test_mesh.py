@@ -8,7 +8,7 @@ from conftest import REPO_ROOT
 from qnext_jax.config import ConfigError, ModelConfig
 from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshConfig, MeshError, make_abstract_mesh, make_mesh
-from qnext_jax.train.plan import lower_train_step, planned_trainer, state_bytes_per_device
+from qnext_jax.plan.trace import lower_train_step, planned_trainer, state_bytes_per_device
 from qnext_jax.train.step import check_batch_size, check_sequence_split
 
 

@@ -62,7 +62,7 @@ from qnext_jax.parallel.mesh import MeshConfig, make_mesh  # noqa: E402
 from qnext_jax.train.optimizer import (  # noqa: E402
     OptimizerConfig, learning_rate_schedule, make_optimizer,
 )
-from qnext_jax.train.plan import abstract_inputs  # noqa: E402
+from qnext_jax.plan.trace import abstract_inputs  # noqa: E402
 from qnext_jax.train.progress import peak_tflops_per_device  # noqa: E402
 from qnext_jax.train.step import make_trainer  # noqa: E402
 

@@ -11,9 +11,12 @@ Per platform (`impl="auto"`), the grouped GEMM that does not expand into dense p
        module no released wheel ships (jax-ml/jax#40888). On a GPU, tokamax missing or
        refusing the device is an error naming the fix (installing it, or choosing `ragged`
        knowingly: model.grouped_matmul); a silent dense fallback would run out of memory at the
-       recipe's scale (118 GiB for configs/gpu_1b.yaml on an 80 GB H100). tokamax checks for a
-       GPU device when it traces, so a CPU machine lowering for `cuda`
-       (ops.platform.lowering_for) gets `ragged` instead, logged.
+       recipe's scale (118 GiB for configs/gpu_1b.yaml on an 80 GB H100). The same holds when a
+       CPU machine compiles for a GPU (`python -m qnext_jax.plan`): tokamax checks the default
+       device when it traces, so the planner traces with the compile-only GPU as the default
+       device, and a trace for `cuda` that tokamax still refuses is the same error.
+       Mosaic GPU (Hopper's WGMMA) takes K and N in whole 128-element tiles; narrower products
+       (test-sized models) go to tokamax's Triton kernel.
   CPU  `tiled`: XLA:CPU lowers `ragged_dot` densely — every row times every group's matrix,
        then a select (measured: temporaries 2x rows x groups x out) — so each group's rows
        are padded to whole tiles of `tile` rows, every tile belongs to one group, and one
@@ -56,14 +59,17 @@ def grouped_matmul(rows, weights, group_sizes, *, impl: str = "auto", tile: int 
             reasons = _tokamax_unavailable(error)
             if reasons is None:
                 raise
-            if running_on("gpu"):
+            if target_platform() == "gpu":
                 raise GroupedMatmulUnavailable(
                     f"the MoE experts' grouped matmul needs tokamax on a GPU, which "
                     f"{'is not installed' if isinstance(error, ImportError) else 'refused'} "
                     f"({reasons}). Install it with `pip install 'qnext_jax[cuda]'` (tokamax "
                     f">= 0.0.12), or set model.grouped_matmul=ragged to run XLA's ragged_dot, "
                     f"which XLA:GPU expands into dense products over all {weights.shape[0]} "
-                    f"experts ({weights.shape[0]}x the work and memory)") from error
+                    f"experts ({weights.shape[0]}x the work and memory)"
+                    + ("" if running_on("gpu") else
+                       "; to compile for a GPU from this machine, trace with a compile-only GPU "
+                       "as the default device, as `python -m qnext_jax.plan` does")) from error
             _report(f"grouped matmul: XLA's ragged_dot instead of tokamax (not on a GPU): "
                     f"{reasons}")
             impl = "ragged"
@@ -111,7 +117,18 @@ def _tokamax_ragged_dot(rows, weights, group_sizes):
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
-    return tokamax.ragged_dot(rows, weights, group_sizes, implementation=("mosaic", "triton"))
+    return tokamax.ragged_dot(rows, weights, group_sizes,
+                              implementation=tokamax_implementations(rows.shape[1],
+                                                                     weights.shape[2]))
+
+
+def tokamax_implementations(k: int, f: int) -> tuple[str, ...]:
+    """tokamax's kernels to try, best first. Its Mosaic GPU kernel (and the products of its
+    backward) tile K and N by 128 on Hopper and fail while lowering, past tokamax's own
+    fallback, when a dimension is narrower."""
+    if k % 128 == 0 and f % 128 == 0:
+        return ("mosaic", "triton")
+    return ("triton",)
 
 
 def _megablox_gmm(rows, weights, group_sizes, *, interpret):
@@ -119,16 +136,21 @@ def _megablox_gmm(rows, weights, group_sizes, *, interpret):
     of 128 or less (whole dims when smaller)."""
     from jax.experimental.pallas.ops.tpu import megablox
 
-    num_rows, k = rows.shape
-    f = weights.shape[2]
+    num_rows = rows.shape[0]
     tm = min(128, -(-num_rows // 8) * 8)
     padded = -(-num_rows // tm) * tm
     if padded != num_rows:
         rows = jnp.pad(rows, ((0, padded - num_rows), (0, 0)))
     out = megablox.gmm(rows, weights.astype(rows.dtype), group_sizes,
-                       preferred_element_type=rows.dtype, tiling=(tm, min(128, k), min(128, f)),
+                       preferred_element_type=rows.dtype, tiling=_megablox_tiling,
                        interpret=interpret)
     return out[:num_rows]
+
+
+def _megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """Tiles for each product megablox runs, the backward's included: there K and N trade
+    places, and Mosaic takes a tile narrower than 128 only when it spans the whole dimension."""
+    return min(128, m), min(128, k), min(128, n)
 
 
 def tiled_grouped_matmul(rows, weights, group_sizes, tile: int = 64):

@@ -37,15 +37,14 @@ from qnext_jax.train.checkpoint import Checkpoints
 from qnext_jax.train.evaluation import Evaluator, eval_batch_count
 from qnext_jax.train.export import export_dtype, export_hf
 from qnext_jax.train.metrics_log import SCALARS, MetricsLog, check_wandb
-from qnext_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from qnext_jax.train.plots import write_run_plots
 from qnext_jax.train.preemption import Preemption
 from qnext_jax.train.progress import ProgressBar, Throughput, peak_tflops_per_device
 from qnext_jax.train.run_config import RunConfig, check_run_config
 from qnext_jax.train.run_dir import check_resume_config, write_config
 from qnext_jax.train.step import (TrainState, abstract_state, check_batch_size,
-                                  check_sequence_split, check_trainable_dtypes, make_trainer,
-                                  router_layer_names)
+                                  check_sequence_split, check_trainable_dtypes,
+                                  router_layer_names, trainer_for_run)
 
 
 CHECKPOINT_DIR = "checkpoints"
@@ -116,10 +115,7 @@ def train(config: RunConfig, run_dir: Path, stream=None):
             + (f", export {export_dtype(config)}" if tc.export_hf else ""))
 
         # ---- Compilation and the initial state.
-        trainer = make_trainer(config.model, make_optimizer(config.optimizer),
-                               learning_rate_schedule(config.optimizer), rules,
-                               loss_config=config.loss, micro_batches=tc.micro_batches,
-                               seed=tc.seed)
+        trainer = trainer_for_run(config, rules)
         state = _initial_state(trainer, checkpoints, start, train_data, config, run_dir, log)
         evaluate = Evaluator(trainer, config, eval_rows, num_eval_batches) if tc.eval_every else None
         sink = MetricsLog(run_dir, resumed_at=start, run_config=config.to_dict(),

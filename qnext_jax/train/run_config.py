@@ -60,6 +60,12 @@ class TrainConfig:
             raise ConfigError(f"train.eval_every must be >= 0 (0: no evaluation), got {self.eval_every}")
 
 
+# The ModelConfig fields a run chooses (numerics, kernels, remat); every other field is the
+# checkpoint's, from its config.json.
+_RUN_CHOICES = ("dtype", "param_dtype", "router_dtype", "delta_rule_impl", "attention_impl",
+                "moe_impl", "grouped_matmul", "moe_capacity_factor", "remat_policy",
+                "layer_scan", "mtp_depth", "router_aux_loss_coef")
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "mesh": MeshConfig, "optimizer": OptimizerConfig,
     "loss": LossConfig, "data": DataConfig, "train": TrainConfig,
@@ -141,18 +147,26 @@ def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
     model_values = dict(values.get("model", {}))
     preset = model_values.pop("preset", None)
     hf_directory = values.get("train", {}).get("init_from_hf")
-    if preset is not None and hf_directory is not None:
-        raise ConfigError(
-            f"model.preset ({preset}) and train.init_from_hf ({hf_directory}) both define the "
-            "model; pass one (with init_from_hf the architecture comes from its config.json)"
-        )
-    if preset is not None:
-        preset_config = ModelConfig.from_yaml(preset).to_dict()
-        model_values = {**preset_config, **model_values}
+    preset_config = ModelConfig.from_yaml(preset).to_dict() if preset is not None else {}
     if hf_directory is not None:
         # The architecture is the checkpoint's; model.* keys may still set numerics
         # (dtype, delta_rule_impl, ...) and are checked against the tensors when loading.
-        model_values = {**hf_model_config(hf_directory).to_dict(), **model_values}
+        hf_config = hf_model_config(hf_directory).to_dict()
+        # A preset beside it (a recipe planned for the released model) must describe the
+        # same model; its numerics (compute dtype, remat, kernels) apply unless set here.
+        differ = sorted(key for key in preset_config
+                        if key not in _RUN_CHOICES and preset_config[key] != hf_config.get(key))
+        if differ:
+            raise ConfigError(
+                f"model.preset ({preset}) and train.init_from_hf ({hf_directory}) describe "
+                "different models: " + ", ".join(
+                    f"{key} {preset_config.get(key)!r} vs {hf_config.get(key)!r}"
+                    for key in differ[:6]) + "; drop the preset to train the checkpoint's")
+        numerics = {key: value for key, value in preset_config.items() if key in _RUN_CHOICES}
+        model_values = {**hf_config, **numerics, **model_values}
+    elif preset is not None:
+        model_values = {**preset_config, **model_values}
+    if hf_directory is not None:
         tokenizer = Path(hf_directory).expanduser() / TOKENIZER_FILE
         data_values = values.setdefault("data", {})
         if data_values.get("tokenizer") is None and tokenizer.is_file():

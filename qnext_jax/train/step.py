@@ -31,6 +31,7 @@ from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import MeshError, axis_size, batch_shards
 from qnext_jax.train.losses import (LossConfig, SeenCounts, all_router_stats, loss_terms,
                                     normalizers)
+from qnext_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 
 class TrainState(NamedTuple):
@@ -110,6 +111,15 @@ def split_micro_batches(batch: Batch, micro_batches: int, batch_sharding=None) -
             x, NamedSharding(batch_sharding.mesh, PartitionSpec(None, *batch_sharding.spec)))
 
     return jax.tree.map(split, batch)
+
+
+def trainer_for_run(run_config, rules: ShardingRules) -> Trainer:
+    """The trainer a run config trains with (train.loop) and plans with (qnext_jax.plan)."""
+    tc = run_config.train
+    return make_trainer(run_config.model, make_optimizer(run_config.optimizer),
+                        learning_rate_schedule(run_config.optimizer), rules,
+                        loss_config=run_config.loss, micro_batches=tc.micro_batches,
+                        seed=tc.seed)
 
 
 def make_trainer(config: ModelConfig, optimizer: optax.GradientTransformation,

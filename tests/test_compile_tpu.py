@@ -1,0 +1,41 @@
+"""The train step compiled by libtpu's compiler for a TPU v5e-8 (fsdp 2 x expert 4;
+compile-only): the Mosaic kernels (delta rule, splash attention, megablox) compiled, not only
+lowered, the expert-parallel all-to-alls, no dense expert buffer, and the memory the compiler
+assigns."""
+
+import pytest
+
+pytest.importorskip("libtpu", reason="needs libtpu's compiler: pip install 'qnext_jax[aot]'")
+
+from compile_configs import compile_run  # noqa: E402
+from qnext_jax.plan.compiler import dense_expert_buffers  # noqa: E402
+from qnext_jax.plan.planner import plan_run  # noqa: E402
+from qnext_jax.plan.targets import get_target  # noqa: E402
+
+BATCH, SEQ_LEN = 8, 512
+# The delta rule (forward 4 + backward 5), splash (forward, dq, dkv) and megablox (3 products
+# forward, 6 backward), at least once each.
+MOSAIC_KERNELS = 9 + 3 + 9
+EXPECTED_TEMPORARIES_MIB = 46.2
+TOLERANCE = 0.25
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return plan_run(compile_run({"fsdp": 2, "expert": 4}, BATCH, SEQ_LEN), get_target("v5e-8"))
+
+
+def test_kernels_and_collectives_compile(plan):
+    calls = plan.compiled.custom_calls
+    assert calls.get("tpu_custom_call", 0) >= MOSAIC_KERNELS, calls
+    assert plan.compiled.hlo.count("all-to-all") >= 4  # the experts' dispatch and return, fwd+bwd
+    routed_rows = BATCH * SEQ_LEN * plan.config.model.num_experts_per_tok
+    assert dense_expert_buffers(plan.compiled.hlo, plan.config.model.num_experts,
+                                routed_rows) == []
+
+
+def test_memory_from_the_compiler(plan):
+    c = plan.compiled
+    if EXPECTED_TEMPORARIES_MIB is not None:
+        assert c.temporaries / 2 ** 20 == pytest.approx(EXPECTED_TEMPORARIES_MIB, rel=TOLERANCE)
+    assert plan.fits and c.peak_buffers
