@@ -65,8 +65,3 @@ def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         out = model(torch.as_tensor(input_ids, dtype=torch.long))
     return out.logits.float().numpy()
-
-
-def relative_error(actual, reference) -> float:
-    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
-    return float(np.max(np.abs(actual - reference)) / np.max(np.abs(reference)))

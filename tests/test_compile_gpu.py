@@ -12,7 +12,10 @@ from qnext_jax.plan.compiler import dense_expert_buffers  # noqa: E402
 from qnext_jax.plan.planner import plan_run  # noqa: E402
 from qnext_jax.plan.report import format_plan  # noqa: E402
 from qnext_jax.plan.targets import get_target  # noqa: E402
+from qnext_jax.parallel.axes import ShardingRules  # noqa: E402
+from qnext_jax.parallel.mesh import make_abstract_mesh  # noqa: E402
 from qnext_jax.plan.trace import state_bytes_per_device  # noqa: E402
+from qnext_jax.train.step import trainer_for_run  # noqa: E402
 
 TRITON = "__gpu$xla.gpu.triton"
 MOSAIC_GPU = "mosaic_gpu_v2"
@@ -56,9 +59,37 @@ def test_memory_from_the_compiler(plan):
 
 
 def state_bytes_per_device_for(plan):
-    from qnext_jax.parallel.axes import ShardingRules
-    from qnext_jax.train.step import trainer_for_run
-    from qnext_jax.parallel.mesh import make_abstract_mesh
-
+    """The state's bytes a device holds, from our shardings (not from the compiler)."""
     mesh = make_abstract_mesh(plan.config.mesh, plan.target.chips)
-    return state_bytes_per_device(trainer_for_run(plan.config, ShardingRules(plan.config.model, mesh)))
+    rules = ShardingRules(plan.config.model, mesh)
+    return state_bytes_per_device(trainer_for_run(plan.config, rules))
+
+
+@pytest.mark.parametrize("k, f", [(64, 32), (256, 128)])
+def test_grouped_gemm_compiles_for_narrow_and_tiled_widths(k, f):
+    """Widths below Mosaic GPU's 128-wide tiles are zero-padded to them (forward and both
+    gradients), so a test-sized model compiles the same kernel as the recipe."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from qnext_jax.ops.grouped_matmul import grouped_matmul
+    from qnext_jax.ops.platform import lowering_for
+    from qnext_jax.plan.compiler import target_devices
+
+    device = target_devices(get_target("h100"))[0]
+    mesh = Mesh(np.asarray([device]), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shape = lambda s, d: jax.ShapeDtypeStruct(s, d, sharding=sharding)  # noqa: E731
+
+    def loss(rows, weights, sizes):
+        return grouped_matmul(rows, weights, sizes).astype(jnp.float32).sum()
+
+    with jax.default_device(device), lowering_for("cuda"):
+        compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
+            shape((512, k), jnp.bfloat16), shape((8, k, f), jnp.bfloat16),
+            shape((8,), jnp.int32)).compile()
+    hlo = compiled.as_text()
+    assert hlo.count(MOSAIC_GPU) >= 3  # forward, rows' and weights' gradients
+    assert dense_expert_buffers(hlo, 8, 512) == []

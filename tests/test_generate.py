@@ -11,7 +11,8 @@ from flax import nnx
 from scipy import stats
 
 from generation_models import draftable_model, tiny_config
-from hf_reference import random_hf_model, relative_error
+from hf_reference import random_hf_model
+from numerics import relative_error
 from qnext_jax.convert import load_hf_checkpoint
 from qnext_jax.generate import Generator, SamplingSettings, token_probabilities
 from qnext_jax.generate.cache import commit, main_cache

@@ -79,14 +79,6 @@ def test_lowering_for_cuda_with_the_cpu_as_default_device_is_an_error():
     assert "ragged_dot" in exported.mlir_module()
 
 
-def test_tokamax_kernels_by_shape():
-    from qnext_jax.ops.grouped_matmul import tokamax_implementations
-
-    assert tokamax_implementations(1024, 256) == ("mosaic", "triton")
-    assert tokamax_implementations(64, 32) == ("triton",)  # narrower than Mosaic's 128 tiles
-    assert tokamax_implementations(128, 192) == ("triton",)
-
-
 def test_rejects_an_unknown_implementation():
     with pytest.raises(ValueError, match="grouped matmul impl must be one of"):
         grouped_matmul(jnp.zeros((4, 2)), jnp.zeros((1, 2, 2)), jnp.array([4]), impl="dense")

@@ -12,7 +12,8 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from hf_reference import SHAPES, hf_logits, random_hf_model, relative_error
+from hf_reference import SHAPES, hf_logits, random_hf_model
+from numerics import relative_error
 from qnext_jax.convert import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
 from qnext_jax.train.losses import hf_pooled_load_balancing_loss
 

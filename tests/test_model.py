@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hf_reference import relative_error
+from numerics import relative_error
 from qnext_jax.config import ModelConfig
 from qnext_jax.convert.layout import checkpoint_rules
 from qnext_jax.model import Qwen3NextModel

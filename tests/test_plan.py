@@ -114,6 +114,7 @@ def _plan(arguments, temporaries, **train):
                          remat_policy=train.get("remat", "full"))
     compiled = Compiled(arguments=arguments, outputs=arguments, aliased=arguments,
                         temporaries=temporaries, generated_code=0,
+                        peak=arguments + temporaries,
                         peak_buffers=[Buffer("fusion.1{}", temporaries, "bf16[8,512,128]", "dot")],
                         flops=1e12, bytes_accessed=1e11, custom_calls={}, compile_seconds=1.0,
                         hlo="")
@@ -138,3 +139,32 @@ def test_advice_names_what_would_help():
     assert "model.remat_policy=full (now dots)" in tips and "train.micro_batches=2" in tips
     weights = _plan(60 * GiB, 20 * GiB)
     assert "mesh.fsdp" in "\n".join(weights.advice())
+
+
+def test_a_step_that_cannot_fit_stops_before_allocating_and_one_that_fits_runs_compiled():
+    """train.check_memory on a device with an allocator limit (on CPU the limit is passed in:
+    the host has none): the step compiled ahead, refused over the limit, else run as compiled
+    with the same results as the jitted step."""
+    import jax
+    import numpy as np
+
+    from qnext_jax.parallel.axes import ShardingRules
+    from qnext_jax.parallel.mesh import MeshConfig, make_mesh
+    from qnext_jax.train.memory_check import DoesNotFit, compile_checked, device_memory_limit
+    from qnext_jax.train.step import trainer_for_run
+    from step_setup import packed_batch
+
+    config = compile_run({"fsdp": 1}, 2, 64, dtype="float32", num_experts=4,
+                         moe_intermediate_size=32, hidden_size=64, vocab_size=256)
+    mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    trainer = trainer_for_run(config, ShardingRules(config.model, mesh))
+    assert device_memory_limit(trainer) is None  # a CPU: nothing to check against
+    assert compile_checked(trainer, 2, 64, None) is trainer
+    with pytest.raises(DoesNotFit, match=r"needs .* GiB a device .* allocator holds 0.00 GiB"):
+        compile_checked(trainer, 2, 64, limit=1024)
+    checked = compile_checked(trainer, 2, 64, limit=64 * GiB)
+    assert checked.step is not trainer.step
+    batch = jax.device_put(packed_batch(rows=2, length=64), trainer.batch_sharding)
+    _, jitted = trainer.step(trainer.init(), batch)
+    _, compiled = checked.step(trainer.init(), batch)
+    np.testing.assert_allclose(float(compiled["loss"]), float(jitted["loss"]), rtol=1e-6)

@@ -15,8 +15,8 @@ Per platform (`impl="auto"`), the grouped GEMM that does not expand into dense p
        CPU machine compiles for a GPU (`python -m qnext_jax.plan`): tokamax checks the default
        device when it traces, so the planner traces with the compile-only GPU as the default
        device, and a trace for `cuda` that tokamax still refuses is the same error.
-       Mosaic GPU (Hopper's WGMMA) takes K and N in whole 128-element tiles; narrower products
-       (test-sized models) go to tokamax's Triton kernel.
+       Mosaic GPU (Hopper's WGMMA) takes K and N in whole 128-element tiles: narrower
+       products (test-sized models) are zero-padded to them.
   CPU  `tiled`: XLA:CPU lowers `ragged_dot` densely — every row times every group's matrix,
        then a select (measured: temporaries 2x rows x groups x out) — so each group's rows
        are padded to whole tiles of `tile` rows, every tile belongs to one group, and one
@@ -117,18 +117,26 @@ def _tokamax_ragged_dot(rows, weights, group_sizes):
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
-    return tokamax.ragged_dot(rows, weights, group_sizes,
-                              implementation=tokamax_implementations(rows.shape[1],
-                                                                     weights.shape[2]))
+    # Mosaic GPU's kernels (and its backward's products, where K and N trade places) tile K
+    # and N by 128 and fail while lowering, past tokamax's own fallback, when a dimension is
+    # narrower: pad them with zeros (no-ops for real models, whose widths are multiples).
+    k, f = rows.shape[1], weights.shape[2]
+    pad_k, pad_f = -k % MOSAIC_TILE, -f % MOSAIC_TILE
+    if pad_k or pad_f:
+        rows = jnp.pad(rows, ((0, 0), (0, pad_k)))
+        weights = jnp.pad(weights, ((0, 0), (0, pad_k), (0, pad_f)))
+    try:
+        out = tokamax.ragged_dot(rows, weights, group_sizes, implementation=("mosaic", "triton"))
+    except ValueError as error:
+        # tokamax >= 0.0.17 offers Triton only with jax_triton installed, and says so by
+        # rejecting the name; Mosaic GPU (Ampere, Hopper, Blackwell) is then the one kernel.
+        if "Unknown implementation: triton" not in str(error):
+            raise
+        out = tokamax.ragged_dot(rows, weights, group_sizes, implementation=("mosaic",))
+    return out[:, :f]
 
 
-def tokamax_implementations(k: int, f: int) -> tuple[str, ...]:
-    """tokamax's kernels to try, best first. Its Mosaic GPU kernel (and the products of its
-    backward) tile K and N by 128 on Hopper and fail while lowering, past tokamax's own
-    fallback, when a dimension is narrower."""
-    if k % 128 == 0 and f % 128 == 0:
-        return ("mosaic", "triton")
-    return ("triton",)
+MOSAIC_TILE = 128
 
 
 def _megablox_gmm(rows, weights, group_sizes, *, interpret):

@@ -29,6 +29,7 @@ from qnext_jax.config import ConfigError
 from qnext_jax.ops.platform import lowering_for
 from qnext_jax.plan.targets import Target
 from qnext_jax.plan.trace import abstract_inputs
+from qnext_jax.train.memory_check import peak_bytes
 
 AOT_EXTRA = "pip install 'qnext_jax[aot]'"
 
@@ -80,19 +81,13 @@ class Compiled:
     aliased: int  # output bytes that reuse donated arguments
     temporaries: int
     generated_code: int
+    peak: int  # what a device holds at once (train.memory_check.peak_bytes)
     peak_buffers: list[Buffer]  # live at the peak of the temporaries, largest first
     flops: float  # XLA's cost analysis of the optimised module (custom calls count 0)
     bytes_accessed: float
     custom_calls: dict[str, int]  # kernels XLA does not see into, by target name
     compile_seconds: float
     hlo: str  # the optimised module
-
-    @property
-    def peak(self) -> int:
-        """Bytes a device holds at once: arguments (the donated ones reused for the outputs),
-        the outputs that could not reuse them, temporaries and the kernels' code."""
-        return (self.arguments + self.outputs - self.aliased + self.temporaries
-                + self.generated_code)
 
 
 def compile_step(trainer, global_batch: int, seq_len: int, target: Target) -> Compiled:
@@ -114,7 +109,8 @@ def compile_step(trainer, global_batch: int, seq_len: int, target: Target) -> Co
     return Compiled(
         arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
         aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
-        generated_code=memory.generated_code_size_in_bytes, peak_buffers=buffers,
+        generated_code=memory.generated_code_size_in_bytes, peak=peak_bytes(memory),
+        peak_buffers=buffers,
         flops=cost.get("flops", 0.0), bytes_accessed=cost.get("bytes accessed", 0.0),
         custom_calls=custom_call_targets(hlo), compile_seconds=seconds, hlo=hlo,
     )

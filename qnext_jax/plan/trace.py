@@ -44,12 +44,19 @@ def planned_trainer(config: ModelConfig, mesh_config: MeshConfig, num_devices: i
 def lower_train_step(trainer: Trainer, global_batch: int, sequence_length: int,
                      platform: str | None = "tpu"):
     """The train step lowered for `platform` ("tpu", "cuda", "cpu"; None: the local backend),
-    with the kernel choices of that platform (ops.platform.lowering_for)."""
+    with the kernel choices of that platform (ops.platform.lowering_for). For `cuda`, give
+    the trainer a mesh of compile-only GPUs (plan.compiler.target_devices): tokamax and jax's
+    Pallas Triton lowering refuse an abstract or CPU mesh."""
     state, batch = abstract_inputs(trainer, global_batch, sequence_length)
     if platform is None:
         return trainer.step.trace(state, batch).lower()
-    replicated = NamedSharding(trainer.batch_sharding.mesh, P())
-    with lowering_for(platform):
+    mesh = trainer.batch_sharding.mesh
+    replicated = NamedSharding(mesh, P())
+    # A mesh of the platform's (compile-only) devices is also the default device while
+    # tracing: kernels that check their device then see the target (tokamax, Pallas Triton).
+    device = getattr(mesh, "devices", None)
+    device = device.flat[0] if device is not None and device.flat[0].platform != "cpu" else None
+    with lowering_for(platform), jax.default_device(device):
         # A new function around the same step: jax caches traces per Python function and
         # shapes (across jit objects too), and a trace made for another platform would be reused.
         def step_for_platform(state, batch):

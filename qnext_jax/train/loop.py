@@ -36,6 +36,7 @@ from qnext_jax.parallel.mesh import make_mesh
 from qnext_jax.train.checkpoint import Checkpoints
 from qnext_jax.train.evaluation import Evaluator, eval_batch_count
 from qnext_jax.train.export import export_dtype, export_hf
+from qnext_jax.train.memory_check import compile_checked, device_memory_limit
 from qnext_jax.train.metrics_log import SCALARS, MetricsLog, check_wandb
 from qnext_jax.train.plots import write_run_plots
 from qnext_jax.train.preemption import Preemption
@@ -116,6 +117,9 @@ def train(config: RunConfig, run_dir: Path, stream=None):
 
         # ---- Compilation and the initial state.
         trainer = trainer_for_run(config, rules)
+        if tc.check_memory:  # on a GPU/TPU: compiled, and checked, before any allocation
+            trainer = compile_checked(trainer, tc.batch_size, tc.seq_len,
+                                      device_memory_limit(trainer))
         state = _initial_state(trainer, checkpoints, start, train_data, config, run_dir, log)
         evaluate = Evaluator(trainer, config, eval_rows, num_eval_batches) if tc.eval_every else None
         sink = MetricsLog(run_dir, resumed_at=start, run_config=config.to_dict(),

@@ -50,6 +50,9 @@ class TrainConfig:
     wandb_project: str | None = None  # also log to Weights & Biases
     wandb_mode: Literal["auto", "online", "offline"] = "auto"  # auto: offline without network
     plot_log_steps: bool = False  # loss curves over a log-scaled step axis
+    # On a GPU/TPU: compile the step before allocating anything and stop if the compiler says
+    # it needs more memory than the device holds (qnext_jax/train/memory_check.py).
+    check_memory: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every",

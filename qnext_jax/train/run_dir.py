@@ -34,7 +34,7 @@ FREE_TO_CHANGE = (
     "train.steps", "train.micro_batches", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.run_dir",
     "train.export_hf", "train.export_dtype", "train.peak_tflops", "train.wandb_project",
-    "train.wandb_mode", "train.accept_changes", "train.plot_log_steps",
+    "train.wandb_mode", "train.accept_changes", "train.plot_log_steps", "train.check_memory",
     # Used only to create the initial state, which a resume restores instead.
     "train.seed", "train.init_from_hf",
     # The same function computed another way.
