@@ -29,6 +29,9 @@ PLANS = [
     ("small replica, bf16", "configs/small.yaml",
      ["model.dtype=bfloat16", "mesh.fsdp=2", "mesh.expert=4", "train.batch_size=8",
       "train.seq_len=1024"], "v5e-8", 1),
+    ("small replica, bf16, remat full", "configs/small.yaml",
+     ["model.dtype=bfloat16", "mesh.fsdp=2", "mesh.expert=4", "train.batch_size=8",
+      "train.seq_len=1024", "model.remat_policy=full"], "v5e-8", 1),
     ("80B continued pretraining", "configs/cpt_80b_h100x64.yaml", [], "h100x8", 8),
     ("80B continued pretraining", "configs/cpt_80b_v5p128.yaml", [], "v5p-128", 1),
 ]

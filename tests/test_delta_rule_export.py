@@ -28,6 +28,14 @@ def train_step_of_delta_rule(backend):
     return jax.jit(jax.value_and_grad(loss, argnums=range(6)))
 
 
+def compile_only_gpu():
+    pytest.importorskip("jax_cuda12_plugin", reason="needs XLA:GPU: pip install 'qnext_jax[aot]'")
+    from qnext_jax.plan.compiler import target_devices
+    from qnext_jax.plan.targets import get_target
+
+    return target_devices(get_target("h100"))[0]
+
+
 def export_train_step(platform, backend, dtype, value_dim=D):
     """-> (the exported forward + backward, the argument shapes)."""
     shape = jax.ShapeDtypeStruct
@@ -36,10 +44,13 @@ def export_train_step(platform, backend, dtype, value_dim=D):
         shape((B, T, HV), jnp.float32), shape((B, T, HV), dtype),
         shape((B, HV, D, value_dim), jnp.float32), shape((B, T), jnp.int32),
     )
-    exported = export.export(
-        train_step_of_delta_rule(backend), platforms=[platform],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-    )(*args)
+    # jax >= 0.12 lowers Pallas Triton only with a GPU at hand: a compile-only H100 as the
+    # default device is one.
+    with jax.default_device(compile_only_gpu() if platform == "cuda" else None):
+        exported = export.export(
+            train_step_of_delta_rule(backend), platforms=[platform],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(*args)
     assert exported.platforms == (platform,)
     assert [g.shape for g in exported.out_avals[1:]] == [a.shape for a in args[:6]]
     return exported, args

@@ -141,3 +141,24 @@ def test_keys_added_since_a_run_was_saved_count_only_when_not_default():
     del older["model"]["router_dtype"], older_bf16["model"]["router_dtype"]
     assert trajectory_changes(older, current) == {}
     assert trajectory_changes(older_bf16, bf16) == {"model.router_dtype": ("compute", "float32")}
+
+
+def test_a_preset_beside_init_from_hf_must_describe_the_checkpoint(monkeypatch, tmp_path):
+    """configs/cpt_80b_*.yaml name the release's architecture as a preset and its numerics;
+    with train.init_from_hf the checkpoint's config.json must agree with it."""
+    import qnext_jax.train.run_config as run_config
+    from qnext_jax.config import ModelConfig
+
+    tiny = REPO_ROOT / "configs" / "tiny.yaml"
+    checkpoint = ModelConfig.from_yaml(tiny).replace(dtype="bfloat16")
+    monkeypatch.setattr(run_config, "hf_model_config", lambda directory: checkpoint)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model:\n  preset: {tiny}\n  remat_policy: full\n")
+    config = load_run_config(recipe, [f"train.init_from_hf={tmp_path}"])
+    assert config.model.remat_policy == "full" and config.model.dtype == "float32"  # the preset's
+    assert config.model.hidden_size == checkpoint.hidden_size
+    monkeypatch.setattr(run_config, "hf_model_config",
+                        lambda directory: checkpoint.replace(num_experts=16, rope_theta=1e6))
+    with pytest.raises(ConfigError, match=r"describe different models: num_experts 8 vs 16, "
+                                          r"rope_theta 10000.0 vs 1000000.0"):
+        load_run_config(recipe, [f"train.init_from_hf={tmp_path}"])

@@ -42,10 +42,12 @@ def format_plan(plan: Plan, buffers: int = 12) -> str:
         f"  peak          {gib(c.peak)} of {gib(t.memory)} ({c.peak / t.memory:.0%}); budget "
         f"{gib(plan.budget)} with {plan.headroom:.0%} headroom",
         "",
-        f"largest buffers live at the temporaries' peak (of {len(c.peak_buffers)})",
+        f"largest buffers live at the temporaries' peak (of {len(c.peak_buffers)}; the same "
+        "shape made by the same operation counted once)",
     ]
-    for buffer in c.peak_buffers[:buffers]:
-        lines.append(f"  {size(buffer.size):>10}  {buffer.shape:<32} {buffer.op}")
+    for (nbytes, shape, op), count in grouped_buffers(c.peak_buffers)[:buffers]:
+        times = f" x{count}" if count > 1 else ""
+        lines.append(f"  {size(nbytes):>10}{times:<4} {shape:<32} {op}")
     kernels = ", ".join(f"{name} x{count}" for name, count in sorted(c.custom_calls.items()))
     lines += [
         "",
@@ -66,6 +68,16 @@ def format_plan(plan: Plan, buffers: int = 12) -> str:
         lines.append(f"DOES NOT FIT: {gib(c.peak)} > {gib(plan.budget)}. What would help:")
         lines += [f"  - {tip}" for tip in plan.advice()]
     return "\n".join(lines)
+
+
+def grouped_buffers(buffers) -> list[tuple[tuple[int, str, str], int]]:
+    """((size, shape, op), how many) largest first: a scan's per-layer copies, or one value
+    per device of a stacked buffer, read as one line."""
+    counts: dict[tuple[int, str, str], int] = {}
+    for buffer in buffers:
+        key = (buffer.size, buffer.shape, buffer.op)
+        counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.items(), key=lambda item: -item[0][0] * item[1])
 
 
 def plan_row(plan: Plan) -> dict:
