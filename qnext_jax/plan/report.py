@@ -42,8 +42,9 @@ def format_plan(plan: Plan, buffers: int = 12) -> str:
         f"  peak          {gib(c.peak)} of {gib(t.memory)} ({c.peak / t.memory:.0%}); budget "
         f"{gib(plan.budget)} with {plan.headroom:.0%} headroom",
         "",
-        f"largest buffers live at the temporaries' peak (of {len(c.peak_buffers)}; the same "
-        "shape made by the same operation counted once)",
+        f"largest buffers live at the temporaries' peak: {len(c.peak_buffers)} values, "
+        f"{size(sum(b.size for b in c.peak_buffers))} (state included); the same shape made "
+        "by the same operation on one line",
     ]
     for (nbytes, shape, op), count in grouped_buffers(c.peak_buffers)[:buffers]:
         times = f" x{count}" if count > 1 else ""
