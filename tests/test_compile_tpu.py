@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("libtpu", reason="needs libtpu's compiler: pip install 'qnext_jax[aot]'")
 
 from compile_configs import compile_run  # noqa: E402
+from conftest import REPO_ROOT  # noqa: E402
 from qnext_jax.plan.compiler import dense_expert_buffers  # noqa: E402
 from qnext_jax.plan.planner import plan_run  # noqa: E402
 from qnext_jax.plan.targets import get_target  # noqa: E402
@@ -39,3 +40,18 @@ def test_memory_from_the_compiler(plan):
     if EXPECTED_TEMPORARIES_MIB is not None:
         assert c.temporaries / 2 ** 20 == pytest.approx(EXPECTED_TEMPORARIES_MIB, rel=TOLERANCE)
     assert plan.fits and c.peak_buffers
+
+
+def test_a_program_the_compiler_refuses_is_a_plan_that_does_not_fit(capsys):
+    """The TPU compiler refuses a program over its HBM in .compile(): the planner reports the
+    compiler's own figures and what would help, and exits 1 (no traceback)."""
+    from qnext_jax.plan.__main__ import main
+
+    code = main([str(REPO_ROOT / "configs" / "tiny.yaml"), "--target", "v5e-8",
+                 "train.batch_size=8", "train.seq_len=32768", "model.max_position_embeddings=32768",
+                 "model.dtype=bfloat16", "model.attention_impl=xla", "mesh.fsdp=2",
+                 "mesh.expert=4"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "the compiler refused the program" in out and "RESOURCE_EXHAUSTED" in out
+    assert "DOES NOT FIT" in out and "model.remat_policy=full" in out

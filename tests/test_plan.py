@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from compile_configs import compile_run
+from conftest import REPO_ROOT
 from qnext_jax.config import ConfigError
 from qnext_jax.plan.__main__ import main
 from qnext_jax.plan.compiler import (Buffer, Compiled, CompilerMissing, custom_call_targets,
@@ -68,9 +69,10 @@ def test_a_mesh_that_does_not_cover_the_target_fails_before_compiling():
 
 
 def test_command_line_errors_exit_2(capsys):
-    assert main(["configs/tiny.yaml", "--target", "h1000"]) == 2
+    tiny = str(REPO_ROOT / "configs" / "tiny.yaml")
+    assert main([tiny, "--target", "h1000"]) == 2
     assert "did you mean h100" in capsys.readouterr().err
-    assert main(["configs/tiny.yaml", "--target", "v5e-8", "mesh.fsdp=3"]) == 2
+    assert main([tiny, "--target", "v5e-8", "mesh.fsdp=3"]) == 2
     assert "mesh" in capsys.readouterr().err
     assert main(["--list-targets"]) == 0
     assert "v5p-128" in capsys.readouterr().out.split()

@@ -29,15 +29,18 @@ def small():
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_small_replica_step_lowers(small, platform):
-    trainer = planned_trainer(small, MeshConfig(fsdp=2, expert=4), 8,
+    # bf16, as on accelerators: tokamax's Mosaic GPU grouped GEMM takes bf16 (fp32 goes to
+    # its Triton kernel).
+    trainer = planned_trainer(small.replace(dtype="bfloat16"), MeshConfig(fsdp=2, expert=4), 8,
                               mesh=target_mesh(MeshConfig(fsdp=2, expert=4), platform))
     text = lower_train_step(trainer, global_batch=8, sequence_length=256, platform=platform).as_text()
     assert "mhlo.num_partitions = 8" in text
     assert text.count("all_to_all") >= 4  # the experts' dispatch and return, forward and backward
     triton, mosaic = text.count(TRITON_CALL), text.count("tpu_custom_call")
     if platform == "cuda":  # the delta rule through Triton, the experts through tokamax
+        # (tokamax's own differentiation leaves a chlo.ragged_dot in the lowered text; the
+        # compiled program holds no dense expert buffer: tests/test_compile_gpu.py)
         assert triton >= DELTA_RULE_KERNELS and text.count("mosaic_gpu") >= 3
-        assert "ragged_dot" not in text
     else:  # the delta rule's kernels, splash attention's forward, dq and dk/dv kernels, and
         # the experts' megablox gmm / tgmm (3 projections forward, 6 products backward)
         assert triton == 0 and mosaic >= DELTA_RULE_KERNELS + 3 + 9
@@ -45,14 +48,14 @@ def test_small_replica_step_lowers(small, platform):
 
 
 def test_one_trainer_lowered_for_two_platforms_gets_each_platform_kernels(small):
-    """jax caches traces per function: the second platform must not reuse the first's trace."""
-    mesh_config = MeshConfig(fsdp=2, expert=4)
-    trainer = planned_trainer(small.replace(grouped_matmul="ragged"), mesh_config, 8,
-                              mesh=target_mesh(mesh_config, "cuda"))
-    cuda = lower_train_step(trainer, global_batch=8, sequence_length=256, platform="cuda").as_text()
+    """jax caches traces per function: the second platform must not reuse the first's trace.
+    (A trainer lowered for a GPU needs a mesh of GPUs, so the two platforms here are TPU and
+    CPU, whose kernel choices differ just as much: Mosaic kernels, XLA and interpret mode.)"""
+    trainer = planned_trainer(small, MeshConfig(fsdp=2, expert=4), 8)
     tpu = lower_train_step(trainer, global_batch=8, sequence_length=256, platform="tpu").as_text()
-    assert TRITON_CALL in cuda and "tpu_custom_call" not in cuda
-    assert "tpu_custom_call" in tpu and TRITON_CALL not in tpu
+    cpu = lower_train_step(trainer, global_batch=8, sequence_length=256, platform="cpu").as_text()
+    assert "tpu_custom_call" in tpu and "ragged_dot" not in tpu
+    assert "tpu_custom_call" not in cpu
 
 
 def test_lowering_for_sets_the_kernel_choices_only_inside_it():

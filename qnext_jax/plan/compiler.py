@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import re
 import tempfile
@@ -88,6 +89,7 @@ class Compiled:
     custom_calls: dict[str, int]  # kernels XLA does not see into, by target name
     compile_seconds: float
     hlo: str  # the optimised module
+    refusal: str = ""  # the compiler's own out-of-memory error, when it refused the program
 
 
 def compile_step(trainer, global_batch: int, seq_len: int, target: Target) -> Compiled:
@@ -98,7 +100,12 @@ def compile_step(trainer, global_batch: int, seq_len: int, target: Target) -> Co
             jax.default_device(device), lowering_for(target.platform):
         start = time.perf_counter()
         lowered = trainer.step.trace(state, batch).lower()
-        compiled = lowered.compile({"xla_dump_to": dump})
+        try:
+            compiled = lowered.compile({"xla_dump_to": dump})
+        except Exception as error:  # the TPU compiler refuses a program over its HBM
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            return refused(str(error), state, batch, target, time.perf_counter() - start)
         seconds = time.perf_counter() - start
         memory = compiled.memory_analysis()
         module = _step_module(Path(dump))
@@ -114,6 +121,23 @@ def compile_step(trainer, global_batch: int, seq_len: int, target: Target) -> Co
         flops=cost.get("flops", 0.0), bytes_accessed=cost.get("bytes accessed", 0.0),
         custom_calls=custom_call_targets(hlo), compile_seconds=seconds, hlo=hlo,
     )
+
+
+def refused(message: str, state, batch, target: Target, seconds: float) -> Compiled:
+    """A program the compiler refused for memory, as far as it is known: the arguments from the
+    abstract inputs' shard shapes, the temporaries the compiler says it needed (the device's
+    memory when its message does not say)."""
+    arguments = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+                    for leaf in jax.tree.leaves((state, batch)))
+    match = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
+    scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    temporaries = (int(float(match.group(1)) * scale[match.group(2)]) if match
+                   else target.memory)
+    return Compiled(arguments=arguments, outputs=arguments, aliased=arguments,
+                    temporaries=temporaries, generated_code=0, peak=arguments + temporaries,
+                    peak_buffers=[], flops=0.0, bytes_accessed=0.0, custom_calls={},
+                    compile_seconds=seconds, hlo="",
+                    refusal="\n".join(message.strip().splitlines()[:40]))
 
 
 @contextlib.contextmanager

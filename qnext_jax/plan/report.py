@@ -7,6 +7,7 @@ import jax
 from qnext_jax.plan.planner import Plan
 
 GiB = 1024 ** 3
+JAX_GPU_POOL = 0.75  # XLA_PYTHON_CLIENT_MEM_FRACTION's default
 
 
 def gib(value: float) -> str:
@@ -63,6 +64,13 @@ def format_plan(plan: Plan, buffers: int = 12) -> str:
         f"  kernels       {kernels or 'none'}",
         "",
     ]
+    if c.refusal:
+        lines += ["the compiler refused the program:"] + [f"  {line}" for line in
+                                                         c.refusal.splitlines()] + [""]
+    if t.platform == "cuda" and c.peak > JAX_GPU_POOL * t.memory:
+        lines += [f"note: jax's GPU allocator takes {JAX_GPU_POOL:.0%} of the memory by default "
+                  f"({gib(JAX_GPU_POOL * t.memory)}): run with XLA_PYTHON_CLIENT_MEM_FRACTION="
+                  f"{min(0.95, c.peak / t.memory + 0.05):.2f} or more", ""]
     if plan.fits:
         lines.append(f"FITS: {gib(c.peak)} <= {gib(plan.budget)}")
     else:

@@ -17,7 +17,6 @@ import difflib
 
 from qnext_jax.config import ConfigError
 
-GB = 10 ** 9
 GiB = 1024 ** 3
 
 
@@ -88,7 +87,8 @@ GPU_CHIPS = {
 @dataclasses.dataclass(frozen=True)
 class TpuChip:
     generation: str  # libtpu's topology prefix
-    memory: int  # HBM a chip
+    memory: int  # HBM a chip that programs may use: the TPU compiler's own limit ("available
+    # HBM" in its out-of-memory error), where measured; the data sheet's for v4
     bandwidth: float
     peak_bf16_flops: float
     cores_in_name: int  # TensorCores a chip counted by the slice name (v4/v5p: 2)
@@ -99,14 +99,14 @@ TPU_CHIPS = {
     "v4": TpuChip("v4", 32 * GiB, 1.228e12, 275e12, 2,
                   {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4",
                    128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}),
-    "v5p": TpuChip("v5p", int(95.74 * GB), 2.765e12, 459e12, 2,
+    "v5p": TpuChip("v5p", int(95.74 * GiB), 2.765e12, 459e12, 2,
                    {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4",
                     128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}),
-    "v5e": TpuChip("v5e", 16 * GiB, 0.819e12, 197e12, 1,
-                   {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
+    "v5e": TpuChip("v5e", int(15.75 * GiB), 0.819e12, 197e12, 1,
+                   {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
                     128: "8x16", 256: "16x16"}),
-    "v6e": TpuChip("v6e", 32 * GiB, 1.64e12, 918e12, 1,
-                   {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
+    "v6e": TpuChip("v6e", int(31.25 * GiB), 1.64e12, 918e12, 1,
+                   {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
                     128: "8x16", 256: "16x16"}),
 }
 

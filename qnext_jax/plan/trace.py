@@ -7,7 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from qnext_jax.config import ModelConfig
 from qnext_jax.data.batch import Batch
@@ -54,8 +54,9 @@ def lower_train_step(trainer: Trainer, global_batch: int, sequence_length: int,
     replicated = NamedSharding(mesh, P())
     # A mesh of the platform's (compile-only) devices is also the default device while
     # tracing: kernels that check their device then see the target (tokamax, Pallas Triton).
-    device = getattr(mesh, "devices", None)
-    device = device.flat[0] if device is not None and device.flat[0].platform != "cpu" else None
+    device = None if isinstance(mesh, AbstractMesh) else mesh.devices.flat[0]
+    if device is not None and device.platform == "cpu":
+        device = None
     with lowering_for(platform), jax.default_device(device):
         # A new function around the same step: jax caches traces per Python function and
         # shapes (across jit objects too), and a trace made for another platform would be reused.
