@@ -149,14 +149,14 @@ def test_a_run_whose_first_step_fails_leaves_nothing_behind(corpus, tmp_path, mo
     """Nothing was trained: the folder it made goes; a folder that was there (empty) stays,
     emptied; a run that trained a step keeps everything (here: the NaN's step named, its
     metrics to read)."""
-    make = loop.make_trainer
+    make = loop.trainer_for_run
 
     def failing_first_step(*args, **kwargs):
         def step(state, batch):
             raise RuntimeError("the first step failed")
         return make(*args, **kwargs)._replace(step=step)
 
-    monkeypatch.setattr(loop, "make_trainer", failing_first_step)
+    monkeypatch.setattr(loop, "trainer_for_run", failing_first_step)
     made = tmp_path / "made"
     there = tmp_path / "there"
     there.mkdir()
@@ -165,7 +165,7 @@ def test_a_run_whose_first_step_fails_leaves_nothing_behind(corpus, tmp_path, mo
             loop.train(config_for(corpus, run_dir, 2), run_dir, stream=io.StringIO())
     assert not made.exists() and there.is_dir() and not any(there.iterdir())
 
-    monkeypatch.setattr(loop, "make_trainer", make)
+    monkeypatch.setattr(loop, "trainer_for_run", make)
     place = loop.global_batch
     poisoned = lambda *args: place(*args)._replace(loss_mask=jnp.full((8, 32), jnp.nan))  # noqa
     monkeypatch.setattr(loop, "global_batch", poisoned)
@@ -187,7 +187,7 @@ def test_evaluation_off_or_impossible(corpus, tmp_path, monkeypatch):
                                     "train.eval_every=0"), tmp_path / "b", stream=io.StringIO())
     assert last["step"] == 3 and "eval_loss" not in last
     # An eval split smaller than one batch fails before anything is compiled.
-    monkeypatch.setattr(loop, "make_trainer", refuse_to_compile)
+    monkeypatch.setattr(loop, "trainer_for_run", refuse_to_compile)
     with pytest.raises(DataError, match=r"the eval split has \d+ rows of 33 tokens, fewer than one "
                                         r"batch \(train.batch_size=64\)"):
         loop.train(config_for(corpus, tmp_path / "c", 2, "train.batch_size=64"), tmp_path / "c",
