@@ -162,3 +162,14 @@ def test_a_preset_beside_init_from_hf_must_describe_the_checkpoint(monkeypatch, 
     with pytest.raises(ConfigError, match=r"describe different models: num_experts 8 vs 16, "
                                           r"rope_theta 10000.0 vs 1000000.0"):
         load_run_config(recipe, [f"train.init_from_hf={tmp_path}"])
+
+
+@pytest.mark.parametrize("recipe", ["cpt_80b_h100x64.yaml", "cpt_80b_v5p128.yaml"])
+def test_the_80b_recipes_load_from_any_directory(recipe, tmp_path, monkeypatch):
+    """Their preset is relative to the file, as ModelConfig.from_yaml reads it."""
+    monkeypatch.chdir(tmp_path)
+    config = load_run_config(REPO_ROOT / "configs" / recipe)
+    assert config.model.num_experts == 512 and config.model.num_hidden_layers == 48
+    assert (config.model.dtype, config.model.remat_policy) == ("bfloat16", "full")
+    assert (config.mesh.fsdp, config.mesh.expert) == (8, 8)
+    assert (config.train.batch_size, config.train.seq_len) == (64, 4096)
