@@ -13,8 +13,8 @@ from qnext_jax.ops.causal_attention import resolve_implementation
 from qnext_jax.ops.grouped_matmul import GroupedMatmulUnavailable
 from qnext_jax.ops.chunked_delta.pallas import default_backend as delta_rule_backend
 from qnext_jax.ops.platform import lowering_for, target_platform
-from qnext_jax.parallel.mesh import MeshConfig
-from qnext_jax.plan.compiler import make_target_mesh, target_devices
+from qnext_jax.parallel.mesh import MeshConfig, make_mesh
+from qnext_jax.plan.compiler import target_devices
 from qnext_jax.plan.targets import get_target
 from qnext_jax.plan.trace import lower_train_step, planned_trainer
 
@@ -77,7 +77,7 @@ def target_mesh(mesh_config, platform):
     """Compile-only devices of one GPU host or a TPU v5e-8 (tests/test_compile_*.py compile on
     them; here the step is only lowered)."""
     pytest.importorskip("jax_cuda12_plugin" if platform == "cuda" else "libtpu")
-    return make_target_mesh(mesh_config, target_devices(get_target(
+    return make_mesh(mesh_config, target_devices(get_target(
         "h100x8" if platform == "cuda" else "v5e-8")))
 
 

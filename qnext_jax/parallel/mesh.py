@@ -98,11 +98,17 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
         raise MeshError(f"{error} (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N "
                         "set before the program starts gives N devices)") from None
     shape = tuple(sizes[name] for name in MESH_AXES)
-    if devices == jax.devices():
-        # make_mesh orders devices for the physical topology (ICI rings, NVLink islands).
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if devices == jax.devices() or devices[0].platform != "cpu":
+        # make_mesh orders devices for the physical topology (ICI rings, NVLink islands): the
+        # local devices, or a compile-only topology's (qnext_jax.plan).
+        try:
+            return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+        except (NotImplementedError, ValueError, AssertionError):
+            # mesh_utils knows no physical order for this topology (a multi-slice or
+            # multi-host compile-only one, say): keep the order the devices are listed in.
+            pass
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def make_abstract_mesh(config: MeshConfig, num_devices: int) -> AbstractMesh:

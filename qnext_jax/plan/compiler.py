@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from qnext_jax.config import ConfigError
 from qnext_jax.ops.platform import lowering_for
@@ -267,20 +266,3 @@ def dense_expert_buffers(hlo_text: str, num_experts: int, routed_rows: int) -> l
             if routed_rows in rest:
                 found.add(f"[{dims}]")
     return sorted(found)
-
-
-def make_target_mesh(mesh_config, devices):
-    """The run's mesh over the target's devices, in the topology's physical order."""
-    from jax.sharding import AxisType
-
-    from qnext_jax.parallel.mesh import MESH_AXES
-
-    sizes = mesh_config.resolve(len(devices))
-    shape = tuple(sizes[name] for name in MESH_AXES)
-    try:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                             devices=devices)
-    except (NotImplementedError, ValueError, AssertionError):
-        # Topologies mesh_utils does not know keep the order the topology lists them in.
-        return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                                 axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from qnext_jax.config import ConfigError
-from qnext_jax.plan.compiler import Compiled, compile_step, make_target_mesh, target_devices
+from qnext_jax.plan.compiler import Compiled, compile_step, target_devices
+from qnext_jax.parallel.mesh import make_mesh
 from qnext_jax.plan.targets import Target
 from qnext_jax.train.run_config import RunConfig, check_run_config
 
@@ -87,7 +88,7 @@ def plan_run(config: RunConfig, target: Target, *, headroom: float = DEFAULT_HEA
     check_trainable_dtypes(config.model)
     sizes = config.mesh.resolve(target.chips)  # the mesh must cover the target exactly
     devices = target_devices(target)
-    mesh = make_target_mesh(config.mesh, devices)
+    mesh = make_mesh(config.mesh, devices)
     tc = config.train
     check_batch_size(tc.batch_size, tc.micro_batches, mesh)
     check_sequence_split(tc.seq_len, mesh, config.model)
