@@ -104,3 +104,47 @@ def test_on_a_gpu_tokamax_missing_or_refusing_is_an_error_naming_the_fix(monkeyp
         jax.eval_shape(grouped_matmul, *args)
     # Chosen knowingly, XLA's ragged_dot runs.
     assert jax.eval_shape(lambda *a: grouped_matmul(*a, impl="ragged"), *args).shape == (64, 8)
+
+
+def test_sorted_swiglu_experts_against_float64():
+    """grouped_swiglu's sort-by-expert path (what GPUs and TPUs run; here with the tiled
+    grouped matmul), skipped choices (ids past the local experts) included: values and the
+    gradients of tokens and weights against a per-token float64 loop."""
+    from qnext_jax.ops.grouped_swiglu import grouped_swiglu
+
+    rng = np.random.default_rng(3)
+    tokens, top_k, groups, width, hidden = 40, 3, 4, 6, 8
+    x = rng.normal(size=(tokens, hidden))
+    routing = rng.random((tokens, top_k))
+    experts = rng.integers(0, groups + 1, (tokens, top_k))  # id `groups`: lives elsewhere
+    gate, up = (0.5 * rng.normal(size=(groups, hidden, width)) for _ in range(2))
+    down = 0.5 * rng.normal(size=(groups, width, hidden))
+    cotangent = rng.normal(size=(tokens, hidden))
+
+    def reference(x, gate, up, down):
+        out = np.zeros((tokens, hidden))
+        for n in range(tokens):
+            for j in range(top_k):
+                e = experts[n, j]
+                if e < groups:
+                    a, b = x[n] @ gate[e], x[n] @ up[e]
+                    out[n] += routing[n, j] * ((a / (1 + np.exp(-a)) * b) @ down[e])
+        return np.sum(out * cotangent)
+
+    def ours(x, gate, up, down):
+        out = grouped_swiglu(x, jnp.asarray(routing, jnp.float32), jnp.asarray(experts),
+                             gate, up, down, impl="tiled")
+        return jnp.sum(out * cotangent)
+
+    args = [jnp.asarray(a, jnp.float32) for a in (x, gate, up, down)]
+    value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2, 3))(*args)
+    np.testing.assert_allclose(value, reference(x, gate, up, down), rtol=1e-5)
+    step = 1e-6  # central differences of the float64 loop, four coordinates per argument
+    for i, (arg, grad) in [(i, pair) for i, pair in enumerate(zip((x, gate, up, down), grads))
+                           for _ in range(4)]:
+        index = tuple(rng.integers(0, s) for s in arg.shape)
+        plus, minus = [a.copy() for a in (x, gate, up, down)], [a.copy() for a in (x, gate, up, down)]
+        plus[i][index] += step
+        minus[i][index] -= step
+        numeric = (reference(*plus) - reference(*minus)) / (2 * step)
+        np.testing.assert_allclose(grad[index], numeric, rtol=2e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """The fused LM head + cross-entropy against float64 NumPy: per-token losses and the gradients of
 a weighted sum of them, for both weight layouts, one chunk (whose logits the backward keeps)
-and chunk sizes that do and do not divide the token count (recomputed), and on an 8-device mesh with the vocabulary split over `tensor`."""
+and chunk sizes that do and do not divide the token count (recomputed), and on 8-device meshes with the vocabulary split over `tensor` and the weight's width over
+the parameter axes."""
 
 import jax
 import jax.numpy as jnp
@@ -63,16 +64,21 @@ def test_matches_numpy(inputs, vocab_major, chunk_tokens):
 
 
 @pytest.mark.parametrize("vocab_major", [False, True])
-def test_vocabulary_parallel_on_a_mesh_equals_one_device(inputs, vocab_major):
+@pytest.mark.parametrize("layout", [dict(data=2, fsdp=2, expert=1, tensor=2),
+                                    dict(data=1, fsdp=2, expert=2, sequence=2, tensor=1)])
+def test_vocabulary_parallel_on_a_mesh_equals_one_device(inputs, vocab_major, layout):
+    """The vocabulary over `tensor`, tokens over rows and sequence shards, the weight's width
+    over the parameter axes (fsdp x sequence x expert): its gradient is reduce-scattered."""
     hidden, weight, targets, loss_grad = inputs
     weight = weight.T if vocab_major else weight
     kwargs = dict(vocab_major=vocab_major, chunk_tokens=5)
     single = losses_and_grads(hidden, weight, targets, loss_grad, **kwargs)
 
-    mesh = make_mesh(MeshConfig(data=2, fsdp=2, expert=1, tensor=2))
-    rows = NamedSharding(mesh, P(("data", "fsdp", "expert"), None))
-    acts = NamedSharding(mesh, P(("data", "fsdp", "expert"), None, None))
-    weights = NamedSharding(mesh, P("tensor", "fsdp") if vocab_major else P("fsdp", "tensor"))
+    mesh = make_mesh(MeshConfig(**layout))
+    rows = NamedSharding(mesh, P(("data", "fsdp", "expert"), "sequence"))
+    acts = NamedSharding(mesh, P(("data", "fsdp", "expert"), "sequence", None))
+    width = ("fsdp", "sequence", "expert")
+    weights = NamedSharding(mesh, P("tensor", width) if vocab_major else P(width, "tensor"))
 
     @jax.jit
     def sharded(hidden, weight, targets, loss_grad):
@@ -82,6 +88,7 @@ def test_vocabulary_parallel_on_a_mesh_equals_one_device(inputs, vocab_major):
 
     placed = [jax.device_put(x, s) for x, s in
               zip((hidden, weight, targets, loss_grad), (acts, weights, rows, rows))]
+    assert "reduce_scatter" in sharded.lower(*placed).as_text()  # the weight's gradient
     for name, a, b in zip(("loss", "grad hidden", "grad weight"), sharded(*placed), single):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
                                    err_msg=name)

@@ -44,6 +44,9 @@ def test_impossible_mesh_shapes(build, message):
      "linear_num_key_heads = 2 is not divisible by mesh.tensor = 4"),
     (MeshConfig(fsdp=2, expert=4), {"num_experts": 6}, "num_experts = 6 is not divisible by mesh.expert = 4"),
     (MeshConfig(fsdp=8), {"hidden_size": 68}, "hidden_size = 68 is not divisible by mesh.fsdp = 8"),
+        (MeshConfig(fsdp=2, sequence=2, expert=2), {"hidden_size": 36},
+         "hidden_size = 36 is not divisible by mesh.fsdp x mesh.sequence x mesh.expert = "
+         "2 x 2 x 2 = 8"),
 ])
 def test_model_that_does_not_fit_the_mesh(tiny, mesh, changes, message):
     with pytest.raises(MeshError) as error:
@@ -79,8 +82,11 @@ def test_sequence_must_split_over_sequence_shards(tiny):
 def test_kv_heads_replicate_when_tensor_exceeds_them(tiny):
     config = tiny.replace(num_attention_heads=8, linear_num_key_heads=4, linear_num_value_heads=8)
     rules = ShardingRules(config, make_abstract_mesh(MeshConfig(fsdp=2, tensor=4), 8))
-    assert rules.spec(("embed", "kv_heads", "head_dim")) == P("fsdp", None, None)
-    assert rules.spec(("embed", "heads", "head_dim")) == P("fsdp", "tensor", None)
+    width = ("fsdp", "sequence", "expert")
+    assert rules.spec(("embed", "kv_heads", "head_dim")) == P(width, None, None)
+    assert rules.spec(("embed", "heads", "head_dim")) == P(width, "tensor", None)
+    # The routed experts: experts on `expert`, their width on the rest.
+    assert rules.spec(("experts", "embed", "mlp")) == P("expert", ("fsdp", "sequence"), "tensor")
 
 
 def test_80b_step_lowers_on_a_64_device_abstract_mesh():

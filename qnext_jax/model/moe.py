@@ -20,10 +20,7 @@ from qnext_jax.model.params import cast, compute_dtype, normal_param, param
 from qnext_jax.model.projections import project_together
 from qnext_jax.parallel.axes import under_mesh
 from qnext_jax.ops.grouped_swiglu import grouped_swiglu
-from qnext_jax.parallel.expert_parallel import expert_parallel_ffn
-
-EXPERT_IN = ("experts", "embed", "mlp")  # gate and up projections [X, E, F]
-EXPERT_OUT = ("experts", "mlp", "embed")  # down projection [X, F, E]
+from qnext_jax.parallel.expert_parallel import EXPERT_IN, EXPERT_OUT, expert_parallel_ffn
 
 
 class RouterStats(NamedTuple):

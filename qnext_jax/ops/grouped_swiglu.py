@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from qnext_jax.ops.bucketed_swiglu import DEFAULT_TILE, bucketed_swiglu
 from qnext_jax.ops.grouped_matmul import grouped_matmul
 from qnext_jax.ops.platform import target_platform
-from qnext_jax.ops.take_rows import take_rows
+from qnext_jax.ops.take_rows import take_sorted_copies
 
 
 def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "auto"):
@@ -32,7 +32,7 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "
     flat_experts = experts.reshape(-1)  # [N*k]
     order = jnp.argsort(flat_experts, stable=True)  # skipped choices sort last
     # [N*k, E] grouped by expert; a token's k gradient rows are summed in fp32.
-    rows = take_rows(tokens, order // top_k)
+    rows = take_sorted_copies(tokens, order, top_k)
     group_sizes = jnp.bincount(flat_experts, length=num_groups).astype(jnp.int32)
     gate = grouped_matmul(rows, gate_w, group_sizes, impl=impl)  # [N*k, F]
     up = grouped_matmul(rows, up_w, group_sizes, impl=impl)
@@ -41,5 +41,8 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "
     # Rows past the last group are not computed; zero them rather than trust their contents.
     computed = (flat_experts[order] < num_groups)[:, None]
     out_sorted = jnp.where(computed, out_sorted, 0)
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(num_tokens, top_k, -1)
+    # Back to token order by a gather (the inverse permutation), which XLA fuses into the
+    # weighted sum over the k choices: no [N*k, E] unsorted copy is written.
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    out = out_sorted[inverse].reshape(num_tokens, top_k, -1)
     return jnp.einsum("NKE,NK->NE", out, weights)

@@ -7,6 +7,8 @@ PartitionSpecs for parameters, optimizer state, batches, activations and the MoE
 
 from __future__ import annotations
 
+import math
+
 import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -15,11 +17,20 @@ from qnext_jax.config import ModelConfig
 from qnext_jax.ops.linear_cross_entropy import HeadSharding
 from qnext_jax.parallel.mesh import BATCH_AXES, MESH_AXES, MeshError, axis_size
 
+# The mesh axes that shard the model width of every parameter (ZeRO-3): each axis that would
+# otherwise hold a replica. `fsdp` by name; `sequence` and `expert` split the tokens of the
+# dense layers, so without this every sequence or expert shard would hold (and update) the
+# whole dense model and its AdamW state: for the 80B as expert 8 x sequence 8, 12.3B parameters
+# a device instead of 1.3B. Only `data` (plain data parallelism) and `tensor` (which shards
+# heads and widths itself) keep replicas. A weight whose expert axis is already on `expert`
+# (the routed experts) shards its width over the rest (logical_spec uses a mesh axis once).
+EMBED_AXES = ("fsdp", "sequence", "expert")
+
 LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
-    # Parameters. FSDP shards the model width; tensor parallelism shards heads and MLP widths;
-    # expert parallelism shards the expert axis.
+    # Parameters. The width is sharded as above; tensor parallelism shards heads and MLP
+    # widths; expert parallelism shards the expert axis.
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": EMBED_AXES,
     "heads": "tensor",  # attention query heads (and their output gate)
     "kv_heads": "tensor",  # replicated instead when tensor > kv heads, as GQA does everywhere
     "key_heads": "tensor",  # DeltaNet key heads
@@ -41,13 +52,15 @@ LOGICAL_TO_MESH: dict[str, str | tuple[str, ...] | None] = {
 
 def check_model_fits_mesh(config: ModelConfig, mesh) -> None:
     """Raises MeshError for a dimension the mesh cannot split evenly, naming both."""
-    tensor, expert, fsdp = (axis_size(mesh, n) for n in ("tensor", "expert", "fsdp"))
+    tensor, expert = (axis_size(mesh, n) for n in ("tensor", "expert"))
+    width_shards = {n: axis_size(mesh, n) for n in EMBED_AXES}  # every parameter's width
     checks = [
         ("num_attention_heads", config.num_attention_heads, "tensor", tensor),
         ("linear_num_key_heads", config.linear_num_key_heads, "tensor", tensor),
         ("linear_num_value_heads", config.linear_num_value_heads, "tensor", tensor),
         ("vocab_size", config.vocab_size, "tensor", tensor),
-        ("hidden_size", config.hidden_size, "fsdp", fsdp),
+        ("hidden_size", config.hidden_size, _product_label(width_shards),
+         math.prod(width_shards.values())),
     ]
     if config.num_experts:
         checks += [
@@ -65,6 +78,14 @@ def check_model_fits_mesh(config: ModelConfig, mesh) -> None:
             raise MeshError(
                 f"model {field} = {size} is not divisible by mesh.{mesh_axis} = {shards}"
             )
+
+
+def _product_label(sizes: dict[str, int]) -> str:
+    """'fsdp' for one axis that splits; 'fsdp x mesh.sequence = 4 x 2' for several."""
+    split = {name: size for name, size in sizes.items() if size > 1} or {"fsdp": 1}
+    if len(split) == 1:
+        return next(iter(split))
+    return " x mesh.".join(split) + " = " + " x ".join(str(size) for size in split.values())
 
 
 class ShardingRules:
@@ -116,12 +137,25 @@ class ShardingRules:
 
 
 def logical_spec(logical_axes, table=LOGICAL_TO_MESH) -> PartitionSpec:
-    parts = []
+    """The PartitionSpec of logical axes. A mesh axis shards one dimension at most: a later
+    dimension mapped to an axis an earlier one took keeps the rest of its axes (the routed
+    experts' [experts, embed, mlp]: experts on `expert`, the width on fsdp x sequence)."""
+    parts, used = [], set()
     for name in logical_axes:
         if name is not None and name not in table:
             raise KeyError(f"logical axis {name!r} is not in the sharding table")
-        parts.append(None if name is None else table[name])
+        mesh_axes = () if name is None else spec_axes(table[name])
+        free = tuple(axis for axis in mesh_axes if axis not in used)
+        used.update(free)
+        parts.append(None if not free else free[0] if isinstance(table[name], str) else free)
     return PartitionSpec(*parts)
+
+
+def spec_axes(part) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (a name, a tuple of names or None) as a tuple."""
+    if part is None:
+        return ()
+    return (part,) if isinstance(part, str) else tuple(part)
 
 
 def param_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
@@ -146,7 +180,8 @@ def head_sharding() -> HeadSharding | None:
     if not under_mesh() or jax.sharding.get_abstract_mesh().size == 1:
         return None
     hidden = logical_spec(("batch", "sequence"))
-    return HeadSharding(hidden[0], hidden[1], logical_spec(("vocab",))[0])
+    return HeadSharding(hidden[0], hidden[1], logical_spec(("vocab",))[0],
+                        logical_spec(("embed",))[0])
 
 
 def shard_map_logical(fn, in_axes, out_axes):

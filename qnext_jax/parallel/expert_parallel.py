@@ -33,8 +33,11 @@ from jax.sharding import PartitionSpec
 
 from qnext_jax.ops.grouped_swiglu import grouped_swiglu
 from qnext_jax.ops.take_rows import take_rows
-from qnext_jax.parallel.axes import logical_spec
+from qnext_jax.parallel.axes import logical_spec, spec_axes
 from qnext_jax.parallel.mesh import TOKEN_AXES, axis_size
+
+EXPERT_IN = ("experts", "embed", "mlp")  # gate and up projections [X, E, F]
+EXPERT_OUT = ("experts", "mlp", "embed")  # down projection [X, F, E]
 
 
 def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
@@ -49,16 +52,32 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
         # sum the weight gradients over one-device axes (a copy per layer on XLA:CPU).
         return grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl)
     tokens_spec = PartitionSpec(TOKEN_AXES, None)
-    in_specs = (
-        tokens_spec, tokens_spec, tokens_spec,
-        logical_spec(("experts", None, "mlp")), logical_spec(("experts", None, "mlp")),
-        logical_spec(("experts", "mlp", None)),
-    )
-    local = partial(_dispatch_compute_combine, shards=axis_size(mesh, "expert"),
-                    capacity_factor=capacity_factor, impl=impl)
+    weight_in, weight_out = logical_spec(EXPERT_IN), logical_spec(EXPERT_OUT)
+    in_specs = (tokens_spec, tokens_spec, tokens_spec, weight_in, weight_in, weight_out)
+    width_axes_in, width_axes_out = spec_axes(weight_in[1]), spec_axes(weight_out[2])
+
+    def local(tokens, weights, experts, gate_w, up_w, down_w):
+        # The weights come in as stored (their width split over fsdp and the other axes that
+        # shard parameters) and are gathered here, explicitly: the gather's transpose is a
+        # reduce-scatter, so each device's expert-weight gradients stay sharded. Gathered by
+        # GSPMD on entry instead, the backward all-reduces whole gradients over the token
+        # axes (1 GiB a projection a layer for the 80B without expert parallelism).
+        gate_w, up_w = (_gather_width(w, width_axes_in, 1) for w in (gate_w, up_w))
+        down_w = _gather_width(down_w, width_axes_out, 2)
+        return _dispatch_compute_combine(
+            tokens, weights, experts, gate_w, up_w, down_w, shards=axis_size(mesh, "expert"),
+            capacity_factor=capacity_factor, impl=impl)
+
     # check_vma=False: Pallas kernels inside (the TPU megablox GMM) declare no varying axes.
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=tokens_spec,
                          check_vma=False)(tokens, weights, experts, gate_w, up_w, down_w)
+
+
+def _gather_width(weight, mesh_axes, axis):
+    if not mesh_axes or all(jax.lax.axis_size(a) == 1 for a in mesh_axes):
+        return weight
+    return jax.lax.all_gather(weight, mesh_axes, axis=axis, tiled=True)
+
 
 
 def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *, shards,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--headroom", type=float, default=None,
                         help="fraction of a device's memory kept free (default 0.10)")
     parser.add_argument("--buffers", type=int, default=12, help="largest buffers to list")
+    parser.add_argument("--hlo", metavar="FILE",
+                        help="write the compiled (optimised) program's HLO text to FILE")
     parser.add_argument("--list-targets", action="store_true")
     args = parser.parse_intermixed_args(argv)
 
@@ -59,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_plan(plan, buffers=args.buffers))
+    if args.hlo:
+        Path(args.hlo).expanduser().write_text(plan.compiled.hlo)
     return 0 if plan.fits else 1
 
 

@@ -63,6 +63,7 @@ class TrainConfig:
             raise ConfigError(f"train.eval_every must be >= 0 (0: no evaluation), got {self.eval_every}")
 
 
+HF_REMAT_POLICY = "full"  # train.init_from_hf without a preset or model.remat_policy
 # The ModelConfig fields a run chooses (numerics, kernels, remat); every other field is the
 # checkpoint's, from its config.json.
 _RUN_CHOICES = ("dtype", "param_dtype", "router_dtype", "delta_rule_impl", "attention_impl",
@@ -173,6 +174,10 @@ def build_run_config(values: dict[str, dict[str, Any]]) -> RunConfig:
                     f"{key} {preset_config.get(key)!r} vs {hf_config.get(key)!r}"
                     for key in differ[:6]) + "; drop the preset to train the checkpoint's")
         numerics = {key: value for key, value in preset_config.items() if key in _RUN_CHOICES}
+        if preset is None:
+            # Released checkpoints are large (the smallest Qwen3-Next has 80B parameters): no
+            # device holds their step with every layer's activations kept for the backward.
+            numerics = {"remat_policy": HF_REMAT_POLICY}
         model_values = {**hf_config, **numerics, **model_values}
     elif preset is not None:
         model_values = {**preset_config, **model_values}
