@@ -4,6 +4,7 @@ machine (`python -m qnext_jax.plan` for each), as one markdown table for docs/be
     pip install -e '.[aot]'
     python benchmarks/plan_recipes.py                 # all plans (about 15 minutes on 2 cores)
     python benchmarks/plan_recipes.py --only gpu_1b   # the plans whose name contains it
+    python benchmarks/plan_recipes.py --long-context  # the 80B from 4K to 262K tokens a row
 
 Each plan runs in its own process (a compile of the 80B holds several GB of host memory).
 Compile-only devices: no autotuning, so figures are memory and program structure; the floor is
@@ -37,6 +38,27 @@ PLANS = [
 ]
 
 
+def _long(length: int, rows: int, **mesh) -> list[str]:
+    """Overrides for the 80B at `rows` x `length` tokens on the given mesh (other axes 1)."""
+    sizes = {"data": 1, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 1, **mesh}
+    return [f"train.batch_size={rows}", f"train.seq_len={length}",
+            *(f"mesh.{axis}={size}" for axis, size in sizes.items())]
+
+
+# The 80B at 4,096 tokens a device (262,144 a step on 64 devices) as the row grows from 4K (the
+# recipes above) to 262K tokens: rows = 64 / (the devices a row spans). docs/long_context.md.
+V5P, H100 = "configs/cpt_80b_v5p128.yaml", "configs/cpt_80b_h100x64.yaml"
+LONG_CONTEXT = [
+    ("80B 32K, fsdp 8 x sequence 8", V5P, _long(32768, 8, fsdp=8, sequence=8), "v5p-128", 1),
+    ("80B 32K, expert 8 x sequence 8", V5P, _long(32768, 8, expert=8, sequence=8), "v5p-128", 1),
+    ("80B 262K, sequence 64", V5P, _long(262144, 1, sequence=64), "v5p-128", 1),
+    ("80B 128K, fsdp 2 x sequence 32", V5P, _long(131072, 2, fsdp=2, sequence=32), "v5p-128", 1),
+    ("80B 32K, expert 8 x sequence 8", H100, _long(32768, 8, expert=8, sequence=8), "h100x8", 8),
+    ("80B 128K, fsdp 2 x sequence 32", H100, _long(131072, 2, fsdp=2, sequence=32), "h100x8", 8),
+    ("80B 262K, sequence 64", H100, _long(262144, 1, sequence=64), "h100x8", 8),
+]
+
+
 def run_plan(config: str, overrides: list[str], target: str, hosts: int) -> dict:
     """One plan in a child process; its row as a dict."""
     code = (
@@ -66,9 +88,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run the plans whose name contains this")
     parser.add_argument("--reports", action="store_true", help="print each plan's full report")
+    parser.add_argument("--long-context", action="store_true",
+                        help="the 80B from 4K to 262K tokens a row (docs/long_context.md) "
+                             "instead of the recipes")
     args = parser.parse_args()
     rows = []
-    for name, config, overrides, target, hosts in PLANS:
+    for name, config, overrides, target, hosts in LONG_CONTEXT if args.long_context else PLANS:
         if args.only and args.only not in name:
             continue
         row = {"plan": name, **run_plan(config, overrides, target, hosts)}

@@ -54,22 +54,25 @@ def test_take_rows_sums_its_gradient_in_fp32():
 
 
 def test_take_sorted_copies_against_float64():
-    """The MoE's rows sorted by expert (each token read once per choice): the value is the
-    gather; the gradient sums each token's copies in fp32, without a scatter."""
+    """The MoE's rows sorted by expert (each token read once per choice, the first `kept`
+    choices of the order): the value is the gather; the gradient sums each token's copies in
+    fp32, without a scatter."""
     rng = np.random.default_rng(1)
     tokens, copies, width = 512, 10, 16
     table = jnp.asarray(rng.normal(size=(tokens, width)), jnp.bfloat16)
-    order = jnp.asarray(np.argsort(rng.integers(0, 64, tokens * copies), kind="stable"))
-    rows = take_sorted_copies(table, order, copies)
-    np.testing.assert_array_equal(np.asarray(rows), np.asarray(table)[np.asarray(order) // copies])
-    cotangent = jnp.asarray(rng.normal(0.5, 1.0, (tokens * copies, width)), jnp.bfloat16)
-    grad = jax.grad(lambda t: jnp.vdot(take_sorted_copies(t, order, copies).astype(jnp.float32),
-                                       cotangent.astype(jnp.float32)))(table)
-    expected = np.zeros((tokens, width))
-    np.add.at(expected, np.asarray(order) // copies, np.asarray(cotangent, np.float64))
-    assert grad.dtype == jnp.bfloat16 and bf16_rounding_error(grad, expected) <= 1.0
-    with pytest.raises(ValueError, match="permutation of 5120 indices"):
-        take_sorted_copies(table, order[:-1], copies)
+    full_order = np.argsort(rng.integers(0, 64, tokens * copies), kind="stable")
+    for kept in (tokens * copies, 3000):  # every choice; the first 3,000 (the rest dropped)
+        order = jnp.asarray(full_order[:kept])
+        rows = take_sorted_copies(table, order, copies)
+        np.testing.assert_array_equal(np.asarray(rows), np.asarray(table)[full_order[:kept] // copies])
+        cotangent = jnp.asarray(rng.normal(0.5, 1.0, (kept, width)), jnp.bfloat16)
+        grad = jax.grad(lambda t: jnp.vdot(take_sorted_copies(t, order, copies).astype(jnp.float32),
+                                           cotangent.astype(jnp.float32)))(table)
+        expected = np.zeros((tokens, width))
+        np.add.at(expected, full_order[:kept] // copies, np.asarray(cotangent, np.float64))
+        assert grad.dtype == jnp.bfloat16 and bf16_rounding_error(grad, expected) <= 1.0, kept
+    with pytest.raises(ValueError, match="at most 5120 indices"):
+        take_sorted_copies(table, jnp.zeros(5121, jnp.int32), copies)
 
 
 def test_embedding_rows_gradient_against_float64(bf16_config):

@@ -3,6 +3,8 @@ compile-only): the Mosaic kernels (delta rule, splash attention, megablox) compi
 lowered, the expert-parallel all-to-alls, no dense expert buffer, and the memory the compiler
 assigns."""
 
+import math
+
 import pytest
 
 pytest.importorskip("libtpu", reason="needs libtpu's compiler: pip install 'qnext_jax[aot]'")
@@ -55,3 +57,19 @@ def test_a_program_the_compiler_refuses_is_a_plan_that_does_not_fit(capsys):
     assert code == 1
     assert "the compiler refused the program" in out and "RESOURCE_EXHAUSTED" in out
     assert "DOES NOT FIT" in out and "model.remat_policy=full" in out
+
+
+def test_expert_parallel_rows_are_proportional_to_n_k():
+    """One MoE layer (64 experts, top 8, expert 8, 4,096 tokens a device, capacity factor
+    1.25) compiled, forward and backward: the grouped matmuls' rows are c * n * k = 40,960, not
+    one per received id (S * C * k = 262,144, the dropless worst case)."""
+    from compile_configs import compile_moe_layer
+
+    tokens, top_k, shards, factor = 4096, 8, 8, 1.25
+    memory, buffers = compile_moe_layer(
+        "v5e-8", {"fsdp": 1, "expert": shards}, tokens, hidden_size=512, num_experts=64,
+        num_experts_per_tok=top_k, moe_capacity_factor=factor)
+    row_counts = {int(b.shape.split("[")[1].split(",")[0]) for b in buffers
+                  if b.shape.endswith((",512]", ",128]")) and b.shape.count(",") == 1}
+    assert max(row_counts) == math.ceil(factor * tokens * top_k), sorted(row_counts)
+    assert memory.temp_size_in_bytes < 400 * 2 ** 20  # 1.0 GiB dropless (S * n * k rows)

@@ -64,20 +64,31 @@ def test_expert_parallel_equals_dense(mesh_name):
                                    err_msg=str(path))
 
 
-def dropped_weights(weights, experts, shards, local_experts, capacity):
+def dropped_weights(weights, experts, shards, local_experts, capacity, choices):
     """NumPy statement of the capacity rule: each device's tokens, in order, fill each
-    destination's buffer; a token past `capacity` loses its choices on that destination."""
+    destination's buffer; a token past `capacity` loses its choices on that destination. Each
+    destination then computes at most `choices` of the choices it received, in arrival order
+    (source device, then buffer slot, then the token's choice order); the rest are dropped."""
     weights = np.array(weights)
+    experts = np.asarray(experts)
     tokens_per_device = len(experts) // shards
+    kept = np.zeros(weights.shape, bool)
     for device in range(shards):
         rows = slice(device * tokens_per_device, (device + 1) * tokens_per_device)
-        home = np.asarray(experts[rows]) // local_experts
+        home = experts[rows] // local_experts
         for destination in range(shards):
             visits = (home == destination).any(axis=1)
-            overflow = visits & (np.cumsum(visits) - 1 >= capacity)
-            block = weights[rows]
-            block[overflow[:, None] & (home == destination)] = 0
-            weights[rows] = block
+            fits = visits & (np.cumsum(visits) - 1 < capacity)
+            kept[rows] |= fits[:, None] & (home == destination)
+    for destination in range(shards):
+        computed = 0
+        for device in range(shards):
+            for token in range(device * tokens_per_device, (device + 1) * tokens_per_device):
+                for j in range(experts.shape[1]):
+                    if kept[token, j] and experts[token, j] // local_experts == destination:
+                        computed += 1
+                        kept[token, j] = computed <= choices
+    weights[~kept] = 0
     return weights
 
 
@@ -90,9 +101,16 @@ def test_capacity_factor_drops_overflowing_choices_only(factor):
     tokens = x.reshape(-1, config.hidden_size)
     _, weights, experts = route(tokens @ moe.router[...], config.num_experts_per_tok, True)
     shards, per_device = 4, tokens.shape[0] // 4
-    capacity = min(per_device, math.ceil(factor * per_device * config.num_experts_per_tok / shards))
-    kept = dropped_weights(weights, experts, shards, config.num_experts // shards, capacity)
+    top_k = config.num_experts_per_tok
+    capacity = min(per_device, math.ceil(factor * per_device * top_k / shards))
+    choices = min(shards * capacity * top_k, math.ceil(factor * per_device * top_k))
+    kept = dropped_weights(weights, experts, shards, config.num_experts // shards, capacity,
+                           choices)
     assert (kept == 0).sum() > 0  # the factor is small enough to drop something
+    unbounded = dropped_weights(weights, experts, shards, config.num_experts // shards,
+                                capacity, choices=10 ** 9)
+    if factor < 1:  # the receive side's bound drops choices the buffers' bound kept
+        assert (kept == 0).sum() > (unbounded == 0).sum()
     routed = moe.experts_dense(tokens, jnp.asarray(kept), experts)
     shared = jax.nn.sigmoid(tokens @ moe.shared_expert_gate[...])[:, None] * moe.shared_expert(tokens)
     np.testing.assert_allclose(out.reshape(tokens.shape), routed + shared, rtol=1e-5, atol=1e-6)

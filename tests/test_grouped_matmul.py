@@ -106,10 +106,12 @@ def test_on_a_gpu_tokamax_missing_or_refusing_is_an_error_naming_the_fix(monkeyp
     assert jax.eval_shape(lambda *a: grouped_matmul(*a, impl="ragged"), *args).shape == (64, 8)
 
 
-def test_sorted_swiglu_experts_against_float64():
+@pytest.mark.parametrize("bounded", [False, True])
+def test_sorted_swiglu_experts_against_float64(bounded):
     """grouped_swiglu's sort-by-expert path (what GPUs and TPUs run; here with the tiled
     grouped matmul), skipped choices (ids past the local experts) included: values and the
-    gradients of tokens and weights against a per-token float64 loop."""
+    gradients of tokens, expert weights and routing weights against a per-token float64 loop; `bounded`: told how many
+    choices are computed (max_choices, the expert-parallel receive side), on fewer rows."""
     from qnext_jax.ops.grouped_swiglu import grouped_swiglu
 
     rng = np.random.default_rng(3)
@@ -120,8 +122,9 @@ def test_sorted_swiglu_experts_against_float64():
     gate, up = (0.5 * rng.normal(size=(groups, hidden, width)) for _ in range(2))
     down = 0.5 * rng.normal(size=(groups, width, hidden))
     cotangent = rng.normal(size=(tokens, hidden))
+    max_choices = int((experts < groups).sum()) if bounded else None
 
-    def reference(x, gate, up, down):
+    def reference(x, gate, up, down, routing):
         out = np.zeros((tokens, hidden))
         for n in range(tokens):
             for j in range(top_k):
@@ -131,19 +134,20 @@ def test_sorted_swiglu_experts_against_float64():
                     out[n] += routing[n, j] * ((a / (1 + np.exp(-a)) * b) @ down[e])
         return np.sum(out * cotangent)
 
-    def ours(x, gate, up, down):
-        out = grouped_swiglu(x, jnp.asarray(routing, jnp.float32), jnp.asarray(experts),
-                             gate, up, down, impl="tiled")
+    def ours(x, gate, up, down, routing):
+        out = grouped_swiglu(x, routing, jnp.asarray(experts), gate, up, down, impl="tiled",
+                             max_choices=max_choices)
         return jnp.sum(out * cotangent)
 
-    args = [jnp.asarray(a, jnp.float32) for a in (x, gate, up, down)]
-    value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2, 3))(*args)
-    np.testing.assert_allclose(value, reference(x, gate, up, down), rtol=1e-5)
+    inputs = (x, gate, up, down, routing)
+    args = [jnp.asarray(a, jnp.float32) for a in inputs]
+    value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2, 3, 4))(*args)
+    np.testing.assert_allclose(value, reference(*inputs), rtol=1e-5)
     step = 1e-6  # central differences of the float64 loop, four coordinates per argument
-    for i, (arg, grad) in [(i, pair) for i, pair in enumerate(zip((x, gate, up, down), grads))
+    for i, (arg, grad) in [(i, pair) for i, pair in enumerate(zip(inputs, grads))
                            for _ in range(4)]:
         index = tuple(rng.integers(0, s) for s in arg.shape)
-        plus, minus = [a.copy() for a in (x, gate, up, down)], [a.copy() for a in (x, gate, up, down)]
+        plus, minus = [a.copy() for a in inputs], [a.copy() for a in inputs]
         plus[i][index] += step
         minus[i][index] -= step
         numeric = (reference(*plus) - reference(*minus)) / (2 * step)

@@ -12,15 +12,19 @@ import jax.numpy as jnp
 from qnext_jax.ops.bucketed_swiglu import DEFAULT_TILE, bucketed_swiglu
 from qnext_jax.ops.grouped_matmul import grouped_matmul
 from qnext_jax.ops.platform import target_platform
-from qnext_jax.ops.take_rows import take_sorted_copies
+from qnext_jax.ops.take_rows import combine_sorted, take_sorted_copies
 
 
-def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "auto"):
+def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "auto", *,
+                   max_choices: int | None = None):
     """Dropless SwiGLU experts as one grouped matmul per projection.
 
     tokens [N, E]; weights, experts [N, k] (expert ids >= the number of local experts, G, are
     choices that live elsewhere and are skipped); gate_w, up_w [G, E, F]; down_w [G, F, E].
     impl: the grouped matmul's (ops/grouped_matmul.py); "auto" on CPU is capacity buckets.
+    max_choices: at most this many choices are not skipped (the caller guarantees it): the
+        grouped matmuls then run on that many rows instead of N * k (the expert-parallel
+        receive buffer, whose tokens carry k ids of which about k / S are local).
     Returns [N, E]: for every token the sum over its choices of weight * expert(token).
     """
     num_tokens, top_k = experts.shape
@@ -30,19 +34,22 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "
         # decoding, take the gathered grouped matmul below).
         return bucketed_swiglu(tokens, weights, experts, gate_w, up_w, down_w)
     flat_experts = experts.reshape(-1)  # [N*k]
-    order = jnp.argsort(flat_experts, stable=True)  # skipped choices sort last
-    # [N*k, E] grouped by expert; a token's k gradient rows are summed in fp32.
+    rows_computed = flat_experts.size if max_choices is None else min(max_choices,
+                                                                      flat_experts.size)
+    # Skipped choices sort last, so the first `rows_computed` hold every computed one.
+    order = jnp.argsort(flat_experts, stable=True)[:rows_computed]
+    # [rows, E] grouped by expert; a token's k gradient rows are summed in fp32.
     rows = take_sorted_copies(tokens, order, top_k)
     group_sizes = jnp.bincount(flat_experts, length=num_groups).astype(jnp.int32)
-    gate = grouped_matmul(rows, gate_w, group_sizes, impl=impl)  # [N*k, F]
+    if rows_computed < flat_experts.size:  # never more rows in the groups than computed
+        ends = jnp.minimum(jnp.cumsum(group_sizes), rows_computed)
+        group_sizes = jnp.diff(ends, prepend=0).astype(jnp.int32)
+    gate = grouped_matmul(rows, gate_w, group_sizes, impl=impl)  # [rows, F]
     up = grouped_matmul(rows, up_w, group_sizes, impl=impl)
     out_sorted = grouped_matmul(jax.nn.silu(gate) * up, down_w, group_sizes,
-                                impl=impl)  # [N*k, E]
+                                impl=impl)  # [rows, E]
     # Rows past the last group are not computed; zero them rather than trust their contents.
-    computed = (flat_experts[order] < num_groups)[:, None]
+    computed = (jnp.arange(rows_computed) < jnp.sum(group_sizes))[:, None]
     out_sorted = jnp.where(computed, out_sorted, 0)
-    # Back to token order by a gather (the inverse permutation), which XLA fuses into the
-    # weighted sum over the k choices: no [N*k, E] unsorted copy is written.
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    out = out_sorted[inverse].reshape(num_tokens, top_k, -1)
-    return jnp.einsum("NKE,NK->NE", out, weights)
+    # Back to token order, weighted, by gathers (no [N*k, E] unsorted copy, no scatter).
+    return combine_sorted(out_sorted, order, weights)

@@ -57,35 +57,71 @@ _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def take_sorted_copies(table, order, copies: int):
-    """table[order // copies] for `order` a permutation of range(len(table) * copies): every
-    row of the table read `copies` times, in the order given (the MoE's tokens sorted by
-    expert, one copy per top-k choice).
+    """table[order // copies] for `order` the first L entries of a permutation of
+    range(len(table) * copies): rows of the table read up to `copies` times each, in the order
+    given (the MoE's tokens sorted by expert, one copy per top-k choice; L < rows * copies when
+    the choices past L are dropped).
 
-    Same value as take_rows(table, order // copies); the backward needs no scatter: the
-    permutation is undone with a gather and each row's `copies` cotangents are summed in fp32
-    as one reduction, which XLA fuses with the gather. take_rows' scatter-add would first
-    materialise every cotangent in fp32 ([rows * copies, width], 2.5 GiB a layer for the 80B's
-    expert-parallel buffers)."""
-    if order.shape != (table.shape[0] * copies,):
-        raise ValueError(f"order must be a permutation of {table.shape[0] * copies} indices, "
-                         f"got shape {order.shape}")
-    return _take_sorted_copies(table, order, copies)
+    Same value as take_rows(table, order // copies), and the gradient is summed in fp32 too,
+    but when most copies are kept (dropless) the backward needs no scatter: the permutation is
+    undone with a gather and each row's `copies` cotangents are summed in fp32 as one
+    reduction. take_rows' scatter-add would first materialise every cotangent in fp32
+    ([rows * copies, width], 2.5 GiB a layer for the 80B's expert-parallel buffers); with few
+    copies kept (a capacity factor) that is the smaller form, [kept, width] fp32."""
+    if order.ndim != 1 or order.shape[0] > table.shape[0] * copies:
+        raise ValueError(f"order must be at most {table.shape[0] * copies} indices of a "
+                         f"permutation, got shape {order.shape}")
+    return _take_sorted_copies(table, order, copies, table.shape[0])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _take_sorted_copies(table, order, copies):
+def inverse_positions(order, length: int):
+    """For each of range(length), its position in `order` (part of a permutation of
+    range(length)); len(order) for the indices `order` leaves out."""
+    return jnp.full((length,), order.shape[0], order.dtype).at[order].set(
+        jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _take_sorted_copies(table, order, copies, table_rows):
     return table[order // copies]
 
 
-def _take_sorted_copies_fwd(table, order, copies):
+def _take_sorted_copies_fwd(table, order, copies, table_rows):
     return table[order // copies], order
 
 
-def _take_sorted_copies_bwd(copies, order, cotangent):
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    by_copy = cotangent[inverse].reshape(-1, copies, cotangent.shape[-1])  # [rows, copies, E]
+def _take_sorted_copies_bwd(copies, table_rows, order, cotangent):
+    if not _gathers_back(order.shape[0], table_rows * copies):  # few copies kept: add them
+        grad = jnp.zeros((table_rows, cotangent.shape[-1]), jnp.float32)
+        grad = grad.at[order // copies].add(cotangent.astype(jnp.float32))
+        return grad.astype(cotangent.dtype), None
+    inverse = inverse_positions(order, table_rows * copies)  # len(order): a dropped copy
+    by_copy = cotangent.at[inverse].get(mode="fill", fill_value=0)
+    by_copy = by_copy.reshape(table_rows, copies, cotangent.shape[-1])
     grad = jnp.sum(by_copy, axis=1, dtype=jnp.float32).astype(cotangent.dtype)
     return grad, None
 
 
 _take_sorted_copies.defvjp(_take_sorted_copies_fwd, _take_sorted_copies_bwd)
+
+
+def combine_sorted(rows, order, weights):
+    """out[n] = sum_j weights[n, j] * rows[position of n * k + j in `order`] (zero for a
+    choice `order` leaves out): the MoE's expert outputs, sorted by expert, back in token
+    order and weighted by their routing weights. rows [L, E]; order [L] (the first L entries
+    of a permutation of range(N * k)); weights [N, k]. Memory as take_sorted_copies' backward:
+    [N * k, E] in the rows' dtype when L is most of N * k, else [L, E] fp32 added into [N, E]."""
+    tokens, copies = weights.shape
+    if _gathers_back(order.shape[0], tokens * copies):
+        inverse = inverse_positions(order, tokens * copies).reshape(tokens, copies)
+        picked = rows.at[inverse].get(mode="fill", fill_value=0)  # [N, k, E]
+        return jnp.einsum("NKE,NK->NE", picked, weights.astype(rows.dtype))
+    weighted = rows.astype(jnp.float32) * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
+    out = jnp.zeros((tokens, rows.shape[1]), jnp.float32).at[order // copies].add(weighted)
+    return out.astype(rows.dtype)
+
+
+def _gathers_back(kept: int, total: int) -> bool:
+    """Undo a sort by gathering all `total` positions ([total, E] in the compute dtype) or by
+    adding the `kept` rows in fp32 ([kept, E] fp32): whichever is smaller."""
+    return 2 * kept >= total

@@ -19,7 +19,20 @@ Communication per token per MoE layer (forward; the backward repeats it), in row
               destination's buffer for all n tokens, S rows per token each way — the volume of
               an all-gather, but no token is ever dropped; a capacity factor c sizes them to
               c * n * k / S rows, about c * k rows per token each way, and drops overflow.
-XLA:CPU has no `ragged_all_to_all`, so this dense-buffer form is the one that runs everywhere.
+
+Memory per MoE layer and device (n tokens, k choices, S shards, factor c):
+  receive buffer   S * C token rows: S * n dropless, about c * n * k with a factor;
+  grouped matmuls  one row per local choice, not one per received id (a received token carries
+                   k ids, about k / S of them local): S * n * k rows dropless — a static buffer
+                   must hold the worst case, every token of the group choosing this device;
+                   MaxText's ragged all-to-all receive buffer has the same size — and c * n * k
+                   with a factor, the local choices past it (in arrival order) dropped.
+The expert weights arrive as stored (experts over `expert`, their width over the parameter axes)
+and are all-gathered inside, so that their gradients leave reduce-scattered.
+
+`ragged_all_to_all` would put only the filled rows on the wire, but its receive buffers have
+the same static worst case, and XLA:CPU does not run it: this dense-buffer form runs on every
+platform and is tested on CPU meshes against one device.
 """
 
 from __future__ import annotations
@@ -117,11 +130,18 @@ def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *,
     exchange = partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0,
                        tiled=True)  # [S (destination), C, ...] -> [S (source), C, ...]
     received = exchange(send_tokens).reshape(shards * capacity, -1)
+    received_ids = exchange(send_ids).reshape(shards * capacity, top_k)
+    choices = _choice_capacity(num_tokens, top_k, shards, capacity, capacity_factor)
+    if choices < received_ids.size:
+        # Of the S * C * k ids received, about n * k name a local expert: the grouped matmuls
+        # run on c * n * k rows, and local choices past them (in arrival order: by source
+        # device, then buffer slot) are dropped like any over capacity.
+        local = (received_ids < local_experts).reshape(-1)
+        arrived = jnp.cumsum(local).reshape(received_ids.shape)
+        received_ids = jnp.where(arrived <= choices, received_ids, local_experts)
     out_rows = grouped_swiglu(
-        received,
-        exchange(send_weights).reshape(shards * capacity, top_k),
-        exchange(send_ids).reshape(shards * capacity, top_k),
-        gate_w, up_w, down_w, impl,
+        received, exchange(send_weights).reshape(shards * capacity, top_k), received_ids,
+        gate_w, up_w, down_w, impl, max_choices=choices,
     )
     returned = exchange(out_rows.reshape(shards, capacity, -1))  # [S (expert device), C, E]
     gathered = returned.at[device, slot].get(mode="fill", fill_value=0)  # [n, S, E]
@@ -134,6 +154,16 @@ def _capacity(num_tokens, top_k, shards, capacity_factor):
     if capacity_factor is None:
         return num_tokens
     return min(num_tokens, max(1, math.ceil(capacity_factor * num_tokens * top_k / shards)))
+
+
+def _choice_capacity(num_tokens, top_k, shards, capacity, capacity_factor):
+    """Rows of the grouped matmuls on each device: every received choice when dropless (a
+    static buffer must hold the worst case, every token of the S devices choosing this one:
+    S * n * k), else c * n * k (each device's expected share, n * k, times the factor)."""
+    received = shards * capacity * top_k
+    if capacity_factor is None:
+        return received
+    return min(received, max(1, math.ceil(capacity_factor * num_tokens * top_k)))
 
 
 def _sum_over_tensor(out):

@@ -107,7 +107,7 @@ def compile_step(trainer, global_batch: int, seq_len: int, target: Target) -> Co
             return refused(str(error), state, batch, target, time.perf_counter() - start)
         seconds = time.perf_counter() - start
         memory = compiled.memory_analysis()
-        module = _step_module(Path(dump))
+        module = step_module(Path(dump))
         hlo = module["hlo"].read_text()
         buffers = peak_buffers(module["live_range"].read_text(), hlo)
     modules = compiled.runtime_executable().hlo_modules()
@@ -152,7 +152,7 @@ def _quiet_tokamax():
         logger.setLevel(level)
 
 
-def _step_module(dump: Path) -> dict[str, Path]:
+def step_module(dump: Path) -> dict[str, Path]:
     """The dump's files of the step's module (the largest one: XLA also compiles small helper
     modules) after optimisation."""
     live_ranges = sorted(dump.glob("*after_optimizations-live-range.txt"),
