@@ -161,10 +161,11 @@ def test_a_step_that_cannot_fit_stops_before_allocating_and_one_that_fits_runs_c
     mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
     trainer = trainer_for_run(config, ShardingRules(config.model, mesh))
     assert device_memory_limit(trainer) is None  # a CPU: nothing to check against
-    assert compile_checked(trainer, 2, 64, None) is trainer
-    with pytest.raises(DoesNotFit, match=r"needs .* GiB a device .* allocator holds 0.00 GiB"):
-        compile_checked(trainer, 2, 64, limit=1024)
-    checked = compile_checked(trainer, 2, 64, limit=64 * GiB)
+    assert compile_checked(trainer, config, None) is trainer
+    with pytest.raises(DoesNotFit, match=r"needs .* GiB a device .* allocator holds 0.00 GiB. "
+                                         r"Try: \S+"):  # the planner's advice
+        compile_checked(trainer, config, limit=1024)
+    checked = compile_checked(trainer, config, limit=64 * GiB)
     assert checked.step is not trainer.step
     batch = jax.device_put(packed_batch(rows=2, length=64), trainer.batch_sharding)
     _, jitted = trainer.step(trainer.init(), batch)

@@ -50,29 +50,36 @@ class Plan:
         """What would bring the peak under the budget, most effective first."""
         if self.fits:
             return []
-        config, compiled, mesh = self.config, self.compiled, self.mesh
-        tips = []
-        rows = config.train.batch_size // (config.train.micro_batches
-                                           * mesh["data"] * mesh["fsdp"] * mesh["expert"])
-        if compiled.temporaries > compiled.arguments:
-            if config.model.remat_policy != "full":
-                tips.append(f"model.remat_policy=full (now {config.model.remat_policy}): keep "
-                            "only each layer's input for the backward pass")
-            if rows > 1:
-                tips.append(f"train.micro_batches={config.train.micro_batches * 2}: "
-                            f"{rows} rows a device per micro-batch now; half the activations")
-            if config.train.seq_len >= 8192 and mesh["sequence"] == 1:
-                tips.append("mesh.sequence=N: split each row's tokens over N devices")
-        if mesh["data"] > 1:
-            tips.append(f"mesh.fsdp={mesh['fsdp'] * mesh['data']} mesh.data=1: shard the "
-                        "parameters and optimizer state over the data-parallel devices too")
-        elif compiled.arguments > 0.3 * self.budget:
-            tips.append("more devices on mesh.fsdp (or mesh.expert for the experts): the "
-                        f"parameters and optimizer state take {compiled.arguments / 2**30:.1f} "
-                        "GiB a device")
-        if not tips:
-            tips.append("a target with more memory a device, or more devices")
-        return tips
+        return fit_advice(self.config, self.mesh, self.compiled.arguments,
+                          self.compiled.temporaries, self.budget)
+
+
+def fit_advice(config: RunConfig, mesh: dict[str, int], arguments: float, temporaries: float,
+               budget: float) -> list[str]:
+    """The changes that would bring a step that does not fit under `budget` bytes a device,
+    most effective first, from where its memory goes (arguments: parameters, optimizer state
+    and batch; temporaries: activations and the step's buffers)."""
+    tips = []
+    rows = config.train.batch_size // (config.train.micro_batches
+                                       * mesh["data"] * mesh["fsdp"] * mesh["expert"])
+    if temporaries > arguments:
+        if config.model.remat_policy != "full":
+            tips.append(f"model.remat_policy=full (now {config.model.remat_policy}): keep "
+                        "only each layer's input for the backward pass")
+        if rows > 1:
+            tips.append(f"train.micro_batches={config.train.micro_batches * 2}: "
+                        f"{rows} rows a device per micro-batch now; half the activations")
+        if config.train.seq_len >= 8192 and mesh["sequence"] == 1:
+            tips.append("mesh.sequence=N: split each row's tokens over N devices")
+    if mesh["data"] > 1:
+        tips.append(f"mesh.fsdp={mesh['fsdp'] * mesh['data']} mesh.data=1: shard the "
+                    "parameters and optimizer state over the data-parallel devices too")
+    elif arguments > 0.3 * budget:
+        tips.append("more devices on mesh.fsdp, mesh.sequence or mesh.expert: the parameters "
+                    f"and optimizer state take {arguments / 2**30:.1f} GiB a device")
+    if not tips:
+        tips.append("a target with more memory a device, or more devices")
+    return tips
 
 
 def plan_run(config: RunConfig, target: Target, *, headroom: float = DEFAULT_HEADROOM) -> Plan:

@@ -118,8 +118,7 @@ def train(config: RunConfig, run_dir: Path, stream=None):
         # ---- Compilation and the initial state.
         trainer = trainer_for_run(config, rules)
         if tc.check_memory:  # on a GPU/TPU: compiled, and checked, before any allocation
-            trainer = compile_checked(trainer, tc.batch_size, tc.seq_len,
-                                      device_memory_limit(trainer))
+            trainer = compile_checked(trainer, config, device_memory_limit(trainer))
         state = _initial_state(trainer, checkpoints, start, train_data, config, run_dir, log)
         evaluate = Evaluator(trainer, config, eval_rows, num_eval_batches) if tc.eval_every else None
         sink = MetricsLog(run_dir, resumed_at=start, run_config=config.to_dict(),

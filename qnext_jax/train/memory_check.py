@@ -11,7 +11,9 @@ from __future__ import annotations
 import jax
 
 from qnext_jax.config import ConfigError
+from qnext_jax.parallel.mesh import MESH_AXES
 from qnext_jax.plan.trace import abstract_inputs
+from qnext_jax.train.run_config import RunConfig
 from qnext_jax.train.step import Trainer
 
 GiB = 1024 ** 3
@@ -38,22 +40,28 @@ def device_memory_limit(trainer: Trainer) -> int | None:
     return (device.memory_stats() or {}).get("bytes_limit")
 
 
-def compile_checked(trainer: Trainer, global_batch: int, seq_len: int, limit: int | None,
-                    config_hint: str = "") -> Trainer:
-    """The trainer with its step compiled for these shapes; DoesNotFit when the compiled step
-    needs more than `limit` bytes a device. With no limit, the trainer unchanged."""
+def compile_checked(trainer: Trainer, config: RunConfig, limit: int | None) -> Trainer:
+    """The trainer with its step compiled for the run's batch; DoesNotFit, naming what to
+    change, when the compiled step needs more than `limit` bytes a device. With no limit, the
+    trainer unchanged."""
+    from qnext_jax.plan.planner import fit_advice
+
     if limit is None:
         return trainer
-    state, batch = abstract_inputs(trainer, global_batch, seq_len)
+    tc = config.train
+    state, batch = abstract_inputs(trainer, tc.batch_size, tc.seq_len)
     compiled = trainer.step.trace(state, batch).lower().compile()
     memory = compiled.memory_analysis()
     peak = peak_bytes(memory)
     if peak > limit:
+        mesh = trainer.batch_sharding.mesh
+        sizes = {name: mesh.shape.get(name, 1) for name in MESH_AXES}
+        tips = fit_advice(config, sizes, memory.argument_size_in_bytes,
+                          memory.temp_size_in_bytes, limit)
         raise DoesNotFit(
             f"the train step needs {peak / GiB:.2f} GiB a device (parameters, optimizer state "
             f"and batch {memory.argument_size_in_bytes / GiB:.2f}, temporaries "
             f"{memory.temp_size_in_bytes / GiB:.2f}) but the device's allocator holds "
-            f"{limit / GiB:.2f} GiB; `python -m qnext_jax.plan {config_hint or 'RUN_CONFIG'} "
-            "--target ...` lists the buffers that make the peak and what would help "
-            "(remat_policy=full, micro-batches, more fsdp)")
+            f"{limit / GiB:.2f} GiB. Try: " + "; ".join(tips) + ". `python -m qnext_jax.plan "
+            "RUN_CONFIG --target ...` lists the buffers that make the peak")
     return trainer._replace(step=compiled)
