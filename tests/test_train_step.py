@@ -84,24 +84,26 @@ def check_specs(state):
     stacked-layer axis)."""
     params = nnx.to_flat_state(state.params)
     spec = {"/".join(map(str, path)): v.value.sharding.spec for path, v in params}
+    # Every weight's width over the axes that would replicate it; the experts' over the rest.
+    W, EW = ("fsdp", "sequence", "expert"), ("fsdp", "sequence")
     expected = {
-        "embed": P("tensor", "fsdp"),
-        "lm_head": P("fsdp", "tensor"),
+        "embed": P("tensor", W),
+        "lm_head": P(W, "tensor"),
         "final_norm/weight": P(None),
-        "blocks/layers/0/mixer/q_proj": P(None, "fsdp", "tensor", None),
-        "blocks/layers/0/mixer/v_proj": P(None, "fsdp", "tensor", None),
+        "blocks/layers/0/mixer/q_proj": P(None, W, "tensor", None),
+        "blocks/layers/0/mixer/v_proj": P(None, W, "tensor", None),
         "blocks/layers/0/mixer/A_log": P(None, "tensor"),
         "blocks/layers/0/mixer/conv_q": P(None, None, "tensor", None),
-        "blocks/layers/0/mixer/out_proj": P(None, "tensor", None, "fsdp"),
-        "blocks/layers/3/mixer/q_proj": P(None, "fsdp", "tensor", None),
-        "blocks/layers/3/mixer/k_proj": P(None, "fsdp", "tensor", None),  # 2 kv heads, tensor 2
-        "blocks/layers/3/mixer/o_proj": P(None, "tensor", None, "fsdp"),
-        "blocks/layers/0/mlp/router": P(None, "fsdp", None),
-        "blocks/layers/0/mlp/gate_proj": P(None, "expert", "fsdp", "tensor"),
-        "blocks/layers/0/mlp/down_proj": P(None, "expert", "tensor", "fsdp"),
-        "blocks/layers/0/mlp/shared_expert/up_proj": P(None, "fsdp", "tensor"),
-        "mtp/fc": P(None, "fsdp"),
-        "mtp/layers/0/mlp/gate_proj": P("expert", "fsdp", "tensor"),
+        "blocks/layers/0/mixer/out_proj": P(None, "tensor", None, W),
+        "blocks/layers/3/mixer/q_proj": P(None, W, "tensor", None),
+        "blocks/layers/3/mixer/k_proj": P(None, W, "tensor", None),  # 2 kv heads, tensor 2
+        "blocks/layers/3/mixer/o_proj": P(None, "tensor", None, W),
+        "blocks/layers/0/mlp/router": P(None, W, None),
+        "blocks/layers/0/mlp/gate_proj": P(None, "expert", EW, "tensor"),
+        "blocks/layers/0/mlp/down_proj": P(None, "expert", "tensor", EW),
+        "blocks/layers/0/mlp/shared_expert/up_proj": P(None, W, "tensor"),
+        "mtp/fc": P(None, W),
+        "mtp/layers/0/mlp/gate_proj": P("expert", EW, "tensor"),
     }
     for name, want in expected.items():
         assert spec[name] == want, name

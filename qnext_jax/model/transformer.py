@@ -10,6 +10,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from qnext_jax.config import ModelConfig
 from qnext_jax.model.decoder_layer import DecoderBlock
@@ -20,7 +21,7 @@ from qnext_jax.model.params import cast, compute_dtype, normal_param
 from qnext_jax.model.rope import rotary_tables
 from qnext_jax.ops.platform import target_platform
 from qnext_jax.ops.take_rows import take_rows
-from qnext_jax.parallel.axes import constrain
+from qnext_jax.parallel.axes import constrain, constrain_spec, logical_spec
 
 HIDDEN_AXES = ("batch", "sequence", "act_embed")
 
@@ -51,8 +52,11 @@ class Qwen3NextModel(nnx.Module):
         token's row in fp32 (a frequent token's thousands of bf16 rows would round away)."""
         # FSDP: gather the table's width before the lookup (a lookup into a width-sharded table
         # would leave the rows width-sharded, and XLA can only re-shard that by replicating).
+        # The backward adds the rows into the table's gradient where its width shard lives.
         return take_rows(self.embed[...], input_ids, compute_dtype(self.config),
-                         constrain=lambda table: constrain(table, ("vocab", None)))
+                         constrain=lambda table: constrain(table, ("vocab", None)),
+                         grad_layout=(lambda grad: constrain(grad, ("vocab", "embed")),
+                                      width_sharded_rows))
 
     def head_weight(self):
         """(weight in the compute dtype, vocab_major): the tied embedding [V, E] or the LM
@@ -114,6 +118,13 @@ class Qwen3NextModel(nnx.Module):
         mtp_logits = tuple(self.head(h) for h in mtp_hidden) if logits else ()
         return ModelOutput(main_logits, hidden, router_stats, mtp_logits, mtp_router_stats,
                            tuple(mtp_hidden))
+
+
+def width_sharded_rows(x):
+    """[B, T, E] activations split on their width as the parameters are (the token axes that
+    shard parameters gather the tokens instead); a no-op without a mesh."""
+    width, rows = logical_spec(("embed", "batch"))  # `batch` keeps the axes `embed` leaves
+    return constrain_spec(x, PartitionSpec(rows, None, width))
 
 
 def unrolled_layers(config: ModelConfig) -> bool:

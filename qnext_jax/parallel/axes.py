@@ -200,10 +200,15 @@ def shard_map_logical(fn, in_axes, out_axes):
 
 def constrain(x, logical_axes):
     """with_sharding_constraint by logical names under the ambient mesh; a no-op without one."""
+    return constrain_spec(x, logical_spec(logical_axes))
+
+
+def constrain_spec(x, spec: PartitionSpec):
+    """with_sharding_constraint to a PartitionSpec under the ambient mesh; a no-op without one."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(logical_axes)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _is_variable(x) -> bool:
