@@ -51,5 +51,5 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "
     # Rows past the last group are not computed; zero them rather than trust their contents.
     computed = (jnp.arange(rows_computed) < jnp.sum(group_sizes))[:, None]
     out_sorted = jnp.where(computed, out_sorted, 0)
-    # Back to token order, weighted, by gathers (no [N*k, E] unsorted copy, no scatter).
+    # Back to token order, weighted; memory proportional to the rows computed.
     return combine_sorted(out_sorted, order, weights)

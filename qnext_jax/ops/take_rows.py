@@ -6,6 +6,10 @@ of 8,192 tokens read accumulates 5,734 cotangents, and once the running sum is 2
 than an addend the addend rounds away (measured: 1.07 instead of 5.68). The MoE's token gather
 (one row per top-k choice) and its dispatch buffers lose less, but the same way. Here the
 forward is the same gather in the compute dtype; the backward adds in fp32 and rounds once.
+
+`take_sorted_copies` and `combine_sorted` are the MoE's two permutations (tokens sorted by
+expert, one copy per choice, and the experts' outputs back in token order), written so that
+their memory follows the rows actually computed rather than every (token, choice) pair.
 """
 
 from __future__ import annotations
