@@ -75,6 +75,49 @@ def test_take_sorted_copies_against_float64():
         take_sorted_copies(table, jnp.zeros(5121, jnp.int32), copies)
 
 
+@pytest.mark.parametrize("kept", [5120, 3000, 1000])  # gathered back; added in fp32
+def test_sorted_permutations_ignore_rows_past_computed(kept):
+    """take_sorted_copies' gradient and combine_sorted (values, rows' and weights' gradients)
+    against float64 when only the first `computed` sorted rows are real and the rest hold NaN
+    (a grouped matmul's unwritten rows): nothing past `computed` may reach a result."""
+    from qnext_jax.ops.take_rows import combine_sorted
+
+    rng = np.random.default_rng(2)
+    tokens, copies, width = 512, 10, 16
+    order = np.argsort(rng.integers(0, 64, tokens * copies), kind="stable")[:kept]
+    computed = kept - 200
+    rows = rng.normal(size=(kept, width))
+    rows[computed:] = np.nan
+    weights = rng.random((tokens, copies))
+    cotangent = rng.normal(size=(tokens, width))
+    args = (jnp.asarray(rows, jnp.bfloat16), jnp.asarray(weights, jnp.bfloat16))
+    value, pull = jax.vjp(lambda r, w: combine_sorted(r, jnp.asarray(order), w,
+                                                      jnp.int32(computed)), *args)
+    grad_rows, grad_weights = pull(jnp.asarray(cotangent, jnp.bfloat16))
+
+    r64, w64 = (np.asarray(a, np.float64) for a in args)
+    c64 = np.asarray(jnp.asarray(cotangent, jnp.bfloat16), np.float64)
+    expected, expected_rows, expected_weights = (np.zeros((tokens, width)), np.zeros_like(r64),
+                                                 np.zeros((tokens, copies)))
+    for p in range(computed):
+        n, j = divmod(order[p], copies)
+        expected[n] += w64[n, j] * r64[p]
+        expected_rows[p] = w64[n, j] * c64[n]
+        expected_weights[n, j] = r64[p] @ c64[n]
+    assert bf16_rounding_error(value, expected) <= 1.0
+    assert bf16_rounding_error(grad_rows, expected_rows) <= 1.0
+    assert bf16_rounding_error(grad_weights, expected_weights) <= 1.0
+
+    table = jnp.asarray(rng.normal(size=(tokens, width)), jnp.bfloat16)
+    sorted_cotangent = args[0]  # NaN past `computed`
+    _, pull = jax.vjp(lambda t: take_sorted_copies(t, jnp.asarray(order), copies,
+                                                   jnp.int32(computed)), table)
+    (grad,) = pull(sorted_cotangent)
+    expected_table = np.zeros((tokens, width))
+    np.add.at(expected_table, order[:computed] // copies, r64[:computed])
+    assert bf16_rounding_error(grad, expected_table) <= 1.0
+
+
 def test_embedding_rows_gradient_against_float64(bf16_config):
     """The lookup the main model and the MTP module share: 5,734 of 8,192 tokens read one row."""
     rng = np.random.default_rng(1)

@@ -106,13 +106,42 @@ def test_on_a_gpu_tokamax_missing_or_refusing_is_an_error_naming_the_fix(monkeyp
     assert jax.eval_shape(lambda *a: grouped_matmul(*a, impl="ragged"), *args).shape == (64, 8)
 
 
+def _unwritten_past_rows(rows, weights, group_sizes, *, impl, zero_past_rows=True):
+    """A grouped matmul as GPU and TPU kernels leave it when not told to zero: the rows past
+    the last group NaN (unwritten memory) in the output and in the rows' gradient."""
+    assert not zero_past_rows, "grouped_swiglu masks the rows itself"
+    past = (jnp.arange(rows.shape[0]) >= jnp.sum(group_sizes))[:, None]
+
+    @jax.custom_vjp
+    def product(rows, weights):
+        return jnp.where(past, jnp.nan, tiled_grouped_matmul(rows, weights, group_sizes, 8))
+
+    def forward(rows, weights):
+        return product(rows, weights), (rows, weights)
+
+    def backward(saved, cotangent):
+        _, pull = jax.vjp(lambda r, w: tiled_grouped_matmul(r, w, group_sizes, 8), *saved)
+        grad_rows, grad_weights = pull(cotangent)
+        return jnp.where(past, jnp.nan, grad_rows), grad_weights
+
+    product.defvjp(forward, backward)
+    return product(rows, weights)
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "unwritten"])
 @pytest.mark.parametrize("bounded", [False, True])
-def test_sorted_swiglu_experts_against_float64(bounded):
+def test_sorted_swiglu_experts_against_float64(bounded, kernel, monkeypatch):
     """grouped_swiglu's sort-by-expert path (what GPUs and TPUs run; here with the tiled
     grouped matmul), skipped choices (ids past the local experts) included: values and the
     gradients of tokens, expert weights and routing weights against a per-token float64 loop; `bounded`: told how many
-    choices are computed (max_choices, the expert-parallel receive side), on fewer rows."""
+    choices are computed (max_choices, the expert-parallel receive side), on fewer rows.
+    `unwritten`: the grouped matmuls leave NaN past the last group, as the GPU and TPU kernels
+    leave unwritten memory: none of it may reach a value or a gradient."""
+    from qnext_jax.ops import grouped_swiglu as module
     from qnext_jax.ops.grouped_swiglu import grouped_swiglu
+
+    if kernel == "unwritten":
+        monkeypatch.setattr(module, "grouped_matmul", _unwritten_past_rows)
 
     rng = np.random.default_rng(3)
     tokens, top_k, groups, width, hidden = 40, 3, 4, 6, 8
@@ -143,6 +172,8 @@ def test_sorted_swiglu_experts_against_float64(bounded):
     args = [jnp.asarray(a, jnp.float32) for a in inputs]
     value, grads = jax.value_and_grad(ours, argnums=(0, 1, 2, 3, 4))(*args)
     np.testing.assert_allclose(value, reference(*inputs), rtol=1e-5)
+    for name, grad in zip(("tokens", "gate", "up", "down", "routing"), grads):
+        assert np.all(np.isfinite(grad)), name
     step = 1e-6  # central differences of the float64 loop, four coordinates per argument
     for i, (arg, grad) in [(i, pair) for i, pair in enumerate(zip(inputs, grads))
                            for _ in range(4)]:

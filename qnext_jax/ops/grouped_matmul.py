@@ -44,17 +44,21 @@ _reported: set[str] = set()
 
 
 def grouped_matmul(rows, weights, group_sizes, *, impl: str = "auto", tile: int = 64,
-                   interpret: bool | None = None):
+                   interpret: bool | None = None, zero_past_rows: bool = True):
     """rows [R, K] sorted by group; weights [G, K, F]; group_sizes [G] (sum <= R; rows past the
     sum are not computed and come back as zeros). Returns [R, F] in rows' dtype.
-    interpret: run the megablox kernel in Pallas' interpret mode (default: on CPU)."""
+    interpret: run the megablox kernel in Pallas' interpret mode (default: on CPU).
+    zero_past_rows=False: the rows past the sum, in the output and in the rows' gradient, are
+        left as the kernel leaves them (unwritten memory on GPU and TPU): for a caller that
+        masks them once for several products (grouped_swiglu), since every mask here is a
+        copy of [R, K] or [R, F] in the forward and again in the backward."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"grouped matmul impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
         impl = {"cpu": "tiled", "tpu": "megablox", "gpu": "tokamax"}[target_platform()]
     if impl == "tokamax":
         try:
-            return _masked(_tokamax_ragged_dot, rows, weights, group_sizes)
+            return _masked(_tokamax_ragged_dot, rows, weights, group_sizes, zero_past_rows)
         except Exception as error:
             reasons = _tokamax_unavailable(error)
             if reasons is None:
@@ -77,7 +81,7 @@ def grouped_matmul(rows, weights, group_sizes, *, impl: str = "auto", tile: int 
         if interpret is None:
             interpret = target_platform() == "cpu"
         return _masked(lambda *a: _megablox_gmm(*a, interpret=interpret), rows, weights,
-                       group_sizes)
+                       group_sizes, zero_past_rows)
     if impl == "ragged":
         return jax.lax.ragged_dot(rows, weights, group_sizes)
     return tiled_grouped_matmul(rows, weights, group_sizes, tile)
@@ -99,10 +103,12 @@ def _tokamax_unavailable(error):
     return None
 
 
-def _masked(kernel, rows, weights, group_sizes):
+def _masked(kernel, rows, weights, group_sizes, zero_past_rows):
     """The kernel's product with the rows past the last group zeroed on the way in and out:
     kernels leave those output rows (and the rows' gradient there) unwritten. `where`'s
     gradient selects, so unwritten values never reach a real row."""
+    if not zero_past_rows:
+        return kernel(rows, weights, group_sizes.astype(jnp.int32)).astype(rows.dtype)
     valid = (jnp.arange(rows.shape[0]) < jnp.sum(group_sizes))[:, None]
     out = kernel(jnp.where(valid, rows, 0), weights, group_sizes.astype(jnp.int32))
     return jnp.where(valid, out, 0).astype(rows.dtype)

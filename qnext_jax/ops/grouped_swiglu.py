@@ -38,18 +38,26 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "
                                                                       flat_experts.size)
     # Skipped choices sort last, so the first `rows_computed` hold every computed one.
     order = jnp.argsort(flat_experts, stable=True)[:rows_computed]
-    # [rows, E] grouped by expert; a token's k gradient rows are summed in fp32.
-    rows = take_sorted_copies(tokens, order, top_k)
     group_sizes = jnp.bincount(flat_experts, length=num_groups).astype(jnp.int32)
     if rows_computed < flat_experts.size:  # never more rows in the groups than computed
         ends = jnp.minimum(jnp.cumsum(group_sizes), rows_computed)
         group_sizes = jnp.diff(ends, prepend=0).astype(jnp.int32)
-    gate = grouped_matmul(rows, gate_w, group_sizes, impl=impl)  # [rows, F]
-    up = grouped_matmul(rows, up_w, group_sizes, impl=impl)
-    out_sorted = grouped_matmul(jax.nn.silu(gate) * up, down_w, group_sizes,
-                                impl=impl)  # [rows, E]
-    # Rows past the last group are not computed; zero them rather than trust their contents.
-    computed = (jnp.arange(rows_computed) < jnp.sum(group_sizes))[:, None]
-    out_sorted = jnp.where(computed, out_sorted, 0)
+    # The grouped matmuls leave the rows past the last group unwritten (GPU and TPU kernels),
+    # in their outputs and in the rows' gradients. Masked around each product (grouped_matmul's
+    # default), every [rows, E] buffer would be copied twice each way: 1.25 GiB a copy for the
+    # 80B's dropless expert-parallel rows. Here the permutations on either side read only the
+    # first `computed` rows (their gradients included), and the projections are masked inside
+    # the SwiGLU's elementwise fusion, before silu, so unwritten values meet only selects.
+    computed = jnp.sum(group_sizes)
+    # [rows, E] grouped by expert; a token's k gradient rows are summed in fp32.
+    rows = take_sorted_copies(tokens, order, top_k, computed)
+    # Gate and up as one product: the rows' gradient comes out of one kernel, not two to add.
+    width = gate_w.shape[2]
+    gate_up = grouped_matmul(rows, jnp.concatenate([gate_w, up_w], axis=2), group_sizes,
+                             impl=impl, zero_past_rows=False)  # [rows, 2F]
+    gate_up = jnp.where((jnp.arange(rows_computed) < computed)[:, None], gate_up, 0)
+    hidden = jax.nn.silu(gate_up[:, :width]) * gate_up[:, width:]
+    out_sorted = grouped_matmul(hidden, down_w, group_sizes, impl=impl,
+                                zero_past_rows=False)  # [rows, E]
     # Back to token order, weighted; memory proportional to the rows computed.
-    return combine_sorted(out_sorted, order, weights)
+    return combine_sorted(out_sorted, order, weights, computed)

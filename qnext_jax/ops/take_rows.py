@@ -71,7 +71,7 @@ def _take_rows_bwd(dtype, constrain, grad_layout, table_shape, table_dtype, indi
 _take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def take_sorted_copies(table, order, copies: int):
+def take_sorted_copies(table, order, copies: int, computed=None):
     """table[order // copies] for `order` the first L entries of a permutation of
     range(len(table) * copies): rows of the table read up to `copies` times each, in the order
     given (the MoE's tokens sorted by expert, one copy per top-k choice; L < rows * copies when
@@ -82,58 +82,112 @@ def take_sorted_copies(table, order, copies: int):
     undone with a gather and each row's `copies` cotangents are summed in fp32 as one
     reduction. take_rows' scatter-add would first materialise every cotangent in fp32
     ([rows * copies, width], 2.5 GiB a layer for the 80B's expert-parallel buffers); with few
-    copies kept (a capacity factor) that is the smaller form, [kept, width] fp32."""
+    copies kept (a capacity factor) that is the smaller form, [kept, width] fp32.
+
+    computed: (may be traced) only the first `computed` result rows are used; the cotangent of
+    the rows past them is never read (it may be anything, NaN included: the rows a grouped
+    matmul leaves unwritten), so the caller needs no masked copy of it."""
     if order.ndim != 1 or order.shape[0] > table.shape[0] * copies:
         raise ValueError(f"order must be at most {table.shape[0] * copies} indices of a "
                          f"permutation, got shape {order.shape}")
-    return _take_sorted_copies(table, order, copies, table.shape[0])
+    return _take_sorted_copies(table, order, _count(computed, order), copies, table.shape[0])
 
 
-def inverse_positions(order, length: int):
+def inverse_positions(order, length: int, computed=None):
     """For each of range(length), its position in `order` (part of a permutation of
-    range(length)); len(order) for the indices `order` leaves out."""
-    return jnp.full((length,), order.shape[0], order.dtype).at[order].set(
-        jnp.arange(order.shape[0], dtype=order.dtype))
+    range(length)); len(order) for the indices `order` leaves out, and for those at positions
+    `computed` and past."""
+    positions = jnp.arange(order.shape[0], dtype=order.dtype)
+    if computed is not None:
+        positions = jnp.where(positions < computed, positions, order.shape[0])
+    return jnp.full((length,), order.shape[0], order.dtype).at[order].set(positions)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _take_sorted_copies(table, order, copies, table_rows):
+def _count(computed, order):
+    return jnp.asarray(order.shape[0] if computed is None else computed, jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _take_sorted_copies(table, order, computed, copies, table_rows):
     return table[order // copies]
 
 
-def _take_sorted_copies_fwd(table, order, copies, table_rows):
-    return table[order // copies], order
+def _take_sorted_copies_fwd(table, order, computed, copies, table_rows):
+    return table[order // copies], (order, computed)
 
 
-def _take_sorted_copies_bwd(copies, table_rows, order, cotangent):
+def _take_sorted_copies_bwd(copies, table_rows, saved, cotangent):
+    order, computed = saved
     if not _gathers_back(order.shape[0], table_rows * copies):  # few copies kept: add them
+        used = (jnp.arange(order.shape[0]) < computed)[:, None]
         grad = jnp.zeros((table_rows, cotangent.shape[-1]), jnp.float32)
-        grad = grad.at[order // copies].add(cotangent.astype(jnp.float32))
-        return grad.astype(cotangent.dtype), None
-    inverse = inverse_positions(order, table_rows * copies)  # len(order): a dropped copy
+        grad = grad.at[order // copies].add(jnp.where(used, cotangent.astype(jnp.float32), 0))
+        return grad.astype(cotangent.dtype), None, None
+    inverse = inverse_positions(order, table_rows * copies, computed)  # len(order): not used
     by_copy = cotangent.at[inverse].get(mode="fill", fill_value=0)
     by_copy = by_copy.reshape(table_rows, copies, cotangent.shape[-1])
     grad = jnp.sum(by_copy, axis=1, dtype=jnp.float32).astype(cotangent.dtype)
-    return grad, None
+    return grad, None, None
 
 
 _take_sorted_copies.defvjp(_take_sorted_copies_fwd, _take_sorted_copies_bwd)
 
 
-def combine_sorted(rows, order, weights):
+def combine_sorted(rows, order, weights, computed=None):
     """out[n] = sum_j weights[n, j] * rows[position of n * k + j in `order`] (zero for a
     choice `order` leaves out): the MoE's expert outputs, sorted by expert, back in token
-    order and weighted by their routing weights. rows [L, E]; order [L] (the first L entries
-    of a permutation of range(N * k)); weights [N, k]. Memory as take_sorted_copies' backward:
-    [N * k, E] in the rows' dtype when L is most of N * k, else [L, E] fp32 added into [N, E]."""
+    order and weighted by their routing weights, summed in fp32. rows [L, E]; order [L] (the
+    first L entries of a permutation of range(N * k)); weights [N, k].
+
+    computed: (may be traced) only the first `computed` rows are read; those past it count as
+    left out, whatever they hold (NaN included: a grouped matmul's unwritten rows), and get a
+    zero gradient, so the caller needs no masked copy of them.
+
+    Memory: the forward gathers [N, k, E] (fused into its sum where XLA can) when L is most
+    of N * k, else adds [L, E] fp32 into [N, E]; the backward is gathers either way (its
+    scatter-add transpose would build [L, E] from zeros): [L, E] for the rows' gradient and
+    a fused reduction for the weights'."""
+    return _combine_sorted(rows, order, weights, _count(computed, order))
+
+
+@jax.custom_vjp
+def _combine_sorted(rows, order, weights, computed):
+    return _combine_forward(rows, order, weights, computed)
+
+
+def _combine_forward(rows, order, weights, computed):
     tokens, copies = weights.shape
     if _gathers_back(order.shape[0], tokens * copies):
-        inverse = inverse_positions(order, tokens * copies).reshape(tokens, copies)
+        inverse = inverse_positions(order, tokens * copies, computed).reshape(tokens, copies)
         picked = rows.at[inverse].get(mode="fill", fill_value=0)  # [N, k, E]
-        return jnp.einsum("NKE,NK->NE", picked, weights.astype(rows.dtype))
+        out = jnp.sum(picked.astype(jnp.float32) * weights.astype(jnp.float32)[..., None],
+                      axis=1)
+        return out.astype(rows.dtype)
+    used = (jnp.arange(order.shape[0]) < computed)[:, None]
     weighted = rows.astype(jnp.float32) * weights.reshape(-1)[order].astype(jnp.float32)[:, None]
-    out = jnp.zeros((tokens, rows.shape[1]), jnp.float32).at[order // copies].add(weighted)
+    out = jnp.zeros((tokens, rows.shape[1]), jnp.float32).at[order // copies].add(
+        jnp.where(used, weighted, 0))
     return out.astype(rows.dtype)
+
+
+def _combine_sorted_fwd(rows, order, weights, computed):
+    return _combine_forward(rows, order, weights, computed), (rows, order, weights, computed)
+
+
+def _combine_sorted_bwd(saved, cotangent):
+    rows, order, weights, computed = saved
+    copies = weights.shape[1]
+    used = (jnp.arange(order.shape[0]) < computed)[:, None]
+    # Row p of the sorted rows is token order[p] // k's choice order[p] % k.
+    token_grad = cotangent.astype(jnp.float32)[order // copies]  # [L, E], fused below
+    choice_weight = weights.reshape(-1)[order].astype(jnp.float32)[:, None]
+    grad_rows = jnp.where(used, token_grad * choice_weight, 0).astype(rows.dtype)
+    per_choice = jnp.sum(jnp.where(used, token_grad * rows.astype(jnp.float32), 0), axis=1)
+    grad_weights = jnp.zeros(weights.size, jnp.float32).at[order].set(per_choice)
+    return (grad_rows, None, grad_weights.reshape(weights.shape).astype(weights.dtype), None)
+
+
+_combine_sorted.defvjp(_combine_sorted_fwd, _combine_sorted_bwd)
 
 
 def _gathers_back(kept: int, total: int) -> bool:
