@@ -178,8 +178,9 @@ def _combine_sorted_bwd(saved, cotangent):
     rows, order, weights, computed = saved
     # Row p of the sorted rows is token order[p] // k's choice order[p] % k. One gather of the
     # cotangent rows serves both gradients, kept in the cotangent's dtype and widened inside
-    # each fused product (the planner's figures for the 80B on v5p-128: an fp32 gather costs
-    # 1.25 GiB more, a second gather of the rows for the weights' gradient 3.7 GiB more).
+    # each fused product. The planner's peak for the 80B on v5p-128 (fsdp 8 x expert 8): 33.3
+    # GiB so; 36.3 with this gather in fp32; 40.0 with the weights' gradient from a second
+    # gather, of the rows into token order.
     used = (jnp.arange(order.shape[0]) < computed)[:, None]
     token_grad = cotangent[order // weights.shape[1]].astype(jnp.float32)  # [L, E]
     choice_weight = weights.reshape(-1)[order].astype(jnp.float32)[:, None]
