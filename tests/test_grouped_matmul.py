@@ -138,7 +138,7 @@ def test_sorted_swiglu_experts_against_float64(bounded, kernel, monkeypatch):
     `unwritten`: the grouped matmuls leave NaN past the last group, as the GPU and TPU kernels
     leave unwritten memory: none of it may reach a value or a gradient."""
     from qnext_jax.ops import grouped_swiglu as module
-    from qnext_jax.ops.grouped_swiglu import grouped_swiglu
+    from qnext_jax.ops.grouped_swiglu import fused_gate_up, grouped_swiglu
 
     if kernel == "unwritten":
         monkeypatch.setattr(module, "grouped_matmul", _unwritten_past_rows)
@@ -164,8 +164,8 @@ def test_sorted_swiglu_experts_against_float64(bounded, kernel, monkeypatch):
         return np.sum(out * cotangent)
 
     def ours(x, gate, up, down, routing):
-        out = grouped_swiglu(x, routing, jnp.asarray(experts), gate, up, down, impl="tiled",
-                             max_choices=max_choices)
+        out = grouped_swiglu(x, routing, jnp.asarray(experts), fused_gate_up(gate, up), down,
+                             impl="tiled", max_choices=max_choices)
         return jnp.sum(out * cotangent)
 
     inputs = (x, gate, up, down, routing)

@@ -15,12 +15,21 @@ from qnext_jax.ops.platform import target_platform
 from qnext_jax.ops.take_rows import combine_sorted, take_sorted_copies
 
 
-def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "auto", *,
+def fused_gate_up(gate_w, up_w):
+    """The gate and up projections [G, E, F] as one [G, E, 2F] (gate first): one grouped matmul
+    for both. Fuse before gathering a sharded weight, so that the gathered copy is the fused
+    one (fused after, the concatenation is a second copy: 2 GiB a layer for the 80B's 512
+    experts gathered whole)."""
+    return jnp.concatenate([gate_w, up_w], axis=2)
+
+
+def grouped_swiglu(tokens, weights, experts, gate_up_w, down_w, impl: str = "auto", *,
                    max_choices: int | None = None):
-    """Dropless SwiGLU experts as one grouped matmul per projection.
+    """Dropless SwiGLU experts as one grouped matmul for gate and up, and one for down.
 
     tokens [N, E]; weights, experts [N, k] (expert ids >= the number of local experts, G, are
-    choices that live elsewhere and are skipped); gate_w, up_w [G, E, F]; down_w [G, F, E].
+    choices that live elsewhere and are skipped); gate_up_w [G, E, 2F] (`fused_gate_up`);
+    down_w [G, F, E].
     impl: the grouped matmul's (ops/grouped_matmul.py); "auto" on CPU is capacity buckets.
     max_choices: at most this many choices are not skipped (the caller guarantees it): the
         grouped matmuls then run on that many rows instead of N * k (the expert-parallel
@@ -28,11 +37,12 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "
     Returns [N, E]: for every token the sum over its choices of weight * expert(token).
     """
     num_tokens, top_k = experts.shape
-    num_groups = gate_w.shape[0]
+    num_groups, width = gate_up_w.shape[0], gate_up_w.shape[2] // 2
     if impl == "auto" and target_platform() == "cpu" and experts.size > DEFAULT_TILE:
         # XLA:CPU has no grouped GEMM: per-expert buckets as batched matmuls (few rows, as in
         # decoding, take the gathered grouped matmul below).
-        return bucketed_swiglu(tokens, weights, experts, gate_w, up_w, down_w)
+        return bucketed_swiglu(tokens, weights, experts, gate_up_w[..., :width],
+                               gate_up_w[..., width:], down_w)
     flat_experts = experts.reshape(-1)  # [N*k]
     rows_computed = flat_experts.size if max_choices is None else min(max_choices,
                                                                       flat_experts.size)
@@ -52,9 +62,8 @@ def grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl: str = "
     # [rows, E] grouped by expert; a token's k gradient rows are summed in fp32.
     rows = take_sorted_copies(tokens, order, top_k, computed)
     # Gate and up as one product: the rows' gradient comes out of one kernel, not two to add.
-    width = gate_w.shape[2]
-    gate_up = grouped_matmul(rows, jnp.concatenate([gate_w, up_w], axis=2), group_sizes,
-                             impl=impl, zero_past_rows=False)  # [rows, 2F]
+    gate_up = grouped_matmul(rows, gate_up_w, group_sizes, impl=impl,
+                             zero_past_rows=False)  # [rows, 2F]
     gate_up = jnp.where((jnp.arange(rows_computed) < computed)[:, None], gate_up, 0)
     hidden = jax.nn.silu(gate_up[:, :width]) * gate_up[:, width:]
     out_sorted = grouped_matmul(hidden, down_w, group_sizes, impl=impl,

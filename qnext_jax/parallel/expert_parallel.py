@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from qnext_jax.ops.grouped_swiglu import grouped_swiglu
+from qnext_jax.ops.grouped_swiglu import fused_gate_up, grouped_swiglu
 from qnext_jax.ops.take_rows import take_rows
 from qnext_jax.parallel.axes import logical_spec, spec_axes
 from qnext_jax.parallel.mesh import TOKEN_AXES, axis_size
@@ -63,7 +63,8 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
     if mesh.size == 1 and _capacity(num_tokens, top_k, 1, capacity_factor) == num_tokens:
         # One device holds every expert and drops nothing: no shard_map, whose backward would
         # sum the weight gradients over one-device axes (a copy per layer on XLA:CPU).
-        return grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl)
+        return grouped_swiglu(tokens, weights, experts, fused_gate_up(gate_w, up_w), down_w,
+                              impl)
     tokens_spec = PartitionSpec(TOKEN_AXES, None)
     weight_in, weight_out = logical_spec(EXPERT_IN), logical_spec(EXPERT_OUT)
     in_specs = (tokens_spec, tokens_spec, tokens_spec, weight_in, weight_in, weight_out)
@@ -75,10 +76,11 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
         # reduce-scatter, so each device's expert-weight gradients stay sharded. Gathered by
         # GSPMD on entry instead, the backward all-reduces whole gradients over the token
         # axes (1 GiB a projection a layer for the 80B without expert parallelism).
-        gate_w, up_w = (_gather_width(w, width_axes_in, 1) for w in (gate_w, up_w))
+        # Gate and up fused before the gather, so the gathered weight is the fused one.
+        gate_up_w = _gather_width(fused_gate_up(gate_w, up_w), width_axes_in, 1)
         down_w = _gather_width(down_w, width_axes_out, 2)
         return _dispatch_compute_combine(
-            tokens, weights, experts, gate_w, up_w, down_w, shards=axis_size(mesh, "expert"),
+            tokens, weights, experts, gate_up_w, down_w, shards=axis_size(mesh, "expert"),
             capacity_factor=capacity_factor, impl=impl)
 
     # check_vma=False: Pallas kernels inside (the TPU megablox GMM) declare no varying axes.
@@ -93,15 +95,15 @@ def _gather_width(weight, mesh_axes, axis):
 
 
 
-def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *, shards,
+def _dispatch_compute_combine(tokens, weights, experts, gate_up_w, down_w, *, shards,
                               capacity_factor, impl):
     """Per device: tokens [n, E], routing [n, k], local experts [X/S, ...]."""
     num_tokens, top_k = experts.shape
-    local_experts = gate_w.shape[0]
+    local_experts = gate_up_w.shape[0]
     capacity = _capacity(num_tokens, top_k, shards, capacity_factor)
     if shards == 1 and capacity == num_tokens:  # every expert here and nothing dropped
         return _sum_over_tensor(
-            grouped_swiglu(tokens, weights, experts, gate_w, up_w, down_w, impl))
+            grouped_swiglu(tokens, weights, experts, gate_up_w, down_w, impl))
     home = experts // local_experts  # [n, k] the device along `expert` holding each choice
     bound_for = home[:, :, None] == jnp.arange(shards)  # [n, k, S]
     visits = bound_for.any(axis=1)  # [n, S] does the token go to device s at all
@@ -141,7 +143,7 @@ def _dispatch_compute_combine(tokens, weights, experts, gate_w, up_w, down_w, *,
         received_ids = jnp.where(arrived <= choices, received_ids, local_experts)
     out_rows = grouped_swiglu(
         received, exchange(send_weights).reshape(shards * capacity, top_k), received_ids,
-        gate_w, up_w, down_w, impl, max_choices=choices,
+        gate_up_w, down_w, impl, max_choices=choices,
     )
     returned = exchange(out_rows.reshape(shards, capacity, -1))  # [S (expert device), C, E]
     gathered = returned.at[device, slot].get(mode="fill", fill_value=0)  # [n, S, E]
