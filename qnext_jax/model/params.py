@@ -50,7 +50,7 @@ def cast(param: nnx.Param, dtype) -> jnp.ndarray:
 
     The optimization barrier keeps the cast inside the layer that uses it. Without it XLA
     moves the conversion of the stacked layers' weights out of the layer scan and keeps the
-    compute-dtype copies for the whole step: 3.4 GiB more at the 80B's peak on 8 x 8 H100
+    compute-dtype copies for the whole step: 3.7 GiB more at the 80B's peak on 8 x 8 H100
     (the planner, fsdp 8 x expert 8). XLA:TPU keeps such a copy of the experts (12 x 192 MiB
     on v5p-128) with or without the barrier, at the same peak either way."""
     value = param[...]
