@@ -1,7 +1,8 @@
 """The routed SwiGLU experts of one device: every token times its top-k experts, dropless.
 
-Rows sorted by expert and three grouped matmuls (ops/grouped_matmul.py) on GPU and TPU; on CPU
-capacity buckets with overflow tiles (ops/bucketed_swiglu.py), which XLA:CPU runs faster.
+Rows sorted by expert and two grouped matmuls (ops/grouped_matmul.py: gate and up fused, then
+down) on GPU and TPU; on CPU capacity buckets with overflow tiles (ops/bucketed_swiglu.py),
+which XLA:CPU runs faster.
 """
 
 from __future__ import annotations
