@@ -102,10 +102,15 @@ class ModelConfig:
     # transformers does, for bf16 inference that must match it bit for bit.
     router_dtype: Literal["float32", "compute"] = "float32"
     delta_rule_impl: Literal["auto", "reference", "chunked", "pallas"] = "auto"
-    # ops/causal_attention.py: "auto" is splash on TPU, blockwise elsewhere; "blockwise" is an
-    # online softmax over key blocks (O(T * block) memory); "splash" JAX's TPU kernel; "xla"
+    # ops/causal_attention.py: "auto" is splash on TPU, mosaic_gpu on Hopper, else blockwise; "blockwise" is an
+    # online softmax over key blocks (O(T * block) memory); "splash" JAX's TPU kernel;
+    # "mosaic_gpu" tokamax's Hopper flash kernel (what "auto" picks on an H100 in bf16); "xla"
     # jax.nn.dot_product_attention with a [T, T] document mask (the reference).
-    attention_impl: Literal["auto", "blockwise", "splash", "xla"] = "auto"
+    attention_impl: Literal["auto", "blockwise", "splash", "mosaic_gpu", "xla"] = "auto"
+    # With the row split over `sequence` (parallel/context_parallel.py): "zigzag" gives every
+    # shard the same causal attention work (shard i attends chunks i and 2P-1-i of the row's
+    # 2P); "contiguous" attends each shard's own tokens (shard i does (2i+1)/P^2 of the work).
+    context_parallel_attention: Literal["zigzag", "contiguous"] = "zigzag"
     moe_impl: Literal["ragged", "dense"] = "ragged"
     # The routed experts' grouped matmul (ops/grouped_matmul.py): "auto" is tokamax on GPU,
     # megablox on TPU, capacity buckets on CPU; "ragged" is XLA's ragged_dot anywhere.
@@ -193,7 +198,8 @@ class ModelConfig:
         _check_choice(self, "param_dtype", ("float32", "bfloat16"))
         _check_choice(self, "router_dtype", ("float32", "compute"))
         _check_choice(self, "delta_rule_impl", ("auto", "reference", "chunked", "pallas"))
-        _check_choice(self, "attention_impl", ("auto", "blockwise", "splash", "xla"))
+        _check_choice(self, "attention_impl", ("auto", "blockwise", "splash", "mosaic_gpu", "xla"))
+        _check_choice(self, "context_parallel_attention", ("zigzag", "contiguous"))
         _check_choice(self, "moe_impl", ("ragged", "dense"))
         _check_choice(self, "grouped_matmul", ("auto", "tokamax", "megablox", "ragged", "tiled"))
         _check_choice(self, "norm_style", ("zero_centred", "plain"))

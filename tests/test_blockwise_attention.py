@@ -65,6 +65,56 @@ def test_values_and_gradients_equal_xla_attention(operands, block_q, block_k):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"grad {name}")
 
 
+def test_bf16_values_and_gradients_against_fp32_xla(operands):
+    """bf16 operands (what training computes in): values and gradients near the fp32 XLA
+    attention of the same bf16-rounded inputs, and every product of the backward reads bf16
+    operands (fp32 accumulation), none an fp32 copy of q, k, v or dO."""
+    q, k, v, docs, grad_out = operands
+    scale, start = D ** -0.5, 8
+    q16, k16, v16, g16 = (x.astype(jnp.bfloat16) for x in (q, k, v, grad_out))
+    local = slice(start, start + 24)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * g16[:, local].astype(jnp.float32))
+
+    ours = lambda q, k, v: blockwise_attention(  # noqa: E731
+        q, k, v, q_docs=docs[:, local], kv_docs=docs, q_offset=start, scale=scale, block_q=8,
+        block_k=8)
+    xla = lambda q, k, v: xla_attention(q, k, v, docs[:, local], docs, start, scale)  # noqa: E731
+    wide = [x.astype(jnp.float32) for x in (q16[:, local], k16, v16)]
+    got = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q16[:, local], k16, v16)
+    expected = jax.grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2))(*wide)
+    np.testing.assert_allclose(ours(q16[:, local], k16, v16).astype(jnp.float32),
+                               numpy_attention(*wide, docs[:, local], docs, start, scale),
+                               rtol=2e-2, atol=2e-2)
+    for name, a, b in zip("qkv", got, expected):
+        assert a.dtype == jnp.bfloat16
+        scale_of = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=0, atol=3e-2 * scale_of,
+                                   err_msg=f"grad {name}")
+
+    backward = jax.make_jaxpr(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2)))(
+        q16[:, local], k16, v16)
+    dots = []
+
+    def collect(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append((tuple(str(x.aval.dtype) for x in eqn.invars),
+                             str(eqn.params.get("preferred_element_type"))))
+            for value in eqn.params.values():
+                for inner in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(inner, "jaxpr") and hasattr(inner.jaxpr, "eqns"):
+                        collect(inner.jaxpr)
+                    elif hasattr(inner, "eqns"):
+                        collect(inner)
+
+    collect(backward.jaxpr)
+    assert len(dots) >= 7  # forward: 2 products; backward: 5
+    assert all(operands == ("bfloat16", "bfloat16") for operands, _ in dots), dots
+    assert all(accumulate == "float32" for _, accumulate in dots), dots
+
+
 def test_queries_offset_into_a_longer_key_sequence(operands):
     """A device holding queries 16..31 of the row against all keys: the rows of the full run."""
     q, k, v, docs, grad_out = operands

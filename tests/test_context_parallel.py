@@ -14,7 +14,8 @@ from qnext_jax.ops.blockwise_attention import blockwise_attention
 from qnext_jax.ops.causal_conv import causal_conv_silu
 from qnext_jax.ops.segments import document_index
 from qnext_jax.parallel.context_parallel import (
-    attention_across_shards, conv_silu_across_shards, delta_rule_across_shards,
+    attention_across_shards, conv_silu_across_shards, delta_rule_across_shards, from_zigzag,
+    to_zigzag,
 )
 
 B, T, HK, HV, DK, DV = 2, 64, 1, 2, 8, 8
@@ -107,8 +108,8 @@ def test_conv_over_shards_equals_one_device(inputs, shards):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"grad {name}")
 
 
-@pytest.mark.parametrize("shards", [8, 4])
-def test_attention_over_shards_equals_one_device(shards):
+@pytest.mark.parametrize("shards, zigzag", [(8, True), (4, True), (8, False)])
+def test_attention_over_shards_equals_one_device(shards, zigzag):
     rng = np.random.default_rng(2)
     q = jnp.asarray(rng.normal(size=(B, T, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(B, T, 2, 8)), jnp.float32) for _ in range(2))
@@ -116,7 +117,7 @@ def test_attention_over_shards_equals_one_device(shards):
     acts = P("data", "sequence", None, None)
 
     def across(q, k, v, docs):
-        return attention_across_shards(q, k, v, docs, scale=0.3)
+        return attention_across_shards(q, k, v, docs, scale=0.3, zigzag=zigzag)
 
     split = sharded(across, mesh_for(shards), (acts, acts, acts, P("data", "sequence")), acts)
     single = lambda q, k, v, docs: blockwise_attention(  # noqa: E731
@@ -127,6 +128,28 @@ def test_attention_over_shards_equals_one_device(shards):
     expected = jax.grad(lambda *a: loss(single, *a), argnums=(0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("shards", [8, 4])
+def test_zigzag_gives_every_shard_the_same_causal_work(shards):
+    """The positions each shard attends, moved by the real permutation: the causal work (keys a
+    query may see, summed over the shard's queries) within 10% across shards — against 2P-1
+    times more for the last contiguous shard than the first — and back to row order after."""
+    length = 8 * 256
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (8 // shards, length))
+    rows = P("data", "sequence")
+
+    def attended(x):
+        low, high = to_zigzag(x)
+        return jnp.concatenate([low, high], axis=1), from_zigzag(low, high)
+
+    held, back = sharded(attended, mesh_for(shards), (rows,), (rows, rows))(positions)
+    np.testing.assert_array_equal(back, positions)
+    work = (np.asarray(held[0]).reshape(shards, -1) + 1).sum(axis=1)  # keys visible, by shard
+    assert sorted(np.asarray(held[0])) == list(range(length))  # every query attended once
+    assert work.max() <= 1.1 * work.min(), work
+    contiguous = (np.arange(length).reshape(shards, -1) + 1).sum(axis=1)
+    assert contiguous.max() > (2 * shards - 2) * contiguous.min()
 
 
 def test_attention_layer_with_more_tensor_ranks_than_kv_heads_equals_one_device(repo_root):

@@ -46,7 +46,7 @@ def test_interpreted_splash_for_the_second_of_two_sequence_shards(operands):
     q, k, v, docs = operands
     half = slice(T // 2, T)
     ours = splash_attention(q[:, half], k, v, docs[:, half], docs, scale=0.125,
-                            shard=(jnp.int32(1), 2), interpret=True)
+                            offsets=(jnp.int32(1), (0, T // 2)), interpret=True)
     full = blockwise_attention(q, k, v, q_docs=docs, kv_docs=docs, scale=0.125)
     np.testing.assert_allclose(ours, full[:, half], rtol=1e-5, atol=1e-5)
 

@@ -64,7 +64,8 @@ class GatedAttention(nnx.Module):
         if self.config.attention_impl == "xla":
             return _xla_attention(query, key, value, documents, scale)
         if under_mesh():
-            return _attention_on_mesh(query, key, value, documents, scale, self.config.attention_impl)
+            return _attention_on_mesh(query, key, value, documents, scale, self.config.attention_impl,
+                                      self.config.context_parallel_attention == "zigzag")
         return causal_attention(query, key, value, documents, documents, scale=scale,
                                 impl=self.config.attention_impl)
 
@@ -85,7 +86,7 @@ def _xla_attention(query, key, value, documents, scale):
     return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True, scale=scale)
 
 
-def _attention_on_mesh(query, key, value, documents, scale, impl):
+def _attention_on_mesh(query, key, value, documents, scale, impl, zigzag):
     """Each device attends its rows, its tensor-parallel query heads and its sequence shard's
     queries to the whole row's keys (gathered over `sequence`)."""
     batch, length, heads = query.shape[:3]
@@ -103,7 +104,8 @@ def _attention_on_mesh(query, key, value, documents, scale, impl):
             first = jax.lax.axis_index("tensor") * local_heads
             wanted = (first + jnp.arange(local_heads)) // group
             key, value = jnp.take(key, wanted, axis=2), jnp.take(value, wanted, axis=2)
-        return attention_across_shards(query, key, value, documents, scale=scale, impl=impl)
+        return attention_across_shards(query, key, value, documents, scale=scale, impl=impl,
+                                       zigzag=zigzag)
 
     q_axes = ("batch", "sequence", "heads", "head_dim")
     kv_axes = ("batch", "sequence", "kv_heads" if kv_sharded else None, "head_dim")

@@ -175,11 +175,18 @@ def _forward(q, k, v, q_docs, kv_docs, q_offset, scale, block_q, block_k):
 
 
 def _backward(q, k, v, q_docs, kv_docs, q_offset, out, lse, grad_out, scale, block_q, block_k):
+    """FlashAttention-2's backward over tiles. The products take their operands in the compute
+    dtype (bf16 in training: the MXU/tensor-core rate, no fp32 copies of q, k, v or dO) and
+    accumulate in fp32; the softmax and its gradient (p, dS) are formed in fp32 and rounded
+    once, to the compute dtype, as the next product's operand — as the fused kernels do."""
     blocks = _Blocks(q, k, v, q_docs, kv_docs, q_offset, scale, block_q, block_k)
-    grad_out_blocks = blocks.group(grad_out.astype(jnp.float32))  # [num_q, B, K, G, Q, Dv]
-    # D_i = dO_i . O_i, the softmax-gradient correction per query.
-    delta = jnp.sum(grad_out_blocks * blocks.group(out.astype(jnp.float32)), axis=-1)
-    grad_q = jnp.zeros(blocks.q.shape, jnp.float32)  # [B, K, G, Tq (padded), D]
+    compute = q.dtype
+    f32 = jnp.float32
+    grad_out_blocks = blocks.group(grad_out.astype(v.dtype))  # [num_q, B, K, G, Q, Dv]
+    # D_i = dO_i . O_i, the softmax-gradient correction per query (fp32).
+    delta = jnp.einsum("...D,...D->...", grad_out_blocks, blocks.group(out.astype(v.dtype)),
+                       preferred_element_type=f32)
+    grad_q = jnp.zeros(blocks.q.shape, f32)  # [B, K, G, Tq (padded), D]
 
     def key_block(grad_q, k_index):
         kb, vb, kv_docs_b, k_pos = blocks.key_block(k_index)
@@ -190,17 +197,18 @@ def _backward(q, k, v, q_docs, kv_docs, q_offset, out, lse, grad_out, scale, blo
             s, visible = blocks.scores(qb, q_docs_b, q_pos, kb, kv_docs_b, k_pos)
             p = jnp.where(visible, jnp.exp(s - lse[q_index][..., None]), 0.0)  # [B, K, G, Q, S]
             g_out = grad_out_blocks[q_index]  # [B, K, G, Q, Dv]
-            grad_v += jnp.einsum("BKGQS,BKGQD->BKSD", p, g_out)
-            grad_p = jnp.einsum("BKGQD,BKSD->BKGQS", g_out, vb.astype(jnp.float32))
-            grad_s = p * (grad_p - delta[q_index][..., None]) * blocks.scale
-            grad_k += jnp.einsum("BKGQS,BKGQD->BKSD", grad_s, qb.astype(jnp.float32))
-            update = jnp.einsum("BKGQS,BKSD->BKGQD", grad_s, kb.astype(jnp.float32))
+            grad_v += jnp.einsum("BKGQS,BKGQD->BKSD", p.astype(v.dtype), g_out,
+                                 preferred_element_type=f32)
+            grad_p = jnp.einsum("BKGQD,BKSD->BKGQS", g_out, vb, preferred_element_type=f32)
+            grad_s = (p * (grad_p - delta[q_index][..., None]) * blocks.scale).astype(compute)
+            grad_k += jnp.einsum("BKGQS,BKGQD->BKSD", grad_s, qb, preferred_element_type=f32)
+            update = jnp.einsum("BKGQS,BKSD->BKGQD", grad_s, kb, preferred_element_type=f32)
             start = q_index * block_q
             grad_q = jax.lax.dynamic_update_slice_in_dim(
                 grad_q, _slice(grad_q, start, block_q, axis=3) + update, start, axis=3)
             return grad_q, grad_k, grad_v
 
-        init = (grad_q, jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
+        init = (grad_q, jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32))
         grad_q, grad_k, grad_v = jax.lax.fori_loop(
             blocks.first_query_block(k_index), blocks.num_q, query_step, init)
         return grad_q, (grad_k, grad_v)

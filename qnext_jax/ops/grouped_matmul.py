@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from qnext_jax.config import ConfigError
-from qnext_jax.ops.platform import running_on, target_platform
+from qnext_jax.ops.platform import let_tokamax_read_its_flags, running_on, target_platform
 
 IMPLEMENTATIONS = ("auto", "tiled", "ragged", "megablox", "tokamax")
 
@@ -116,12 +116,8 @@ def _masked(kernel, rows, weights, group_sizes, zero_past_rows):
 
 def _tokamax_ragged_dot(rows, weights, group_sizes):
     import tokamax
-    from absl import flags
 
-    # tokamax reads absl flags, which would parse our command line (not absl's) on first use:
-    # let it take its defaults.
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+    let_tokamax_read_its_flags()
 
     # Mosaic GPU's kernels (and its backward's products, where K and N trade places) tile K
     # and N by 128 and fail while lowering, past tokamax's own fallback, when a dimension is

@@ -38,3 +38,12 @@ def lowering_for(platform: str):
         yield
     finally:
         _override.reset(token)
+
+
+def let_tokamax_read_its_flags():
+    """tokamax reads absl flags, which would parse our command line (not absl's) on first use
+    and stop at its first option: let it take its defaults. Called before any tokamax op."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()

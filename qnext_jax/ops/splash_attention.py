@@ -4,8 +4,8 @@ Splash (jax.experimental.pallas.ops.tpu.splash_attention) is the maintained TPU 
 that has what the architecture needs: causal masking with a query offset, segment ids for
 packed documents (we pass document indices, so reused raw ids stay apart), GQA without
 repeating keys (query head n reads kv head n // G), head_dim 256, and its own backward.
-Its mask is static, so with the sequence split over P devices (queries of shard i start at
-i * t) one kernel per shard offset is built and `lax.switch` picks this shard's.
+Its mask is static, so where the queries start at a traced offset (a sequence shard, a zig-zag
+chunk) one kernel per possible offset is built and `lax.switch` picks this device's.
 
 Block sizes are multiples of 128 (the TPU lane width); other lengths fall back to the
 blockwise XLA attention (ops/blockwise_attention.py), with the reason logged.
@@ -30,16 +30,16 @@ def splash_unsupported_reason(q_len: int, kv_len: int) -> str | None:
     return None
 
 
-def splash_attention(q, k, v, q_docs, kv_docs, *, scale: float, shard=None,
+def splash_attention(q, k, v, q_docs, kv_docs, *, scale: float, offsets=None,
                      interpret: bool = False):
     """q [B, Tq, N, D]; k, v [B, Tk, K, D]; q_docs [B, Tq], kv_docs [B, Tk] document indices.
-    shard: (index, count) when the queries are sequence shard `index` (traced) of `count`
-    equal shards of the keys' row, else None (queries and keys are the same tokens).
-    Returns [B, Tq, N, D] in v's dtype."""
+    offsets: (index, positions) when query 0 sits at positions[index] of the keys' row (index
+    traced, positions static: a sequence shard or a zig-zag chunk), else None (queries and keys
+    are the same tokens). Returns [B, Tq, N, D] in v's dtype."""
     q_len, heads = q.shape[1], q.shape[2]
     kv_len = k.shape[1]
-    count = 1 if shard is None else shard[1]
-    kernels = [_kernel(heads, q_len, kv_len, offset * q_len, interpret) for offset in range(count)]
+    positions = (0,) if offsets is None else offsets[1]
+    kernels = [_kernel(heads, q_len, kv_len, offset, interpret) for offset in positions]
     # Splash does not scale the scores; it takes heads first.
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q * jnp.asarray(scale, q.dtype), k, v))
     segments = kernel_lib.SegmentIds(q=q_docs.astype(jnp.int32), kv=kv_docs.astype(jnp.int32))
@@ -47,10 +47,10 @@ def splash_attention(q, k, v, q_docs, kv_docs, *, scale: float, shard=None,
     def run(kernel):
         return lambda q, k, v, segments: jax.vmap(kernel)(q, k, v, segment_ids=segments)
 
-    if count == 1:
+    if len(kernels) == 1:
         out = run(kernels[0])(q, k, v, segments)
     else:
-        out = jax.lax.switch(shard[0], [run(kernel) for kernel in kernels], q, k, v, segments)
+        out = jax.lax.switch(offsets[0], [run(kernel) for kernel in kernels], q, k, v, segments)
     return jnp.swapaxes(out, 1, 2).astype(v.dtype)
 
 

@@ -14,7 +14,9 @@ computed over the whole row, so that equal indices on two devices mean the same 
                   first token starts a new document takes no state in, and M is zero past any
                   reset inside a shard, so packed rows stay exact;
   attention       keys, values and their document indices are all-gathered; the queries keep
-                  their global positions (q_offset) for the causal mask.
+                  their global positions for the causal mask, and move to the zig-zag order
+                  (shard s attends chunks s and 2P-1-s of 2P) so every shard does the same
+                  causal work.
 
 Communication per layer (docs/long_context.md has the numbers for the 80B): the conv halo is
 (kernel-1) tokens from one neighbour; the delta-rule exchange is P * Hv * dk * (dk + dv) fp32
@@ -108,8 +110,68 @@ def delta_rule_across_shards(run, q, k, v, g, beta, docs, initial_state):
     return out, final_state
 
 
-def attention_across_shards(q, k, v, docs, *, scale: float, impl: str = "auto"):
-    """Attention of this shard's queries [B, t, N, D] over the whole row's keys."""
+def _chunk_holder(chunk: int, count: int) -> int:
+    """The shard that attends chunk `chunk` of the row's 2P in the zig-zag order."""
+    return chunk if chunk < count else 2 * count - 1 - chunk
+
+
+def _zigzag_permutations(count: int):
+    """ppermute pairs moving each shard's first half (chunk 2i) and second half (chunk 2i + 1)
+    to the shard that attends it. Each is a permutation: shards s and 2P-1-s differ in parity,
+    so every shard receives exactly one even and one odd chunk."""
+    first = [(i, _chunk_holder(2 * i, count)) for i in range(count)]
+    second = [(i, _chunk_holder(2 * i + 1, count)) for i in range(count)]
+    return first, second
+
+
+def to_zigzag(x):
+    """[B, t, ...] of this shard's contiguous tokens -> (chunk s, chunk 2P-1-s), each
+    [B, t/2, ...]: the chunks shard s attends in the balanced order."""
+    half = x.shape[1] // 2
+    first, second = _zigzag_permutations(shard_count())
+    from_first = jax.lax.ppermute(x[:, :half], SEQUENCE, first)
+    from_second = jax.lax.ppermute(x[:, half:], SEQUENCE, second)
+    even = shard_index() % 2 == 0  # chunk s is even: it came as a first half
+    return (jnp.where(even, from_first, from_second), jnp.where(even, from_second, from_first))
+
+
+def from_zigzag(low, high):
+    """The inverse of to_zigzag: (chunk s, chunk 2P-1-s) -> [B, t, ...] contiguous tokens."""
+    first, second = _zigzag_permutations(shard_count())
+    invert = lambda pairs: [(dst, src) for src, dst in pairs]  # noqa: E731
+    even = shard_index() % 2 == 0
+    back_first = jax.lax.ppermute(jnp.where(even, low, high), SEQUENCE, invert(first))
+    back_second = jax.lax.ppermute(jnp.where(even, high, low), SEQUENCE, invert(second))
+    return jnp.concatenate([back_first, back_second], axis=1)
+
+
+def zigzag_offsets(count: int, half: int):
+    """The static global positions of query 0 of chunk s and of chunk 2P-1-s, by shard s."""
+    low = tuple(s * half for s in range(count))
+    high = tuple((2 * count - 1 - s) * half for s in range(count))
+    return low, high
+
+
+def attention_across_shards(q, k, v, docs, *, scale: float, impl: str = "auto",
+                            zigzag: bool = True):
+    """Attention of this shard's queries [B, t, N, D] over the whole row's keys.
+
+    Causal attention of contiguous shards is unbalanced: shard i attends (i + 1/2) t keys a
+    query, so the step waits for the last shard (2P-1 times the first's work). With `zigzag`
+    (and t even) the queries are split into the row's 2P chunks and shard s attends chunks s
+    and 2P-1-s — (2P+1)/2 t keys a query on every shard — moving two half-shards of queries
+    (and their outputs back) by ppermute; the keys stay gathered in row order."""
     keys, values, key_docs = (gather_sequence(x) for x in (k, v, docs))
-    shard = None if shard_count() == 1 else (shard_index(), shard_count())
-    return causal_attention(q, keys, values, docs, key_docs, scale=scale, impl=impl, shard=shard)
+    count = shard_count()
+    if count == 1:
+        return causal_attention(q, keys, values, docs, key_docs, scale=scale, impl=impl)
+    if not zigzag or q.shape[1] % 2:
+        return causal_attention(q, keys, values, docs, key_docs, scale=scale, impl=impl,
+                                shard=(shard_index(), count))
+    low_offsets, high_offsets = zigzag_offsets(count, q.shape[1] // 2)
+    (q_low, q_high), (docs_low, docs_high) = to_zigzag(q), to_zigzag(docs)
+    out_low = causal_attention(q_low, keys, values, docs_low, key_docs, scale=scale, impl=impl,
+                               offsets=(shard_index(), low_offsets))
+    out_high = causal_attention(q_high, keys, values, docs_high, key_docs, scale=scale,
+                                impl=impl, offsets=(shard_index(), high_offsets))
+    return from_zigzag(out_low, out_high)

@@ -39,7 +39,7 @@ FREE_TO_CHANGE = (
     "train.seed", "train.init_from_hf",
     # The same function computed another way.
     "model.remat_policy", "model.layer_scan", "model.delta_rule_impl", "model.attention_impl",
-    "model.moe_impl", "model.grouped_matmul", "loss.fused_head",
+    "model.context_parallel_attention", "model.moe_impl", "model.grouped_matmul", "loss.fused_head",
     "loss.head_chunk_tokens",
 )
 # ...unless experts drop tokens over capacity: which ones depends on the tokens per device and
