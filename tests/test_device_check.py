@@ -26,4 +26,7 @@ def test_device_check_dry_run(repo_root, tmp_path):
         "inverse", "prepare", "state_pass", "output", "local_dv", "state_pass_backward",
         "output_backward", "wy_backward"}
     assert len(by_stage["speed"]) == 6 and len(by_stage["experts"]) == 2
+    # Blockwise only on CPU (the kernel and cuDNN need the GPU): a row and a shard, then timed.
+    assert [r["status"] for r in by_stage["attention"]] == ["PASS"] * 2
+    assert len(by_stage["attention speed"]) == 4
     assert by_stage["recipe"][0]["tokens_per_s"] > 0

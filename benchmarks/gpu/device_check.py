@@ -13,6 +13,12 @@ rewritten after each one, so a run cut short keeps what it measured):
              Hv = 32, d = 128, bf16 (FLA is timed beside it by fla_peer.py)
   recipe     train steps of configs/gpu_1b.yaml (8 x 4096 tokens): tokens/s and MFU
   experts    the grouped matmul, platform choice vs ragged_dot, fwd + bwd at the recipe's shape
+  attention  tokamax's Mosaic GPU flash kernel (what `auto` runs on Hopper) and the blockwise XLA
+             fallback, bf16, on packed documents with a reused id — a whole row and a
+             context-parallel query shard — against the fp32 blockwise attention (output and
+             dq, dk, dv); then both and cuDNN's own API (causal, no documents: its public API
+             has none) timed forward and forward + backward at 8 x 4096 and 1 x 32768
+             (16 query / 2 kv heads of 256, the 80B's attention)
   kernels    each of the nine kernels alone at (4, 8192)
   speed B    the same at (1, 32768)
 Everything is compiled first, in threads, while the FLA peer autotunes; then OUT/jax_compiled is
@@ -51,6 +57,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from attention_inputs import attention_inputs, causal_flops, forward_and_backward  # noqa: E402
 from delta_rule_inputs import chunked_flops, make_inputs  # noqa: E402  (beside this script)
 from qnext_jax.config import ModelConfig  # noqa: E402
 from qnext_jax.data.batch import batch_from_packed_rows  # noqa: E402
@@ -77,11 +84,16 @@ if DRY:
     SHAPES = dict(C=(1, 128, 2, 4, 32), A=(1, 128, 2, 4, 32), B=(1, 256, 2, 4, 32))
     EXPERTS = dict(rows=512, hidden=64, width=32, groups=8)
     RECIPE, RECIPE_BATCH = "tiny.yaml", (2, 128)
+    ATTENTION = dict(heads=4, kv_heads=2, dim=32, correct=(1, 256), recipe=(2, 256), long=(1, 512))
+    ATTENTION_IMPLS = ("blockwise",)  # the kernel and cuDNN need the GPU
     ITERS = 2
 else:
     SHAPES = dict(C=(1, 1024, 16, 32, 128), A=(4, 8192, 16, 32, 128), B=(1, 32768, 16, 32, 128))
     EXPERTS = dict(rows=65536, hidden=1024, width=256, groups=64)  # 8K tokens x top-8
     RECIPE, RECIPE_BATCH = "gpu_1b.yaml", (8, 4096)
+    ATTENTION = dict(heads=16, kv_heads=2, dim=256, correct=(1, 1024), recipe=(8, 4096),
+                     long=(1, 32768))
+    ATTENTION_IMPLS = ("mosaic_gpu", "blockwise", "cudnn")
     ITERS = 10
 GROUPED = ("auto", "ragged") if not DRY else ("tiled", "ragged")
 RESULTS = []
@@ -280,6 +292,27 @@ INPUTS["experts fp32"], INPUTS["experts bf16"] = grouped_inputs(F32), grouped_in
 JOBS["experts reference"] = (grouped_fwd_bwd("tiled"), INPUTS["experts fp32"])
 for impl in GROUPED:
     JOBS[f"experts {impl}"] = (grouped_fwd_bwd(impl), INPUTS["experts bf16"])
+A = ATTENTION
+HALF = A["correct"][1] // 2
+for dtype, name in ((BF16, "bf16"), (F32, "fp32")):
+    q, k, v, docs, cotangent = attention_inputs(*A["correct"], A["heads"], A["kv_heads"],
+                                                A["dim"], dtype, seed=5)
+    INPUTS[f"attention row {name}"] = [q, k, v, docs, cotangent]
+    # A sequence shard: the row's second half of queries against all of its keys.
+    INPUTS[f"attention shard {name}"] = [q[:, HALF:], k, v, docs, cotangent[:, HALF:]]
+for start, label in ((None, "row"), (HALF, "shard")):
+    JOBS[f"attention reference {label}"] = (
+        forward_and_backward("blockwise", start)[1], INPUTS[f"attention {label} fp32"])
+    for impl in ATTENTION_IMPLS:
+        if impl != "cudnn":  # no documents: nothing to compare on packed rows
+            JOBS[f"attention {impl} {label}"] = (
+                forward_and_backward(impl, start)[1], INPUTS[f"attention {label} bf16"])
+for size in ("recipe", "long"):
+    INPUTS[f"attention {size}"] = attention_inputs(*A[size], A["heads"], A["kv_heads"], A["dim"], BF16)
+    for impl in ATTENTION_IMPLS:
+        forward, both = forward_and_backward(impl)
+        JOBS[f"attention {impl} fwd {size}"] = (forward, INPUTS[f"attention {size}"])
+        JOBS[f"attention {impl} fwd+bwd {size}"] = (both, INPUTS[f"attention {size}"])
 COMPILED, COMPILE_S = {}, {}
 RECIPE_PARTS = recipe_step()
 
@@ -383,6 +416,40 @@ def correct():
                    **{n: f"{e:.2e}" for n, e in errors.items()})
 
 
+def attention_correct():
+    for label in ("row", "shard"):
+        if f"attention reference {label}" not in COMPILED:
+            continue
+        want_out, want_grads = COMPILED[f"attention reference {label}"](
+            *INPUTS[f"attention {label} fp32"])
+        for impl in ATTENTION_IMPLS:
+            job = f"attention {impl} {label}"
+            if job not in COMPILED:
+                continue
+            out, grads = COMPILED[job](*INPUTS[f"attention {label} bf16"])
+            errors = dict(out=relative_error(out, want_out))
+            errors.update({f"d{n}": relative_error(g, w) for n, g, w in zip("qkv", grads, want_grads)})
+            bad = sorted(n for n, e in errors.items() if not e <= 3e-2)
+            result(stage="attention", job=f"{impl} {label} (bf16 vs blockwise fp32)",
+                   documents="3 a row, a reused id", status="PASS" if not bad else f"FAIL {bad}",
+                   **{n: f"{e:.2e}" for n, e in errors.items()})
+
+
+def attention_speed():
+    for size in ("recipe", "long"):
+        batch, length = A[size]
+        forward_flops, backward_flops = causal_flops(batch, length, A["heads"], A["dim"])
+        for impl in ATTENTION_IMPLS:
+            for mode, flops in (("fwd", forward_flops), ("fwd+bwd", forward_flops + backward_flops)):
+                job = f"attention {impl} {mode} {size}"
+                if job in COMPILED:
+                    times = timing(COMPILED[job], INPUTS[f"attention {size}"])
+                    result(stage="attention speed", impl=impl, mode=mode, batch=batch,
+                           length=length, heads=(A["heads"], A["kv_heads"]), dim=A["dim"],
+                           documents=impl != "cudnn", **times,
+                           tflops=round(flops / (times["median_ms"] * 1e-3) / 1e12, 2))
+
+
 def speed(shape):
     forward_flops, backward_flops = chunked_flops(*SHAPES[shape])
     for impl in ("pallas", "chunked"):
@@ -438,8 +505,9 @@ def recipe():
            loss=float(metrics["loss"]))
 
 
-STAGES = (("correct", correct), ("speed A", lambda: speed("A")), ("recipe", recipe),
-          ("experts", experts_speed), ("kernels", kernel_breakdown), ("speed B", lambda: speed("B")))
+STAGES = (("correct", correct), ("attention", attention_correct), ("speed A", lambda: speed("A")),
+          ("recipe", recipe), ("attention speed", attention_speed), ("experts", experts_speed),
+          ("kernels", kernel_breakdown), ("speed B", lambda: speed("B")))
 for label, stage in STAGES:
     if time.time() - T0 > args.budget_s:
         result(stage=label, status="skipped (over the time budget)")
