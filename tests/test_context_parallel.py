@@ -130,6 +130,31 @@ def test_attention_over_shards_equals_one_device(shards, zigzag):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"grad {name}")
 
 
+def test_zigzag_attention_through_splash_equals_one_device():
+    """The TPU kernel (interpret mode) in the zig-zag order: one splash kernel per possible
+    chunk offset, switched by the shard; 2 shards of 256 tokens (chunks of 128, splash's tile)."""
+    rng = np.random.default_rng(5)
+    length = 512
+    q = jnp.asarray(rng.normal(size=(1, length, 2, 64)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(1, length, 1, 64)), jnp.float32) for _ in range(2))
+    ids = np.ones((1, length), np.int32)
+    ids[0, 100:300] = 2  # ids 1, 2, 1: three documents, edges inside chunks
+    docs = document_index(jnp.asarray(ids))
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("sequence",), axis_types=(AxisType.Auto,))
+    acts = P(None, "sequence", None, None)
+    split = sharded(lambda q, k, v, docs: attention_across_shards(q, k, v, docs, scale=0.125,
+                                                                  impl="splash"),
+                    mesh, (acts, acts, acts, P(None, "sequence")), acts)
+    single = lambda q, k, v, docs: blockwise_attention(  # noqa: E731
+        q, k, v, q_docs=docs, kv_docs=docs, scale=0.125)
+    np.testing.assert_allclose(split(q, k, v, docs), single(q, k, v, docs), rtol=1e-5, atol=1e-5)
+    loss = lambda fn, *a: jnp.sum(jnp.sin(fn(*a, docs)))  # noqa: E731
+    got = jax.grad(lambda *a: loss(split, *a), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(lambda *a: loss(single, *a), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"grad {name}")
+
+
 @pytest.mark.parametrize("shards", [8, 4])
 def test_zigzag_gives_every_shard_the_same_causal_work(shards):
     """The positions each shard attends, moved by the real permutation: the causal work (keys a
