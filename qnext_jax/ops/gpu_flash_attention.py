@@ -56,7 +56,8 @@ def document_mask(q_docs, kv_docs, q_offset=None):
 
 @functools.cache
 def mosaic_gpu_kernel():
-    """tokamax's Mosaic GPU flash attention op (private module: the project pins tokamax)."""
+    """tokamax's Mosaic GPU flash attention op. A private module (checked with tokamax 0.0.12
+    and 0.0.17): a tokamax without it falls back to blockwise (gpu_flash_unsupported_reason)."""
     from tokamax._src.ops.attention import pallas_mosaic_gpu
 
     return pallas_mosaic_gpu.PallasMosaicGpuFlashAttention()
