@@ -79,6 +79,37 @@ def test_cli_generates_from_a_hugging_face_directory(model_and_tokenizer, tmp_pa
     assert "--- 'import x'" in out and "--- 'def value'" in out
 
 
+CHAT = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_cli_chat_stops_at_generation_configs_end_ids_and_stop_strings(
+        model_and_tokenizer, tmp_path, capsys):
+    """--chat renders the prompt with tokenizer_config.json's template; the row stops at an id
+    listed in generation_config.json (a list, as the Instruct release has), or at --stop."""
+    model, tokenizer = model_and_tokenizer
+    save_hf_checkpoint(model, tmp_path)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT}))
+    rendered = ("<|im_start|>system\nBe brief<|im_end|>\n<|im_start|>user\ndef value<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    prompt = tokenizer.tokenizer.encode(rendered, add_special_tokens=False).ids
+    free = Generator(model).generate([prompt], max_new_tokens=12).tokens[0]
+    end = next(k for k in range(1, len(free)) if free[k] not in free[:k])
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [model.config.vocab_size - 1, free[end]], "do_sample": False}))
+    args = [str(tmp_path), "--chat", "--system", "Be brief", "--prompt", "def value",
+            "--max-new-tokens", "12"]
+    assert main(args) == 0
+    assert f"{rendered}{tokenizer.decode(free[:end + 1])}\n" in capsys.readouterr().out
+
+    (tmp_path / "generation_config.json").unlink()
+    text = tokenizer.decode(free)
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert main([*args, "--stop", stop, "--stop", "never appears"]) == 0
+    assert f"{rendered}{text[: text.find(stop)]}\n" in capsys.readouterr().out
+
+
 def test_export_cli_writes_a_runs_checkpoint_as_a_hugging_face_directory(
         model_and_tokenizer, run_dir, capsys, monkeypatch):
     from qnext_jax.convert import load_hf_checkpoint

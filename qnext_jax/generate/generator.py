@@ -70,9 +70,11 @@ class Generator:
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
                  settings: SamplingSettings = SamplingSettings(), stop_tokens=(), seed: int = 0,
-                 max_length: int | None = None) -> Generation:
+                 max_length: int | None = None, stop_when=None) -> Generation:
         """prompts: token ids per row (different lengths allowed). max_length: the caches'
-        length (default: the longest prompt, padded, + max_new_tokens + the drafts' room)."""
+        length (default: the longest prompt, padded, + max_new_tokens + the drafts' room).
+        stop_when(tokens) -> bool: a host-side check of a row's new tokens (a stop string);
+        generation ends once every row is done or stopped (the caller cuts the text)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -114,7 +116,8 @@ class Generator:
             history.append(n_tokens)
             if timer is None and len(history) == 2:
                 timer = time.perf_counter()
-            if done.all():
+            if done.all() or (stop_when is not None and _all_stopped(
+                    state, done, lengths, n_tokens, max_new_tokens, stop_when)):
                 break
             state = step(self.params, state)
         tokens, n_tokens = jax.device_get((state.tokens, state.n_tokens))
@@ -180,6 +183,13 @@ def _round(graph, params, state, *, depth, **static):
 
 
 _STEPS = {"prefill": _prefill, "step": _step, "round": _round}
+
+
+def _all_stopped(state, done, lengths, n_tokens, max_new: int, stop_when) -> bool:
+    tokens = jax.device_get(state.tokens)
+    return all(done[row] or stop_when([int(t) for t in tokens[row, lengths[row]:
+                                                                n_tokens[row]][:max_new]])
+               for row in range(len(done)))
 
 
 def _trim(row, max_new: int, stop_tokens) -> list[int]:
