@@ -255,3 +255,31 @@ def test_eval_acceptance_counts_packed_documents(draft_setup):
                     counted += 1
                     hits += draft[b, i] == main[b, i + k]
         assert (from_logits[0][k - 1], from_logits[1][k - 1]) == (hits, counted)
+
+
+def test_decode_attention_reads_a_bf16_cache_without_copying_it():
+    """The cached attention against float64 on a bf16 cache, and no conversion of the whole
+    cache in its program (a step used to make an fp32 copy of every value cache)."""
+    from qnext_jax.generate.cache import AttentionCache
+    from qnext_jax.generate.cached_layers import attend_to_cache
+
+    rng = np.random.default_rng(0)
+    batch, kv_heads, length, dim, heads = 2, 2, 64, 16, 4
+    key, value = (jnp.asarray(rng.normal(size=(batch, kv_heads, length, dim)), jnp.bfloat16)
+                  for _ in range(2))
+    query = jnp.asarray(rng.normal(size=(batch, 1, heads, dim)), jnp.bfloat16)
+    lengths = jnp.asarray([10, 40])
+    out = attend_to_cache(query, AttentionCache(key, value), lengths, dim ** -0.5)
+    q, k, v = (np.asarray(x.astype(jnp.float32), np.float64) for x in (query, key, value))
+    for row, n in enumerate([10, 40]):
+        for head in range(heads):
+            s = k[row, head // 2, : n + 1] @ q[row, 0, head] * dim ** -0.5
+            p = np.exp(s - s.max())
+            expected = (p / p.sum()) @ v[row, head // 2, : n + 1]
+            np.testing.assert_allclose(np.asarray(out[row, 0, head], np.float64), expected,
+                                       rtol=3e-2, atol=3e-2)
+    jaxpr = jax.make_jaxpr(lambda q, k, v, n: attend_to_cache(q, AttentionCache(k, v), n, 0.25))(
+        query, key, value, lengths)
+    converted = [e for e in jaxpr.eqns if e.primitive.name == "convert_element_type"
+                 and e.invars[0].aval.shape == key.shape]
+    assert not converted, converted

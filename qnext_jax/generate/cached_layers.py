@@ -102,8 +102,10 @@ def attention_extend(mixer, x, cache: AttentionCache, *, rotary, length, fresh: 
 
 def attend_to_cache(query, cache: AttentionCache, length, scale: float):
     """query [B, T, N, D] at positions length + t attends to the cached keys at positions
-    <= its own (the new tokens' keys already written). Softmax in fp32; GQA: query head n
-    reads kv head n // (N / K)."""
+    <= its own (the new tokens' keys already written). Softmax in fp32, its weights rounded to
+    the cache's dtype for the product with the values (as transformers' attention does), which
+    reads the cache as it lies: no per-step copy of it. GQA: query head n reads kv head
+    n // (N / K)."""
     batch, new, heads, dim = query.shape
     kv_heads, max_length = cache.key.shape[1], cache.key.shape[2]
     query = query.reshape(batch, new, kv_heads, heads // kv_heads, dim)
@@ -113,5 +115,6 @@ def attend_to_cache(query, cache: AttentionCache, length, scale: float):
     visible = jnp.arange(max_length)[None, None, :] <= positions[:, :, None]  # [B, T, L]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("BKGTL,BKLD->BTKGD", weights, cache.value.astype(jnp.float32))
+    out = jnp.einsum("BKGTL,BKLD->BTKGD", weights.astype(cache.value.dtype), cache.value,
+                     preferred_element_type=jnp.float32)
     return out.reshape(batch, new, heads, dim).astype(cache.value.dtype)
