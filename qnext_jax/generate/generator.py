@@ -1,9 +1,11 @@
 """Generation from a model: prompts in, tokens out, with tokens/s and the acceptance rates.
 
-The model is split once (graph + state); prefill, the decode step and the speculative round
-are jitted with the state they update donated, and a host loop runs steps until every row is
-done (a stop token or max_new_tokens). Compiled functions are kept per shape, so a second call
-with prompts of a similar length compiles nothing.
+The model is split once (graph + state); prefill and a loop of decode steps (or speculative
+rounds) are jitted with the state they update donated. The loop runs on the device up to
+`steps_per_sync` steps a call and ends early once every row is done (a stop token, checked on
+the device, or max_new_tokens), so the host reads the state back once per many tokens.
+Compiled functions are kept per shape, so a second call with prompts of a similar length
+compiles nothing.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class Generation:
 class Generator:
     """generate(prompts, ...) for one model; `speculative` = D drafts per round (0: plain)."""
 
-    def __init__(self, model, *, speculative: int = 0):
+    def __init__(self, model, *, speculative: int = 0, steps_per_sync: int = 16):
+        if steps_per_sync < 1:
+            raise ValueError(f"steps_per_sync must be >= 1, got {steps_per_sync}")
         if speculative < 0:
             raise ValueError(f"speculative must be >= 0 drafts per round, got {speculative}")
         if speculative and model.mtp is None:
@@ -65,6 +69,7 @@ class Generator:
                              "none (mtp_num_hidden_layers = 0)")
         self.config = model.config
         self.depth = speculative
+        self.steps_per_sync = steps_per_sync
         self.graph, self.params = nnx.split(model)
         self._compiled = {}
 
@@ -109,17 +114,21 @@ class Generator:
         state = self._jitted("prefill", **static)(self.params, state, jnp.asarray(batch))
         jax.block_until_ready(state.done)
         prefilled = time.perf_counter()
-        step = self._jitted("round" if self.depth else "step", **static)
-        history, timer = [], None  # timed from the end of the first step (its compilation)
-        while True:
-            done, n_tokens = jax.device_get((state.done, state.n_tokens))
-            history.append(n_tokens)
-            if timer is None and len(history) == 2:
-                timer = time.perf_counter()
-            if done.all() or (stop_when is not None and _all_stopped(
-                    state, done, lengths, n_tokens, max_new_tokens, stop_when)):
+        steps = self._jitted("steps", most=self.steps_per_sync, **static)
+        done, n_tokens = jax.device_get((state.done, state.n_tokens))
+        history, timer = [n_tokens], None  # timed from the end of the first step (compiled)
+        while not done.all():
+            if stop_when is not None and _all_stopped(state, done, lengths, n_tokens,
+                                                      max_new_tokens, stop_when):
                 break
-            state = step(self.params, state)
+            # One step first: its call compiles, and the timing starts after it.
+            limit = 1 if timer is None else self.steps_per_sync
+            state, trace, count = steps(self.params, state, jnp.int32(limit))
+            trace, count, done = jax.device_get((trace, count, state.done))
+            history.extend(trace[:count])
+            n_tokens = history[-1]
+            if timer is None:
+                timer = time.perf_counter()
         tokens, n_tokens = jax.device_get((state.tokens, state.n_tokens))
         finished = time.perf_counter()
 
@@ -173,16 +182,33 @@ def _prefill(graph, params, state, prompts, *, depth, **static):
     return state
 
 
-def _step(graph, params, state, *, depth, **static):
-    del depth
-    return decode_step(nnx.merge(graph, params), state, **static)
+def _steps(graph, params, state, limit, *, depth, most, **static):
+    """Up to `limit` (<= most) decode steps (speculative rounds with depth > 0) on the device,
+    stopping early once every row is done: one host round trip for many tokens. Returns
+    (state, each step's n_tokens [most, B] (the first `count` rows written), count)."""
+    model = nnx.merge(graph, params)
+
+    def one(state):
+        if depth:
+            return speculative_round(model, state, depth=depth, **static)
+        return decode_step(model, state, **static)
+
+    trace = jnp.zeros((most,) + state.n_tokens.shape, jnp.int32)
+
+    def more(carry):
+        count, state, _ = carry
+        return (count < jnp.minimum(limit, most)) & ~jnp.all(state.done)
+
+    def step(carry):
+        count, state, trace = carry
+        state = one(state)
+        return count + 1, state, trace.at[count].set(state.n_tokens)
+
+    count, state, trace = jax.lax.while_loop(more, step, (jnp.int32(0), state, trace))
+    return state, trace, count
 
 
-def _round(graph, params, state, *, depth, **static):
-    return speculative_round(nnx.merge(graph, params), state, depth=depth, **static)
-
-
-_STEPS = {"prefill": _prefill, "step": _step, "round": _round}
+_STEPS = {"prefill": _prefill, "steps": _steps}
 
 
 def _all_stopped(state, done, lengths, n_tokens, max_new: int, stop_when) -> bool:
