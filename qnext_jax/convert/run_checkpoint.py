@@ -38,13 +38,21 @@ def complete_steps(run_dir: Path) -> list[int]:
                   if p.name.isdigit() and (p / "state").is_dir())
 
 
-def load_run_checkpoint(run_dir, step: int | None = None, **model_changes):
+def load_run_checkpoint(run_dir, step: int | None = None, *, param_dtype: str | None = None,
+                        **model_changes):
     """-> (model, step, config values) from `run_dir`'s checkpoint of `step` (default: the
-    latest). model_changes: ModelConfig fields to override (how to compute, never shapes)."""
+    latest). param_dtype: the parameters' dtype (None: as trained; "float32" or "bfloat16":
+    each array cast as orbax reads it, the whole model never held in the stored dtype; "auto":
+    the run's compute dtype). model_changes: ModelConfig fields to override (how to compute,
+    never shapes)."""
     run_dir = Path(run_dir).expanduser().absolute()  # orbax takes absolute paths only
     values = run_config_values(run_dir)
     config = ModelConfig.from_dict(values["model"], where=f"{run_dir / CONFIG} model").replace(
         **model_changes)
+    if param_dtype == "auto":
+        param_dtype = config.dtype if config.dtype in ("float32", "bfloat16") else "float32"
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
     checkpoints = run_dir / CHECKPOINTS
     steps = complete_steps(run_dir)
     if not steps:

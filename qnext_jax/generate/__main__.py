@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--speculative", type=int, default=0, metavar="D",
                         help="MTP drafts per verification (0: plain decoding)")
     parser.add_argument("--step", type=int, help="a run's checkpoint step (default: the latest)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="the parameters' dtype (auto: the model's compute dtype, bf16 for "
+                             "the released 80B), cast tensor by tensor as they are read")
     parser.add_argument("--no-stop", action="store_true",
                         help="do not stop at the model's end tokens")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
@@ -65,7 +68,8 @@ def main(argv=None) -> int:
         settings = SamplingSettings(*(defaults[name] if value is None else value for name, value in
                                       (("temperature", args.temperature), ("top_k", args.top_k),
                                        ("top_p", args.top_p))))
-        model, tokenizer, source = load_for_generation(args.model_dir, step=args.step)
+        model, tokenizer, source = load_for_generation(args.model_dir, step=args.step,
+                                                       dtype=args.dtype)
         if tokenizer is None:
             raise ConfigError(f"{args.model_dir} has no tokenizer.json to encode the prompts")
         print(f"model: {source}", flush=True)
