@@ -19,7 +19,7 @@ from qnext_jax.model.mlp import SwiGLU
 from qnext_jax.model.params import cast, compute_dtype, normal_param, param
 from qnext_jax.model.projections import project_together
 from qnext_jax.parallel.axes import under_mesh
-from qnext_jax.ops.grouped_swiglu import fused_gate_up, grouped_swiglu
+from qnext_jax.ops.grouped_swiglu import grouped_swiglu
 from qnext_jax.parallel.expert_parallel import EXPERT_IN, EXPERT_OUT, expert_parallel_ffn
 
 
@@ -91,7 +91,7 @@ class SparseMoE(nnx.Module):
             )
         else:
             gate_w, up_w, down_w = self._expert_weights(dtype)
-            routed = grouped_swiglu(tokens, weights, experts, fused_gate_up(gate_w, up_w), down_w,
+            routed = grouped_swiglu(tokens, weights, experts, (gate_w, up_w), down_w,
                                     config.grouped_matmul)
         shared_gate = jax.nn.sigmoid(shared_gate_logit).astype(dtype)
         out = routed + shared_gate * self.shared_expert(tokens)

@@ -29,8 +29,9 @@ def grouped_swiglu(tokens, weights, experts, gate_up_w, down_w, impl: str = "aut
     """Dropless SwiGLU experts as one grouped matmul for gate and up, and one for down.
 
     tokens [N, E]; weights, experts [N, k] (expert ids >= the number of local experts, G, are
-    choices that live elsewhere and are skipped); gate_up_w [G, E, 2F] (`fused_gate_up`);
-    down_w [G, F, E].
+    choices that live elsewhere and are skipped); gate_up_w [G, E, 2F] (`fused_gate_up`), or
+    (gate_w, up_w) [G, E, F] each, fused here where a grouped GEMM kernel runs and kept apart
+    on CPU; down_w [G, F, E].
     impl: the grouped matmul's (ops/grouped_matmul.py); "auto" on CPU is capacity buckets.
     max_choices: at most this many choices are not skipped (the caller guarantees it): the
         grouped matmuls then run on that many rows instead of N * k (the expert-parallel
@@ -38,12 +39,16 @@ def grouped_swiglu(tokens, weights, experts, gate_up_w, down_w, impl: str = "aut
     Returns [N, E]: for every token the sum over its choices of weight * expert(token).
     """
     num_tokens, top_k = experts.shape
-    num_groups, width = gate_up_w.shape[0], gate_up_w.shape[2] // 2
-    if impl == "auto" and target_platform() == "cpu" and experts.size > DEFAULT_TILE:
+    separate = isinstance(gate_up_w, tuple)  # (gate_w, up_w), not yet fused
+    on_cpu = target_platform() == "cpu"
+    if impl == "auto" and on_cpu and experts.size > DEFAULT_TILE:
         # XLA:CPU has no grouped GEMM: per-expert buckets as batched matmuls (few rows, as in
         # decoding, take the gathered grouped matmul below).
-        return bucketed_swiglu(tokens, weights, experts, gate_up_w[..., :width],
-                               gate_up_w[..., width:], down_w)
+        gate_w, up_w = gate_up_w if separate else _split(gate_up_w)
+        return bucketed_swiglu(tokens, weights, experts, gate_w, up_w, down_w)
+    if separate and not on_cpu:
+        gate_up_w, separate = fused_gate_up(*gate_up_w), False
+    num_groups = (gate_up_w[0] if separate else gate_up_w).shape[0]
     flat_experts = experts.reshape(-1)  # [N*k]
     rows_computed = flat_experts.size if max_choices is None else min(max_choices,
                                                                       flat_experts.size)
@@ -63,11 +68,24 @@ def grouped_swiglu(tokens, weights, experts, gate_up_w, down_w, impl: str = "aut
     # [rows, E] grouped by expert; a token's k gradient rows are summed in fp32.
     rows = take_sorted_copies(tokens, order, top_k, computed)
     # Gate and up as one product: the rows' gradient comes out of one kernel, not two to add.
-    gate_up = grouped_matmul(rows, gate_up_w, group_sizes, impl=impl,
-                             zero_past_rows=False)  # [rows, 2F]
-    gate_up = jnp.where((jnp.arange(rows_computed) < computed)[:, None], gate_up, 0)
-    hidden = jax.nn.silu(gate_up[:, :width]) * gate_up[:, width:]
+    # On CPU (few rows: each row multiplied by its own gathered expert) the two are gathered
+    # apart: fusing would copy every expert's gate and up weights for a handful of rows, each
+    # decode step.
+    if separate:
+        gate, up = (grouped_matmul(rows, w, group_sizes, impl=impl, zero_past_rows=False)
+                    for w in gate_up_w)
+    else:
+        gate, up = _split(grouped_matmul(rows, gate_up_w, group_sizes, impl=impl,
+                                         zero_past_rows=False))  # [rows, F] each
+    valid = (jnp.arange(rows_computed) < computed)[:, None]
+    hidden = jax.nn.silu(jnp.where(valid, gate, 0)) * jnp.where(valid, up, 0)
     out_sorted = grouped_matmul(hidden, down_w, group_sizes, impl=impl,
                                 zero_past_rows=False)  # [rows, E]
     # Back to token order, weighted; memory proportional to the rows computed.
     return combine_sorted(out_sorted, order, weights, computed)
+
+
+def _split(gate_up):
+    """[..., 2F] -> ([..., F], [..., F]): gate first, as fused_gate_up puts it."""
+    width = gate_up.shape[-1] // 2
+    return gate_up[..., :width], gate_up[..., width:]

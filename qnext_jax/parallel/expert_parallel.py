@@ -63,7 +63,7 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
     if mesh.size == 1 and _capacity(num_tokens, top_k, 1, capacity_factor) == num_tokens:
         # One device holds every expert and drops nothing: no shard_map, whose backward would
         # sum the weight gradients over one-device axes (a copy per layer on XLA:CPU).
-        return grouped_swiglu(tokens, weights, experts, fused_gate_up(gate_w, up_w), down_w,
+        return grouped_swiglu(tokens, weights, experts, (gate_w, up_w), down_w,
                               impl)
     tokens_spec = PartitionSpec(TOKEN_AXES, None)
     weight_in, weight_out = logical_spec(EXPERT_IN), logical_spec(EXPERT_OUT)
