@@ -130,17 +130,23 @@ def test_attention_over_shards_equals_one_device(shards, zigzag):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"grad {name}")
 
 
-def test_zigzag_attention_through_splash_equals_one_device():
-    """The TPU kernel (interpret mode) in the zig-zag order: one splash kernel per possible
-    chunk offset, switched by the shard; 2 shards of 256 tokens (chunks of 128, splash's tile)."""
+@pytest.mark.parametrize("shards, max_kernels", [(2, 8), (4, 1)])
+def test_zigzag_attention_through_splash_equals_one_device(shards, max_kernels, monkeypatch):
+    """The TPU kernel (interpret mode) in the zig-zag order, chunks of 128 tokens (splash's
+    tile): 2 shards, 4 possible chunk starts, a kernel each; 4 shards, 8 starts sharing one
+    kernel (cap 1) whose mask tables are padded to the widest start's (keys in 2 blocks of
+    512: the early chunks visit one, the late ones two)."""
+    from qnext_jax.ops import splash_attention as splash_module
+
+    monkeypatch.setattr(splash_module, "_MAX_KERNELS", max_kernels)
     rng = np.random.default_rng(5)
-    length = 512
+    length = 256 * shards
     q = jnp.asarray(rng.normal(size=(1, length, 2, 64)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(1, length, 1, 64)), jnp.float32) for _ in range(2))
     ids = np.ones((1, length), np.int32)
     ids[0, 100:300] = 2  # ids 1, 2, 1: three documents, edges inside chunks
     docs = document_index(jnp.asarray(ids))
-    mesh = Mesh(np.asarray(jax.devices()[:2]), ("sequence",), axis_types=(AxisType.Auto,))
+    mesh = Mesh(np.asarray(jax.devices()[:shards]), ("sequence",), axis_types=(AxisType.Auto,))
     acts = P(None, "sequence", None, None)
     split = sharded(lambda q, k, v, docs: attention_across_shards(q, k, v, docs, scale=0.125,
                                                                   impl="splash"),

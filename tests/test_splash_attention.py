@@ -66,6 +66,24 @@ def test_splash_lowers_for_tpu_forward_and_backward():
     assert [a.shape for a in exported.out_avals] == [a.shape for a in args[:3]]
 
 
+def test_query_starts_share_kernels_on_tpu():
+    """16 possible query starts, each visiting a different number of key blocks, lower to 8
+    kernels forward and 8 + 8 backward, not 16 each: the starts live in the mask tables the
+    kernel reads, not in its code."""
+    shape = jax.ShapeDtypeStruct
+    starts = tuple(range(0, 16 * 512, 512))
+
+    def train(q, k, v, q_docs, kv_docs, index):
+        return grads(lambda q, k, v: splash_attention(
+            q, k, v, q_docs, kv_docs, scale=0.0625, offsets=(index, starts)), q, k, v)
+
+    args = (shape((B, 256, 16, 256), jnp.bfloat16), shape((B, 8192, 2, 256), jnp.bfloat16),
+            shape((B, 8192, 2, 256), jnp.bfloat16), shape((B, 256), jnp.int32),
+            shape((B, 8192), jnp.int32), shape((), jnp.int32))
+    text = export.export(jax.jit(train), platforms=["tpu"])(*args).mlir_module()
+    assert text.count("tpu_custom_call") == 3 * 8, text.count("tpu_custom_call")
+
+
 def test_lengths_splash_cannot_tile_fall_back_to_blockwise():
     assert resolve_implementation("splash", 256, 256) == "splash"
     assert resolve_implementation("splash", 200, 200) == "blockwise"
