@@ -59,11 +59,12 @@ def test_cli_generates_from_a_run_directory(model_and_tokenizer, run_dir, capsys
     model, tokenizer = model_and_tokenizer
     monkeypatch.chdir(run_dir.parent)  # orbax refuses relative paths: they must be resolved
     assert main([run_dir.name, "--prompt", "def value", "--max-new-tokens", "8", "--no-stop",
-                 "--speculative", "2"]) == 0
+                 "--speculative", "2", "--mesh", "tensor=2", "--mesh", "expert=4"]) == 0
     out = capsys.readouterr().out
     prompt = tokenizer.tokenizer.encode("def value", add_special_tokens=False).ids
     expected = Generator(model).generate([prompt], max_new_tokens=8).tokens[0]
-    assert f"def value{tokenizer.decode(expected)}" in out  # speculative = plain greedy
+    # Speculative on an 8-device mesh = plain greedy on one device.
+    assert f"def value{tokenizer.decode(expected)}" in out
     assert "tokens/s" in out and "acceptance depth 1:" in out and "depth 2:" in out
 
 
@@ -139,6 +140,9 @@ def test_export_cli_writes_a_runs_checkpoint_as_a_hugging_face_directory(
     (["{run}", "--prompt", "a", "--step", "3"], "no checkpoint of step 3; it has [7]"),
     (["{run}", "--prompt", "a", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["{run}", "--prompt-file", "{missing}"], "prompt file"),
+    (["{run}", "--prompt", "a", "--mesh", "pipeline=2"], "expected AXIS=SIZE with AXIS one of"),
+    (["{run}", "--prompt", "a", "--mesh", "sequence=2"], "decoding keeps sequence at 1"),
+    (["{run}", "--prompt", "a", "--mesh", "tensor=16"], "16 devices but 8 are available"),
 ])
 def test_cli_refuses_bad_input(run_dir, tmp_path, capsys, args, message):
     args = [a.format(missing=tmp_path / "nothing", run=run_dir) for a in args]

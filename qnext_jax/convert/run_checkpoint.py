@@ -17,6 +17,7 @@ from flax import nnx
 
 from qnext_jax.config import ConfigError, ModelConfig
 from qnext_jax.model import abstract_model
+from qnext_jax.parallel.axes import ShardingRules, param_axes
 
 CHECKPOINTS, CONFIG = "checkpoints", "config.json"
 
@@ -39,11 +40,12 @@ def complete_steps(run_dir: Path) -> list[int]:
 
 
 def load_run_checkpoint(run_dir, step: int | None = None, *, param_dtype: str | None = None,
-                        **model_changes):
+                        mesh=None, **model_changes):
     """-> (model, step, config values) from `run_dir`'s checkpoint of `step` (default: the
     latest). param_dtype: the parameters' dtype (None: as trained; "float32" or "bfloat16":
     each array cast as orbax reads it, the whole model never held in the stored dtype; "auto":
-    the run's compute dtype). model_changes: ModelConfig fields to override (how to compute,
+    the run's compute dtype). mesh: each parameter read straight into its shards on it, as
+    the logical-axis table places it (None: one device). model_changes: ModelConfig fields to override (how to compute,
     never shapes)."""
     run_dir = Path(run_dir).expanduser().absolute()  # orbax takes absolute paths only
     values = run_config_values(run_dir)
@@ -62,9 +64,17 @@ def load_run_checkpoint(run_dir, step: int | None = None, *, param_dtype: str | 
     elif step not in steps:
         raise ConfigError(f"{checkpoints} has no checkpoint of step {step}; it has {steps}")
     graph, params = nnx.split(abstract_model(config), nnx.Param)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"params": jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)}
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        placed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              params)
+    else:
+        rules = ShardingRules(config, mesh)
+        placed = jax.tree.map(
+            lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.value.dtype,
+                                                     sharding=rules.sharding(param_axes(v)))),
+            params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    target = {"params": placed}
     # Only the parameters: the optimizer's moments stay on disk.
     try:
         restored = ocp.PyTreeCheckpointer().restore(

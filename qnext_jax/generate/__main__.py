@@ -3,13 +3,16 @@
     python -m qnext_jax.generate RUN_OR_HF_DIR --prompt "def f(x):" --max-new-tokens 64 \
         [--temperature 0.8 --top-k 50 --top-p 0.95 --seed 0] [--speculative 2]
     python -m qnext_jax.generate HF_DIR --chat --prompt "What is a delta rule?" [--system "..."]
+    python -m qnext_jax.generate HF_DIR --mesh tensor=4 --mesh expert=2 --prompt ...
 
 Prints each prompt's continuation, then the decode speed (tokens/s after the first token),
 and with --speculative the tokens kept per verification and the acceptance rate per depth.
 Rows stop at the model's end tokens (config.json's and generation_config.json's eos_token_id,
 the tokenizer's end-of-text) and at --stop strings; sampling defaults to generation_config.json
 (greedy without one). --chat renders each prompt as a user turn with the tokenizer's chat
-template (tokenizer_config.json or chat_template.jinja) and the assistant's header.
+template (tokenizer_config.json or chat_template.jinja) and the assistant's header. --mesh
+splits decoding over the devices (tensor over heads and widths, expert over the routed experts,
+data over the rows), each parameter read straight into its shards.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from qnext_jax.data.chat_template import ChatTemplate
 from qnext_jax.data.sources import DataError
 from qnext_jax.generate.generator import Generator
 from qnext_jax.generate.sampling import SamplingSettings
+from qnext_jax.generate.sharding import generation_mesh
 from qnext_jax.generate.sources import load_for_generation
+from qnext_jax.parallel.mesh import MESH_AXES
 from qnext_jax.generate.stopping import (
     cut_at_stop_strings, read_generation_config, sampling_defaults, stop_token_ids,
 )
@@ -57,6 +62,9 @@ def main(argv=None) -> int:
     parser.add_argument("--chat", action="store_true",
                         help="render each prompt as a user turn with the chat template")
     parser.add_argument("--system", help="with --chat: a system turn before each prompt")
+    parser.add_argument("--mesh", action="append", default=[], metavar="AXIS=SIZE",
+                        help="decode on a mesh of this size along data, tensor or expert "
+                             "(repeat for several; the others are 1). Default: one device")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -68,8 +76,9 @@ def main(argv=None) -> int:
         settings = SamplingSettings(*(defaults[name] if value is None else value for name, value in
                                       (("temperature", args.temperature), ("top_k", args.top_k),
                                        ("top_p", args.top_p))))
+        mesh = generation_mesh(_mesh_sizes(args.mesh)) if args.mesh else None
         model, tokenizer, source = load_for_generation(args.model_dir, step=args.step,
-                                                       dtype=args.dtype)
+                                                       dtype=args.dtype, mesh=mesh)
         if tokenizer is None:
             raise ConfigError(f"{args.model_dir} has no tokenizer.json to encode the prompts")
         print(f"model: {source}", flush=True)
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
         if args.stop:
             stop_when = lambda tokens: cut_at_stop_strings(  # noqa: E731
                 tokenizer.decode(tokens), args.stop)[1]
-        result = Generator(model, speculative=args.speculative).generate(
+        result = Generator(model, speculative=args.speculative, mesh=mesh).generate(
             prompts, max_new_tokens=args.max_new_tokens, settings=settings, stop_tokens=stop,
             seed=args.seed, stop_when=stop_when)
     except (ConfigError, DataError, ValueError) as error:
@@ -102,6 +111,17 @@ def main(argv=None) -> int:
         print(f"speculative: {result.tokens_per_round:.2f} tokens per verification; "
               f"acceptance {rates}")
     return 0
+
+
+def _mesh_sizes(entries: list[str]) -> dict[str, int]:
+    sizes = {}
+    for entry in entries:
+        name, _, size = entry.partition("=")
+        if name not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise ConfigError(f"--mesh {entry!r}: expected AXIS=SIZE with AXIS one of "
+                              f"{', '.join(MESH_AXES)} and SIZE a positive integer")
+        sizes[name] = int(size)
+    return sizes
 
 
 def _prompts(args) -> list[str]:

@@ -23,8 +23,11 @@ from flax import nnx
 from qnext_jax.generate.cache import main_cache, mtp_caches
 from qnext_jax.generate.decoding import decode_step, prefill
 from qnext_jax.generate.sampling import SamplingSettings
+from qnext_jax.generate.sharding import padded_rows, place_params, state_shardings
 from qnext_jax.generate.speculative import prefill_drafts, ring_size, speculative_round
 from qnext_jax.generate.state import DecodeState
+from qnext_jax.parallel.axes import ShardingRules
+from qnext_jax.parallel.mesh import axis_size
 
 log = logging.getLogger(__name__)
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this: fewer prefill compilations
@@ -57,9 +60,10 @@ class Generation:
 
 
 class Generator:
-    """generate(prompts, ...) for one model; `speculative` = D drafts per round (0: plain)."""
+    """generate(prompts, ...) for one model; `speculative` = D drafts per round (0: plain).
+    mesh: decode sharded over it (generate/sharding.py: `generation_mesh`); None: one device."""
 
-    def __init__(self, model, *, speculative: int = 0, steps_per_sync: int = 16):
+    def __init__(self, model, *, speculative: int = 0, steps_per_sync: int = 16, mesh=None):
         if steps_per_sync < 1:
             raise ValueError(f"steps_per_sync must be >= 1, got {steps_per_sync}")
         if speculative < 0:
@@ -71,6 +75,13 @@ class Generator:
         self.depth = speculative
         self.steps_per_sync = steps_per_sync
         self.graph, self.params = nnx.split(model)
+        self.mesh, self.rules = mesh, None
+        if mesh is not None:
+            if axis_size(mesh, "sequence") != 1 or axis_size(mesh, "fsdp") != 1:
+                raise ValueError("a generation mesh keeps sequence and fsdp at 1 "
+                                 "(generate/sharding.py: generation_mesh)")
+            self.rules = ShardingRules(self.config, mesh)
+            self.params = place_params(self.params, self.rules)
         self._compiled = {}
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int,
@@ -101,14 +112,19 @@ class Generator:
         if max_length > self.config.max_position_embeddings:
             log.warning("generating to %d tokens, past the model's max_position_embeddings %d",
                         max_length, self.config.max_position_embeddings)
-        batch = np.zeros((len(prompts), padded), np.int32)
+        # On a mesh the rows are padded to a multiple of the row shards; the padding rows
+        # hold one token and are done from the start.
+        rows = padded_rows(len(prompts), self.mesh)
+        batch = np.zeros((rows, padded), np.int32)
         for row, prompt in enumerate(prompts):
             batch[row, : len(prompt)] = prompt
-        lengths = np.array([len(p) for p in prompts], np.int32)
+        lengths = np.ones(rows, np.int32)
+        lengths[: len(prompts)] = [len(p) for p in prompts]
         static = dict(settings=settings, stop_tokens=stop_tokens, max_new=max_new_tokens)
         # Built by jit: every cache a buffer of its own (the steps donate them).
-        state = jax.jit(self._initial_state, static_argnums=(0, 1, 2))(
-            len(prompts), max_length, settings, jnp.asarray(lengths), jax.random.key(seed))
+        state = self._jit(self._initial_state, static_argnums=(0, 1, 2))(
+            rows, max_length, settings, jnp.asarray(lengths),
+            jnp.arange(rows) >= len(prompts), jax.random.key(seed))
 
         start = time.perf_counter()
         state = self._jitted("prefill", **static)(self.params, state, jnp.asarray(batch))
@@ -131,9 +147,12 @@ class Generator:
                 timer = time.perf_counter()
         tokens, n_tokens = jax.device_get((state.tokens, state.n_tokens))
         finished = time.perf_counter()
+        real = len(prompts)
+        history = [n[:real] for n in history]
+        lengths, n_tokens = lengths[:real], n_tokens[:real]
 
         rows = [_trim(tokens[row, lengths[row]: n_tokens[row]], max_new_tokens, stop_tokens)
-                for row in range(len(prompts))]
+                for row in range(real)]
         timed = 0 if timer is None else int(np.sum(np.minimum(
             history[-1] - history[1], np.maximum(0, lengths + max_new_tokens - history[1]))))
         result = Generation(rows, int(lengths.sum()), 0.0 if timer is None else finished - timer,
@@ -148,7 +167,7 @@ class Generator:
         return result
 
     def _initial_state(self, batch: int, max_length: int, settings: SamplingSettings, lengths,
-                       key) -> DecodeState:
+                       done, key) -> DecodeState:
         config, depth = self.config, self.depth
         zeros = jnp.zeros((batch,), jnp.int32)
         draft_vocab = 0 if settings.greedy else config.vocab_size  # the rejection rule's q
@@ -156,7 +175,7 @@ class Generator:
             main=main_cache(config, batch, max_length),
             mtp=mtp_caches(config, batch, max_length, depth) if depth else (),
             tokens=jnp.zeros((batch, max_length), jnp.int32),
-            n_tokens=zeros, prompt_length=lengths, done=jnp.zeros((batch,), bool), key=key,
+            n_tokens=zeros, prompt_length=lengths, done=done, key=key,
             drafts=jnp.zeros((batch, depth), jnp.int32),
             draft_probs=jnp.zeros((batch, depth, draft_vocab), jnp.float32),
             rings=tuple(jnp.zeros((batch, ring_size(depth), config.hidden_size),
@@ -168,10 +187,27 @@ class Generator:
     def _jitted(self, kind: str, **static):
         key = (kind, tuple(sorted(static.items())))
         if key not in self._compiled:
-            self._compiled[key] = jax.jit(
+            self._compiled[key] = self._jit(
                 functools.partial(_STEPS[kind], self.graph, depth=self.depth, **static),
                 donate_argnums=(1,))
         return self._compiled[key]
+
+    def _jit(self, fn, **options):
+        """jax.jit, on a mesh tracing under it (the MoE's and attention's shard_map read it)
+        with the state's outputs kept on their shards from call to call."""
+        if self.mesh is None:
+            return jax.jit(fn, **options)
+        abstract_mesh, rules = self.mesh.abstract_mesh, self.rules
+
+        def on_mesh(*args):
+            with jax.sharding.use_abstract_mesh(abstract_mesh):
+                out = fn(*args)
+            alone = isinstance(out, DecodeState)  # else (state, *more)
+            state = out if alone else out[0]
+            state = jax.lax.with_sharding_constraint(state, state_shardings(state, rules))
+            return state if alone else (state, *out[1:])
+
+        return jax.jit(on_mesh, **options)
 
 
 def _prefill(graph, params, state, prompts, *, depth, **static):

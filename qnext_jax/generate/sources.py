@@ -13,20 +13,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax.numpy as jnp
+from flax import nnx
 
 from qnext_jax.config import ConfigError, ModelConfig
 from qnext_jax.convert import load_hf_checkpoint
 from qnext_jax.convert.run_checkpoint import CHECKPOINTS, load_run_checkpoint
 from qnext_jax.data.tokenizer import load_tokenizer
+from qnext_jax.model import abstract_model
+from qnext_jax.parallel.axes import ShardingRules, param_axes
 
 TOKENIZER = "tokenizer.json"
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-def load_for_generation(path, *, step: int | None = None, dtype: str = "auto", **model_changes):
+def load_for_generation(path, *, step: int | None = None, dtype: str = "auto", mesh=None,
+                        **model_changes):
     """-> (model, tokenizer or None, a line saying what was loaded). dtype: the parameters'
-    ("auto": the model's compute dtype). model_changes: ModelConfig fields to override (how to
-    compute, e.g. delta_rule_impl; never shapes)."""
+    ("auto": the model's compute dtype). mesh: every parameter read straight into its shards
+    on it (generate/sharding.py); None: one device. model_changes: ModelConfig fields to
+    override (how to compute, e.g. delta_rule_impl; never shapes)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     path = Path(path).expanduser().absolute()
@@ -35,17 +40,28 @@ def load_for_generation(path, *, step: int | None = None, dtype: str = "auto", *
                           f"{CHECKPOINTS}/) or a Hugging Face model directory")
     tokenizer = load_tokenizer(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
     if (path / CHECKPOINTS).is_dir():
-        model, step, _ = load_run_checkpoint(path, step, param_dtype=dtype, **model_changes)
+        model, step, _ = load_run_checkpoint(path, step, param_dtype=dtype, mesh=mesh,
+                                             **model_changes)
         return model, tokenizer, (f"{path}: checkpoint of step {step}, parameters in "
                                   f"{model.config.param_dtype}")
     if list(path.glob("*.safetensors")):
         if step is not None:
             raise ConfigError("--step picks a checkpoint of a run directory; "
                               f"{path} is a Hugging Face directory")
+        config = ModelConfig.from_hf(path).replace(**model_changes)
         if dtype == "auto":
-            compute = model_changes.get("dtype") or ModelConfig.from_hf(path).dtype
-            dtype = "bfloat16" if jnp.dtype(compute) == jnp.bfloat16 else "float32"
-        model = load_hf_checkpoint(path, dtype, **model_changes)
+            dtype = "bfloat16" if jnp.dtype(config.dtype) == jnp.bfloat16 else "float32"
+        shardings = None if mesh is None else _shardings_by_path(config, mesh)
+        model = load_hf_checkpoint(path, dtype, shardings=shardings, **model_changes)
         return model, tokenizer, f"{path}: Hugging Face weights in {dtype}"
     raise ConfigError(f"{path} holds neither {CHECKPOINTS}/ (a run directory) nor *.safetensors "
                       "(a Hugging Face directory)")
+
+
+def _shardings_by_path(config: ModelConfig, mesh):
+    """parameter path -> its NamedSharding on `mesh`, by the logical-axis table."""
+    rules = ShardingRules(config, mesh)
+    _, state = nnx.split(abstract_model(config))
+    shardings = {path: rules.sharding(param_axes(variable))
+                 for path, variable in nnx.to_flat_state(state)}
+    return shardings.get

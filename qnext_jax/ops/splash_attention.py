@@ -64,9 +64,8 @@ def splash_attention(q, k, v, q_docs, kv_docs, *, scale: float, offsets=None,
         out = run(_kernel(heads, q_len, kv_len, starts[0], interpret))
     else:
         groups = _groups(starts)
-        with jax.ensure_compile_time_eval():  # the tables as values, not traced constants
-            kernels = [[_kernel(heads, q_len, kv_len, starts[i], interpret) for i in group]
-                       for group in groups]
+        kernels = [[_kernel(heads, q_len, kv_len, starts[i], interpret) for i in group]
+                   for group in groups]
         tables = [_stacked_tables(members) for members in kernels]
         group_of, member_of = np.zeros(len(starts), np.int32), np.zeros(len(starts), np.int32)
         for g, group in enumerate(groups):
@@ -75,7 +74,7 @@ def splash_attention(q, k, v, q_docs, kv_docs, *, scale: float, offsets=None,
 
         def branch(treedef, stacked):
             def pick(member):
-                leaves = [jnp.asarray(table)[member] for table in stacked]
+                leaves = [table[member] for table in stacked]
                 return run(jax.tree_util.tree_unflatten(treedef, leaves))
             return pick
 
@@ -134,16 +133,16 @@ def _stacked_tables(kernels):
     stacked = []
     for column in zip(*(leaves for leaves, _ in flat)):
         path = column[0][0]
-        arrays = [np.asarray(leaf) for _, leaf in column]
+        arrays = [leaf for _, leaf in column]
         shape = tuple(max(sizes) for sizes in zip(*(a.shape for a in arrays)))
         field = getattr(path[-1], "name", "")
         if field == "q_sequence" and any(a.shape != shape for a in arrays):
             raise AssertionError("splash query-position tables of different lengths")
-        dtype = np.result_type(*arrays)
-        padded = [np.pad(a.astype(dtype), [(0, s - n) for s, n in zip(shape, a.shape)],
-                         mode="constant" if field == "block_mask" else "edge")
+        dtype = jnp.result_type(*arrays)
+        padded = [jnp.pad(a.astype(dtype), [(0, s - n) for s, n in zip(shape, a.shape)],
+                          mode="constant" if field == "block_mask" else "edge")
                   for a in arrays]
-        stacked.append(np.stack(padded))
+        stacked.append(jnp.stack(padded))
     return treedef, stacked
 
 
