@@ -125,3 +125,28 @@ def test_model_with_splash_attention_equals_blockwise(repo_root):
         return model(ids, segment_ids=segments).logits
 
     np.testing.assert_allclose(logits("splash"), logits("blockwise"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("start", [0, 256, 640, 1536])
+def test_mask_tables_equal_splash_own_causal_mask(start):
+    """Our causal mask (the start in the query positions, blocks classified from their first
+    and last positions) gives the kernel the tables splash builds from its own CausalMask with
+    that offset, evaluating every element: forward, dq and dkv."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
+
+    from qnext_jax.ops.splash_attention import _kernel
+
+    ours = _kernel(2, 256, 2048, start, interpret=True)
+    sizes = kernel_lib.BlockSizes(
+        block_q=256, block_kv=512, block_kv_compute=512, block_q_dkv=256, block_kv_dkv=512,
+        block_kv_dkv_compute=512, block_q_dq=256, block_kv_dq=512)
+    theirs = kernel_lib.make_splash_mha(
+        mask_lib.MultiHeadMask([mask_lib.CausalMask((256, 2048), offset=start)] * 2),
+        head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=True)
+    for name in ("fwd_mask_info", "dq_mask_info", "dkv_mask_info"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        for field in ("data_next", "block_mask"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field),
+                                          err_msg=f"{name}.{field}")
+        np.testing.assert_array_equal(a.q_sequence, b.q_sequence + start)
