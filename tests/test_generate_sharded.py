@@ -3,12 +3,15 @@ expert (heads and widths over `tensor`, experts over `expert`, rows padded to th
 of a batch of 1 or 3) and data x tensor, plain and speculative; parameters and caches sit on
 the shards the logical-axis table gives; meshes decoding cannot use are refused by name."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
 
 from generation_models import draftable_model, tiny_config
-from qnext_jax.generate.generator import Generator
+from qnext_jax.generate.generator import Generator, initial_state, jit_on_mesh
+from qnext_jax.generate.sampling import SamplingSettings
 from qnext_jax.generate.sharding import generation_mesh, padded_rows
 from qnext_jax.parallel.mesh import MeshError
 
@@ -51,18 +54,17 @@ def test_parameters_and_caches_sit_on_their_shards(setup):
     layers = generator.params["blocks"]["layers"]
     experts = layers[0]["mlp"]["gate_proj"].value  # [blocks, experts, embed, mlp]
     assert experts.sharding.shard_shape(experts.shape)[1:] == (8 // 4, 64, 32 // 2)
-    state = generator._jit(generator._initial_state, static_argnums=(0, 1, 2))(
-        4, 64, generator_settings(), jax.numpy.ones(4, "int32"), jax.numpy.zeros(4, bool),
+    # Dense weights whole along the model width (no ZeRO gather per token), heads over tensor.
+    query = layers[3]["mixer"]["q_proj"].value  # [blocks, embed, heads, head_dim]
+    assert query.sharding.shard_shape(query.shape)[1:3] == (64, 4 // 2)
+    state = jit_on_mesh(functools.partial(initial_state, model.config, 1), mesh,
+                        generator.rules, static_argnums=(0, 1, 2))(
+        4, 64, SamplingSettings(), jax.numpy.ones(4, "int32"), jax.numpy.zeros(4, bool),
         jax.random.key(0))
     key_cache = state.main.layers[3].key  # [blocks, B, kv_heads, L, D]
     assert key_cache.sharding.shard_shape(key_cache.shape) == (2, 1, 1, 64, 16)
     delta_state = state.main.layers[0].state  # [blocks, B, Hv, dk, dv]
     assert delta_state.sharding.shard_shape(delta_state.shape) == (2, 1, 2, 16, 16)
-
-
-def generator_settings():
-    from qnext_jax.generate.sampling import SamplingSettings
-    return SamplingSettings()
 
 
 def test_meshes_decoding_cannot_use_are_refused():

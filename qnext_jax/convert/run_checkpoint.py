@@ -17,7 +17,7 @@ from flax import nnx
 
 from qnext_jax.config import ConfigError, ModelConfig
 from qnext_jax.model import abstract_model
-from qnext_jax.parallel.axes import ShardingRules, param_axes
+from qnext_jax.parallel.axes import param_axes
 
 CHECKPOINTS, CONFIG = "checkpoints", "config.json"
 
@@ -40,12 +40,12 @@ def complete_steps(run_dir: Path) -> list[int]:
 
 
 def load_run_checkpoint(run_dir, step: int | None = None, *, param_dtype: str | None = None,
-                        mesh=None, **model_changes):
+                        rules=None, **model_changes):
     """-> (model, step, config values) from `run_dir`'s checkpoint of `step` (default: the
     latest). param_dtype: the parameters' dtype (None: as trained; "float32" or "bfloat16":
     each array cast as orbax reads it, the whole model never held in the stored dtype; "auto":
-    the run's compute dtype). mesh: each parameter read straight into its shards on it, as
-    the logical-axis table places it (None: one device). model_changes: ModelConfig fields to override (how to compute,
+    the run's compute dtype). rules: config -> the ShardingRules each parameter is read into
+    the shards of, straight from the files (None: one device). model_changes: ModelConfig fields to override (how to compute,
     never shapes)."""
     run_dir = Path(run_dir).expanduser().absolute()  # orbax takes absolute paths only
     values = run_config_values(run_dir)
@@ -64,12 +64,12 @@ def load_run_checkpoint(run_dir, step: int | None = None, *, param_dtype: str | 
     elif step not in steps:
         raise ConfigError(f"{checkpoints} has no checkpoint of step {step}; it has {steps}")
     graph, params = nnx.split(abstract_model(config), nnx.Param)
-    if mesh is None:
+    if rules is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         placed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                               params)
     else:
-        rules = ShardingRules(config, mesh)
+        rules = rules(config)
         placed = jax.tree.map(
             lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.value.dtype,
                                                      sharding=rules.sharding(param_axes(v)))),

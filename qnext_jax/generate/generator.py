@@ -23,10 +23,11 @@ from flax import nnx
 from qnext_jax.generate.cache import main_cache, mtp_caches
 from qnext_jax.generate.decoding import decode_step, prefill
 from qnext_jax.generate.sampling import SamplingSettings
-from qnext_jax.generate.sharding import padded_rows, place_params, state_shardings
+from qnext_jax.generate.sharding import (
+    generation_rules, padded_rows, place_params, state_shardings,
+)
 from qnext_jax.generate.speculative import prefill_drafts, ring_size, speculative_round
 from qnext_jax.generate.state import DecodeState
-from qnext_jax.parallel.axes import ShardingRules
 from qnext_jax.parallel.mesh import axis_size
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class Generator:
             if axis_size(mesh, "sequence") != 1 or axis_size(mesh, "fsdp") != 1:
                 raise ValueError("a generation mesh keeps sequence and fsdp at 1 "
                                  "(generate/sharding.py: generation_mesh)")
-            self.rules = ShardingRules(self.config, mesh)
+            self.rules = generation_rules(self.config, mesh)
             self.params = place_params(self.params, self.rules)
         self._compiled = {}
 
@@ -122,7 +123,8 @@ class Generator:
         lengths[: len(prompts)] = [len(p) for p in prompts]
         static = dict(settings=settings, stop_tokens=stop_tokens, max_new=max_new_tokens)
         # Built by jit: every cache a buffer of its own (the steps donate them).
-        state = self._jit(self._initial_state, static_argnums=(0, 1, 2))(
+        state = self._jit(functools.partial(initial_state, self.config, self.depth),
+                          static_argnums=(0, 1, 2))(
             rows, max_length, settings, jnp.asarray(lengths),
             jnp.arange(rows) >= len(prompts), jax.random.key(seed))
 
@@ -166,24 +168,6 @@ class Generator:
             result.rounds = result.new_tokens - len(rows)
         return result
 
-    def _initial_state(self, batch: int, max_length: int, settings: SamplingSettings, lengths,
-                       done, key) -> DecodeState:
-        config, depth = self.config, self.depth
-        zeros = jnp.zeros((batch,), jnp.int32)
-        draft_vocab = 0 if settings.greedy else config.vocab_size  # the rejection rule's q
-        return DecodeState(
-            main=main_cache(config, batch, max_length),
-            mtp=mtp_caches(config, batch, max_length, depth) if depth else (),
-            tokens=jnp.zeros((batch, max_length), jnp.int32),
-            n_tokens=zeros, prompt_length=lengths, done=done, key=key,
-            drafts=jnp.zeros((batch, depth), jnp.int32),
-            draft_probs=jnp.zeros((batch, depth, draft_vocab), jnp.float32),
-            rings=tuple(jnp.zeros((batch, ring_size(depth), config.hidden_size),
-                                  jnp.dtype(config.dtype)) for _ in range(depth)),
-            accepted=jnp.zeros((depth,), jnp.int32), offered=jnp.zeros((depth,), jnp.int32),
-            rounds=jnp.zeros((), jnp.int32),
-        )
-
     def _jitted(self, kind: str, **static):
         key = (kind, tuple(sorted(static.items())))
         if key not in self._compiled:
@@ -193,21 +177,44 @@ class Generator:
         return self._compiled[key]
 
     def _jit(self, fn, **options):
-        """jax.jit, on a mesh tracing under it (the MoE's and attention's shard_map read it)
-        with the state's outputs kept on their shards from call to call."""
-        if self.mesh is None:
-            return jax.jit(fn, **options)
-        abstract_mesh, rules = self.mesh.abstract_mesh, self.rules
+        return jit_on_mesh(fn, self.mesh, self.rules, **options)
 
-        def on_mesh(*args):
-            with jax.sharding.use_abstract_mesh(abstract_mesh):
-                out = fn(*args)
-            alone = isinstance(out, DecodeState)  # else (state, *more)
-            state = out if alone else out[0]
-            state = jax.lax.with_sharding_constraint(state, state_shardings(state, rules))
-            return state if alone else (state, *out[1:])
 
-        return jax.jit(on_mesh, **options)
+def jit_on_mesh(fn, mesh, rules, **options):
+    """jax.jit of a generation function; on a mesh traced under it (the MoE's and attention's
+    shard_map read it), the DecodeState it returns (alone or first) kept on its shards."""
+    if mesh is None:
+        return jax.jit(fn, **options)
+    abstract_mesh = mesh.abstract_mesh
+
+    def on_mesh(*args):
+        with jax.sharding.use_abstract_mesh(abstract_mesh):
+            out = fn(*args)
+        alone = isinstance(out, DecodeState)  # else (state, *more)
+        state = out if alone else out[0]
+        state = jax.lax.with_sharding_constraint(state, state_shardings(state, rules))
+        return state if alone else (state, *out[1:])
+
+    return jax.jit(on_mesh, **options)
+
+
+def initial_state(config, depth: int, batch: int, max_length: int, settings: SamplingSettings,
+                  lengths, done, key) -> DecodeState:
+    """Empty caches for `batch` rows of up to `max_length` tokens, `depth` MTP drafts."""
+    zeros = jnp.zeros((batch,), jnp.int32)
+    draft_vocab = 0 if settings.greedy else config.vocab_size  # the rejection rule's q
+    return DecodeState(
+        main=main_cache(config, batch, max_length),
+        mtp=mtp_caches(config, batch, max_length, depth) if depth else (),
+        tokens=jnp.zeros((batch, max_length), jnp.int32),
+        n_tokens=zeros, prompt_length=lengths, done=done, key=key,
+        drafts=jnp.zeros((batch, depth), jnp.int32),
+        draft_probs=jnp.zeros((batch, depth, draft_vocab), jnp.float32),
+        rings=tuple(jnp.zeros((batch, ring_size(depth), config.hidden_size),
+                              jnp.dtype(config.dtype)) for _ in range(depth)),
+        accepted=jnp.zeros((depth,), jnp.int32), offered=jnp.zeros((depth,), jnp.int32),
+        rounds=jnp.zeros((), jnp.int32),
+    )
 
 
 def _prefill(graph, params, state, prompts, *, depth, **static):

@@ -37,6 +37,15 @@ def generation_mesh(sizes: dict[str, int], devices=None):
     return make_mesh(MeshConfig(**{"fsdp": 1, **sizes}), devices)
 
 
+def generation_rules(config, mesh) -> ShardingRules:
+    """The training's table without ZeRO: a decode step would gather every dense weight
+    sharded over `expert` (or `data`) at every token. Dense weights are split by `tensor` alone;
+    routed experts by `expert` and `tensor`."""
+    rules = ShardingRules(config, mesh)
+    rules.table["embed"] = None
+    return rules
+
+
 def row_shards(mesh) -> int:
     """How many ways the rows are split: rows are padded to a multiple of this."""
     return math.prod(axis_size(mesh, name) for name in spec_axes(logical_spec(("batch",))[0]))

@@ -20,7 +20,8 @@ from qnext_jax.convert import load_hf_checkpoint
 from qnext_jax.convert.run_checkpoint import CHECKPOINTS, load_run_checkpoint
 from qnext_jax.data.tokenizer import load_tokenizer
 from qnext_jax.model import abstract_model
-from qnext_jax.parallel.axes import ShardingRules, param_axes
+from qnext_jax.generate.sharding import generation_rules
+from qnext_jax.parallel.axes import param_axes
 
 TOKENIZER = "tokenizer.json"
 DTYPES = ("auto", "float32", "bfloat16")
@@ -40,8 +41,9 @@ def load_for_generation(path, *, step: int | None = None, dtype: str = "auto", m
                           f"{CHECKPOINTS}/) or a Hugging Face model directory")
     tokenizer = load_tokenizer(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
     if (path / CHECKPOINTS).is_dir():
-        model, step, _ = load_run_checkpoint(path, step, param_dtype=dtype, mesh=mesh,
-                                             **model_changes)
+        model, step, _ = load_run_checkpoint(
+            path, step, param_dtype=dtype, rules=None if mesh is None else
+            lambda config: generation_rules(config, mesh), **model_changes)
         return model, tokenizer, (f"{path}: checkpoint of step {step}, parameters in "
                                   f"{model.config.param_dtype}")
     if list(path.glob("*.safetensors")):
@@ -60,7 +62,7 @@ def load_for_generation(path, *, step: int | None = None, dtype: str = "auto", m
 
 def _shardings_by_path(config: ModelConfig, mesh):
     """parameter path -> its NamedSharding on `mesh`, by the logical-axis table."""
-    rules = ShardingRules(config, mesh)
+    rules = generation_rules(config, mesh)
     _, state = nnx.split(abstract_model(config))
     shardings = {path: rules.sharding(param_axes(variable))
                  for path, variable in nnx.to_flat_state(state)}
