@@ -122,10 +122,13 @@ def _tokamax_ragged_dot(rows, weights, group_sizes):
     # Mosaic GPU's kernels (and its backward's products, where K and N trade places) tile K
     # and N by 128 and fail while lowering, past tokamax's own fallback, when a dimension is
     # narrower: pad them with zeros (no-ops for real models, whose widths are multiples).
-    k, f = rows.shape[1], weights.shape[2]
-    pad_k, pad_f = -k % MOSAIC_TILE, -f % MOSAIC_TILE
+    # Its row tiles need a multiple of 8 rows (a decode step routes 10 rows for one token):
+    # the padding rows lie past the last group, where the kernel computes nothing.
+    m, k, f = rows.shape[0], rows.shape[1], weights.shape[2]
+    pad_m, pad_k, pad_f = -m % MOSAIC_ROWS, -k % MOSAIC_TILE, -f % MOSAIC_TILE
+    if pad_m or pad_k:
+        rows = jnp.pad(rows, ((0, pad_m), (0, pad_k)))
     if pad_k or pad_f:
-        rows = jnp.pad(rows, ((0, 0), (0, pad_k)))
         weights = jnp.pad(weights, ((0, 0), (0, pad_k), (0, pad_f)))
     try:
         out = tokamax.ragged_dot(rows, weights, group_sizes, implementation=("mosaic", "triton"))
@@ -135,10 +138,11 @@ def _tokamax_ragged_dot(rows, weights, group_sizes):
         if "Unknown implementation: triton" not in str(error):
             raise
         out = tokamax.ragged_dot(rows, weights, group_sizes, implementation=("mosaic",))
-    return out[:, :f]
+    return out[:m, :f]
 
 
 MOSAIC_TILE = 128
+MOSAIC_ROWS = 8
 
 
 def _megablox_gmm(rows, weights, group_sizes, *, interpret):

@@ -93,18 +93,24 @@ class Compiled:
 
 def compile_step(trainer, global_batch: int, seq_len: int, target: Target) -> Compiled:
     """The trainer's step (its mesh must be made of `target`'s devices) compiled for `target`."""
-    device = trainer.batch_sharding.mesh.devices.flat[0]
     state, batch = abstract_inputs(trainer, global_batch, seq_len)
+    return compile_jitted(trainer.step, (state, batch), target,
+                          trainer.batch_sharding.mesh.devices.flat[0])
+
+
+def compile_jitted(jitted, args, target: Target, device) -> Compiled:
+    """A jitted function compiled for `target` on abstract `args` (ShapeDtypeStructs placed
+    on `target`'s devices; `device` one of them)."""
     with tempfile.TemporaryDirectory(prefix="qnext_plan_") as dump, _quiet_tokamax(), \
             jax.default_device(device), lowering_for(target.platform):
         start = time.perf_counter()
-        lowered = trainer.step.trace(state, batch).lower()
+        lowered = jitted.trace(*args).lower()
         try:
             compiled = lowered.compile({"xla_dump_to": dump})
         except Exception as error:  # the TPU compiler refuses a program over its HBM
             if "RESOURCE_EXHAUSTED" not in str(error):
                 raise
-            return refused(str(error), state, batch, target, time.perf_counter() - start)
+            return refused(str(error), args, target, time.perf_counter() - start)
         seconds = time.perf_counter() - start
         memory = compiled.memory_analysis()
         module = step_module(Path(dump))
@@ -122,12 +128,12 @@ def compile_step(trainer, global_batch: int, seq_len: int, target: Target) -> Co
     )
 
 
-def refused(message: str, state, batch, target: Target, seconds: float) -> Compiled:
+def refused(message: str, args, target: Target, seconds: float) -> Compiled:
     """A program the compiler refused for memory, as far as it is known: the arguments from the
     abstract inputs' shard shapes, the temporaries the compiler says it needed (the device's
     memory when its message does not say)."""
     arguments = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-                    for leaf in jax.tree.leaves((state, batch)))
+                    for leaf in jax.tree.leaves(args))
     match = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
     scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
     temporaries = (int(float(match.group(1)) * scale[match.group(2)]) if match
