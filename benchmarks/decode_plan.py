@@ -37,18 +37,28 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, nargs="+", default=[0])
     parser.add_argument("--cache", type=int, default=32768, help="cache length (tokens a row)")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--layer-scan", choices=("scan", "unroll"), default="unroll",
+                        help="unroll (default): XLA's cost analysis counts a loop's body once, "
+                             "so only the unrolled program's bytes accessed are whole")
     parser.add_argument("--out", help="append one JSON line per case to this file")
+    parser.add_argument("--hlo", help="write each case's optimised HLO into this directory")
     args = parser.parse_args(argv)
-    config = ModelConfig.from_yaml(args.model).replace(dtype=args.dtype)
+    config = ModelConfig.from_yaml(args.model).replace(dtype=args.dtype,
+                                                        layer_scan=args.layer_scan)
     mesh = {name: int(size) for name, size in (m.split("=") for m in args.mesh)}
     target = get_target(args.target)
-    print(f"{target.describe()}, mesh {mesh}, cache {args.cache}, {args.dtype}", flush=True)
+    print(f"{target.describe()}, mesh {mesh}, cache {args.cache}, {args.dtype}, layers "
+          f"{args.layer_scan}", flush=True)
     for depth in args.depth:
         for batch in args.batch:
             started = time.perf_counter()
             plan = plan_decode(config, target, mesh, batch=batch, cache_length=args.cache,
                                depth=depth)
-            row = _row(plan, time.perf_counter() - started)
+            row = _row(plan, time.perf_counter() - started, args.layer_scan)
+            if args.hlo:
+                Path(args.hlo).mkdir(parents=True, exist_ok=True)
+                name = f"{target.name}_b{batch}_d{depth}.hlo.txt"
+                (Path(args.hlo) / name).write_text(plan.compiled.hlo)
             print(json.dumps(row), flush=True)
             if args.out:
                 with open(args.out, "a") as out:
@@ -56,7 +66,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _row(plan, seconds: float) -> dict:
+def _row(plan, seconds: float, layer_scan: str) -> dict:
     compiled, floor = plan.compiled, plan.floor
     step_floor = plan.floor_seconds
     return {
@@ -72,7 +82,7 @@ def _row(plan, seconds: float) -> dict:
         "floor_ms_per_token_best": 1e3 * step_floor / floor.tokens_per_row,
         "compiled_bytes_gib": compiled.bytes_accessed / GiB,
         "compiled_ms": 1e3 * plan.compiled_seconds,
-        "compile_s": round(seconds, 1),
+        "layer_scan": layer_scan, "compile_s": round(seconds, 1),
     }
 
 

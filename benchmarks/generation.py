@@ -1,11 +1,13 @@
 """Decoding speed on CPU: our cached decoder beside `transformers`' (same model, greedy, batch
 1, fp32, same cores, one after the other), per-token latency against context length, and MTP
-self-speculative decoding on a trained replica (plain vs D drafts, acceptance per depth).
+self-speculative decoding on a trained replica (plain vs D drafts, acceptance per depth) and on
+a 1B bf16 model, where a decode step is memory-bound (part 5).
 
     python benchmarks/generation.py                                # parts 1 and 2, random model
     python benchmarks/generation.py --run-dir runs/<time>          # + part 3 on a trained run
     python benchmarks/generation.py --contexts 512 2048 --skip-transformers
     python benchmarks/generation.py --parts 4   # rollback: per-position states vs recompute
+    python benchmarks/generation.py --parts 5 --depths 1 2   # speculative on a 1B bf16 model
 
 The model is configs/small.yaml (the default replica) with max_position_embeddings raised to
 cover the longest context (RoPE has no table to outgrow). Decode rate = tokens after the first
@@ -206,6 +208,38 @@ def part_four(depth: int, context: int = 512, repeats: int = 20):
     return rows
 
 
+def part_five(depths, new_tokens, context: int = 256):
+    """Speculative decoding where it pays: a model large enough for a decode step to be
+    memory-bound on this CPU (configs/gpu_1b.yaml, 1.03B parameters, bf16, batch 1), plain vs
+    D drafts in the same run. Its MTP drafts are right about half the time (random weights
+    made draftable: generate/draftable.py), so the rounds keep what a trained model's would
+    at a lower acceptance."""
+    from qnext_jax.config import ModelConfig
+    from qnext_jax.generate import Generator
+    from qnext_jax.generate.draftable import draftable_model
+
+    config = ModelConfig.from_yaml(REPO_ROOT / "configs" / "gpu_1b.yaml").replace(
+        param_dtype="bfloat16", dtype="bfloat16", mtp_depth=max(depths))
+    model = draftable_model(config)
+    prompt = [[int(t) for t in np.random.default_rng(3).integers(0, config.vocab_size, context)]]
+    rows, reference = [], None
+    for depth in (0, *depths):
+        generator = Generator(model, speculative=depth)
+        generator.generate(prompt, max_new_tokens=8)  # compile
+        result = max((generator.generate(prompt, max_new_tokens=new_tokens) for _ in range(2)),
+                     key=lambda r: r.tokens_per_second)
+        if depth == 0:
+            reference = result.tokens
+        row = {"model": "gpu_1b bf16", "drafts": depth,
+               "tokens_per_s": result.tokens_per_second,
+               "tokens_per_model_call": result.tokens_per_round if depth else 1.0,
+               "acceptance_per_depth": result.acceptance,
+               "same_tokens": result.tokens == reference}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
@@ -231,6 +265,8 @@ def main():
     if 4 in args.parts:
         for depth in args.depths:
             part_four(depth)
+    if 5 in args.parts:
+        part_five(args.depths, args.new_tokens)
 
 
 if __name__ == "__main__":

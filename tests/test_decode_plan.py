@@ -1,7 +1,8 @@
 """The decode step compiled for 8 H100s (XLA:GPU, compile-only devices) on a tensor x data
 mesh: the program's arguments are exactly the parameters' and caches' shards the layout gives
-(the floor's own accounting), its routed experts run in the grouped-matmul kernels (5 rows a
-device: padded to the kernel's row tile), and a speculative round reads the MTP layer too."""
+(the floor's own accounting), its few routed rows gather their experts (no grouped-matmul
+kernel, whose operand would be every expert of the layer), and a speculative round reads the
+MTP layer too."""
 
 import math
 
@@ -22,7 +23,8 @@ def test_decode_step_compiles_for_eight_h100s(depth):
     assert plan.rows == 4  # padded to the data shards
     compiled, floor = plan.compiled, plan.floor
     assert not compiled.refusal
-    assert compiled.custom_calls.get("mosaic_gpu_v2", 0) > 0, compiled.custom_calls
+    if depth == 0:  # 4 tokens x 5 choices for 8 experts (a round verifies 8 tokens: kernels)
+        assert not compiled.custom_calls, compiled.custom_calls
     # Arguments: parameter and state shards, as the floor counts them, and the step limit.
     assert compiled.arguments == plan.argument_bytes + 4
     assert floor.dense > 0 and floor.experts > 0 and floor.caches > 0

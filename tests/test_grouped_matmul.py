@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from qnext_jax.ops.grouped_matmul import grouped_matmul, tiled_grouped_matmul
+from qnext_jax.ops.platform import lowering_for
 
 
 @pytest.mark.parametrize("tile", [8, 64])  # 48 rows: tiled; at most a tile of rows: gathered
@@ -67,7 +68,6 @@ def test_lowering_for_cuda_with_the_cpu_as_default_device_is_an_error():
     from jax import export
 
     from qnext_jax.ops.grouped_matmul import GroupedMatmulUnavailable
-    from qnext_jax.ops.platform import lowering_for
 
     shape = jax.ShapeDtypeStruct
     args = shape((64, 16), jnp.bfloat16), shape((4, 16, 8), jnp.bfloat16), shape((4,), jnp.int32)
@@ -77,6 +77,24 @@ def test_lowering_for_cuda_with_the_cpu_as_default_device_is_an_error():
         exported = export.export(jax.jit(lambda r, w, s: grouped_matmul(r, w, s, impl="ragged")),
                                  platforms=["cuda"])(*args)
     assert "ragged_dot" in exported.mlir_module()
+
+
+def test_tokamax_takes_rows_that_are_not_a_multiple_of_its_row_tile():
+    """10 rows (a token's top-10) compiled for an H100 by XLA:GPU: padded to Mosaic GPU's
+    8-row tile, where the kernel refused them while lowering."""
+    pytest.importorskip("tokamax")
+    from qnext_jax.plan.compiler import target_devices
+    from qnext_jax.plan.targets import get_target
+
+    device = target_devices(get_target("h100"))[0]
+    placed = jax.sharding.SingleDeviceSharding(device)
+    args = (jax.ShapeDtypeStruct((10, 256), jnp.bfloat16, sharding=placed),
+            jax.ShapeDtypeStruct((4, 256, 128), jnp.bfloat16, sharding=placed),
+            jax.ShapeDtypeStruct((4,), jnp.int32, sharding=placed))
+    with jax.default_device(device), lowering_for("cuda"):
+        compiled = jax.jit(lambda r, w, s: grouped_matmul(r, w, s, impl="tokamax")).trace(
+            *args).lower().compile()
+    assert "mosaic_gpu" in compiled.as_text()
 
 
 def test_rejects_an_unknown_implementation():

@@ -51,7 +51,10 @@ def main_extend(model, cache: StackCache, tokens, n_new, *, fresh: bool, per_pos
         return (h, tuple(carried)), tuple(pending)
 
     indices = jnp.arange(config.num_blocks)
-    (h, carried), scanned = jax.lax.scan(run_block, (h, carried), (blocks, scanned, indices))
+    # Looped unless asked to unroll (`layer_scan: unroll`; "auto" loops here too: on CPU the
+    # loop is what the decode speed was measured with).
+    (h, carried), scanned = jax.lax.scan(run_block, (h, carried), (blocks, scanned, indices),
+                                         unroll=config.layer_scan == "unroll")
     carried, scanned = list(carried), list(scanned)
     pending = tuple(carried.pop(0) if a else scanned.pop(0) for a in attention)
     return model.final_norm(h), pending

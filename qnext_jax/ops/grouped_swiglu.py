@@ -1,8 +1,9 @@
 """The routed SwiGLU experts of one device: every token times its top-k experts, dropless.
 
 Rows sorted by expert and two grouped matmuls (ops/grouped_matmul.py: gate and up fused, then
-down) on GPU and TPU; on CPU capacity buckets with overflow tiles (ops/bucketed_swiglu.py),
-which XLA:CPU runs faster.
+down) on GPU and TPU, or for fewer rows than experts (decoding) each choice's expert gathered;
+on CPU capacity buckets with overflow tiles (ops/bucketed_swiglu.py), which XLA:CPU runs
+faster.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ from qnext_jax.ops.bucketed_swiglu import DEFAULT_TILE, bucketed_swiglu
 from qnext_jax.ops.grouped_matmul import grouped_matmul
 from qnext_jax.ops.platform import target_platform
 from qnext_jax.ops.take_rows import combine_sorted, take_sorted_copies
+
+
+# Fewer grouped-matmul rows than this per local expert (a decode step's) gather each choice's
+# expert instead (gathered_swiglu).
+GATHER_BELOW_ROWS_PER_EXPERT = 1
+# Gate and up are fused (one concatenation of the weights a step) for at least this many
+# grouped-matmul rows per local expert: a training step's tens of thousands of rows, not a
+# decode step's k per token.
+FUSE_ROWS_PER_EXPERT = 4
 
 
 def fused_gate_up(gate_w, up_w):
@@ -46,12 +56,15 @@ def grouped_swiglu(tokens, weights, experts, gate_up_w, down_w, impl: str = "aut
         # decoding, take the gathered grouped matmul below).
         gate_w, up_w = gate_up_w if separate else _split(gate_up_w)
         return bucketed_swiglu(tokens, weights, experts, gate_w, up_w, down_w)
-    if separate and not on_cpu:
-        gate_up_w, separate = fused_gate_up(*gate_up_w), False
-    num_groups = (gate_up_w[0] if separate else gate_up_w).shape[0]
+    num_groups = down_w.shape[0]
     flat_experts = experts.reshape(-1)  # [N*k]
     rows_computed = flat_experts.size if max_choices is None else min(max_choices,
                                                                       flat_experts.size)
+    if not on_cpu and rows_computed < GATHER_BELOW_ROWS_PER_EXPERT * num_groups:
+        gate_w, up_w = gate_up_w if separate else _split(gate_up_w)
+        return gathered_swiglu(tokens, weights, experts, gate_w, up_w, down_w)
+    if separate and not on_cpu and rows_computed >= FUSE_ROWS_PER_EXPERT * num_groups:
+        gate_up_w, separate = fused_gate_up(*gate_up_w), False
     # Skipped choices sort last, so the first `rows_computed` hold every computed one.
     order = jnp.argsort(flat_experts, stable=True)[:rows_computed]
     group_sizes = jnp.bincount(flat_experts, length=num_groups).astype(jnp.int32)
@@ -68,9 +81,9 @@ def grouped_swiglu(tokens, weights, experts, gate_up_w, down_w, impl: str = "aut
     # [rows, E] grouped by expert; a token's k gradient rows are summed in fp32.
     rows = take_sorted_copies(tokens, order, top_k, computed)
     # Gate and up as one product: the rows' gradient comes out of one kernel, not two to add.
-    # On CPU (few rows: each row multiplied by its own gathered expert) the two are gathered
-    # apart: fusing would copy every expert's gate and up weights for a handful of rows, each
-    # decode step.
+    # With few rows (decoding; and on CPU, where each row is multiplied by its own gathered
+    # expert) the two stay apart: fusing copies every expert's gate and up weights, each step,
+    # for a handful of rows (256 MiB a layer for the 80B's experts on 2 of 8 H100s).
     if separate:
         gate, up = (grouped_matmul(rows, w, group_sizes, impl=impl, zero_past_rows=False)
                     for w in gate_up_w)
@@ -83,6 +96,30 @@ def grouped_swiglu(tokens, weights, experts, gate_up_w, down_w, impl: str = "aut
                                 zero_past_rows=False)  # [rows, E]
     # Back to token order, weighted; memory proportional to the rows computed.
     return combine_sorted(out_sorted, order, weights, computed)
+
+
+def gathered_swiglu(tokens, weights, experts, gate_w, up_w, down_w):
+    """Each choice times its own expert's weights, gathered: for a decode step's few rows.
+
+    A grouped-matmul kernel takes the layer's experts whole as its operand; in a loop over
+    stacked layers that operand is a slice the compiler must copy out first: every local
+    expert's weights, each step (384 MiB a layer for the 80B on 2 of 8 H100s), to use ten a
+    token. Gathered, each choice reads its expert alone (the gather reads the stacked weights
+    through the slice). Ids >= the number of local experts are skipped (weight 0).
+    tokens [N, E]; weights, experts [N, k]; gate_w, up_w [G, E, F]; down_w [G, F, E]."""
+    local = down_w.shape[0]
+    held = experts < local
+    ids = jnp.where(held, experts, 0)
+
+    def project(x, w, spec):
+        return jnp.einsum(spec, x, w[ids], preferred_element_type=jnp.float32)
+
+    gate = project(tokens, gate_w, "NE,NKEF->NKF")
+    up = project(tokens, up_w, "NE,NKEF->NKF")
+    hidden = (jax.nn.silu(gate) * up).astype(tokens.dtype)
+    out = project(hidden, down_w, "NKF,NKFE->NKE")  # [N, k, E] fp32
+    scale = jnp.where(held, weights, 0).astype(jnp.float32)
+    return jnp.einsum("NKE,NK->NE", out, scale).astype(tokens.dtype)
 
 
 def _split(gate_up):

@@ -77,7 +77,12 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
         # GSPMD on entry instead, the backward all-reduces whole gradients over the token
         # axes (1 GiB a projection a layer for the 80B without expert parallelism).
         # Gate and up fused before the gather, so the gathered weight is the fused one.
-        gate_up_w = _gather_width(fused_gate_up(gate_w, up_w), width_axes_in, 1)
+        # Without a gather (decoding's layout) they stay apart: grouped_swiglu fuses them
+        # only for enough rows.
+        if _gathered(width_axes_in):
+            gate_up_w = _gather_width(fused_gate_up(gate_w, up_w), width_axes_in, 1)
+        else:
+            gate_up_w = (gate_w, up_w)
         down_w = _gather_width(down_w, width_axes_out, 2)
         return _dispatch_compute_combine(
             tokens, weights, experts, gate_up_w, down_w, shards=axis_size(mesh, "expert"),
@@ -88,8 +93,12 @@ def expert_parallel_ffn(tokens, weights, experts, gate_w, up_w, down_w, *,
                          check_vma=False)(tokens, weights, experts, gate_w, up_w, down_w)
 
 
+def _gathered(mesh_axes) -> bool:
+    return any(jax.lax.axis_size(a) > 1 for a in mesh_axes)
+
+
 def _gather_width(weight, mesh_axes, axis):
-    if not mesh_axes or all(jax.lax.axis_size(a) == 1 for a in mesh_axes):
+    if not _gathered(mesh_axes):
         return weight
     return jax.lax.all_gather(weight, mesh_axes, axis=axis, tiled=True)
 
@@ -97,9 +106,10 @@ def _gather_width(weight, mesh_axes, axis):
 
 def _dispatch_compute_combine(tokens, weights, experts, gate_up_w, down_w, *, shards,
                               capacity_factor, impl):
-    """Per device: tokens [n, E], routing [n, k], local experts [X/S, ...]."""
+    """Per device: tokens [n, E], routing [n, k], local experts [X/S, ...] (gate and up fused,
+    or a (gate, up) pair)."""
     num_tokens, top_k = experts.shape
-    local_experts = gate_up_w.shape[0]
+    local_experts = down_w.shape[0]
     capacity = _capacity(num_tokens, top_k, shards, capacity_factor)
     if shards == 1 and capacity == num_tokens:  # every expert here and nothing dropped
         return _sum_over_tensor(

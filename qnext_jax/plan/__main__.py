@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buffers", type=int, default=12, help="largest buffers to list")
     parser.add_argument("--hlo", metavar="FILE",
                         help="write the compiled (optimised) program's HLO text to FILE")
+    parser.add_argument("--dump", metavar="DIR",
+                        help="keep the compiler's dump in DIR (buffer assignment, live ranges, "
+                             "the module after every pass)")
     parser.add_argument("--list-targets", action="store_true")
     args = parser.parse_intermixed_args(argv)
 
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         target = get_target(args.target, hosts=args.hosts, slices=args.slices)
         config = load_run_config(args.run_config, args.overrides)
         plan = plan_run(config, target, headroom=DEFAULT_HEADROOM if args.headroom is None
-                        else args.headroom)
+                        else args.headroom, dump=args.dump)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -91,17 +91,22 @@ class Compiled:
     refusal: str = ""  # the compiler's own out-of-memory error, when it refused the program
 
 
-def compile_step(trainer, global_batch: int, seq_len: int, target: Target) -> Compiled:
+def compile_step(trainer, global_batch: int, seq_len: int, target: Target,
+                 dump: str | None = None) -> Compiled:
     """The trainer's step (its mesh must be made of `target`'s devices) compiled for `target`."""
     state, batch = abstract_inputs(trainer, global_batch, seq_len)
     return compile_jitted(trainer.step, (state, batch), target,
-                          trainer.batch_sharding.mesh.devices.flat[0])
+                          trainer.batch_sharding.mesh.devices.flat[0], dump=dump)
 
 
-def compile_jitted(jitted, args, target: Target, device) -> Compiled:
+def compile_jitted(jitted, args, target: Target, device, dump: str | None = None) -> Compiled:
     """A jitted function compiled for `target` on abstract `args` (ShapeDtypeStructs placed
-    on `target`'s devices; `device` one of them)."""
-    with tempfile.TemporaryDirectory(prefix="qnext_plan_") as dump, _quiet_tokamax(), \
+    on `target`'s devices; `device` one of them). dump: a directory that keeps the compiler's
+    dump (default: a temporary one)."""
+    keep = contextlib.nullcontext(dump) if dump else None
+    if keep is not None:
+        Path(dump).mkdir(parents=True, exist_ok=True)
+    with keep or tempfile.TemporaryDirectory(prefix="qnext_plan_") as dump, _quiet_tokamax(), \
             jax.default_device(device), lowering_for(target.platform):
         start = time.perf_counter()
         lowered = jitted.trace(*args).lower()

@@ -82,9 +82,11 @@ def fit_advice(config: RunConfig, mesh: dict[str, int], arguments: float, tempor
     return tips
 
 
-def plan_run(config: RunConfig, target: Target, *, headroom: float = DEFAULT_HEADROOM) -> Plan:
+def plan_run(config: RunConfig, target: Target, *, headroom: float = DEFAULT_HEADROOM,
+             dump: str | None = None) -> Plan:
     """Compiles `config`'s train step for `target`. Everything checkable without compiling is
-    checked first (mesh against the target's devices, batch against the mesh)."""
+    checked first (mesh against the target's devices, batch against the mesh). dump: a
+    directory to keep the compiler's dump in (its buffer assignment, every pass's module)."""
     from qnext_jax.parallel.axes import ShardingRules
     from qnext_jax.train.step import (check_batch_size, check_sequence_split,
                                       check_trainable_dtypes, trainer_for_run)
@@ -100,7 +102,7 @@ def plan_run(config: RunConfig, target: Target, *, headroom: float = DEFAULT_HEA
     check_batch_size(tc.batch_size, tc.micro_batches, mesh)
     check_sequence_split(tc.seq_len, mesh, config.model)
     trainer = trainer_for_run(config, ShardingRules(config.model, mesh))
-    compiled = compile_step(trainer, tc.batch_size, tc.seq_len, target)
+    compiled = compile_step(trainer, tc.batch_size, tc.seq_len, target, dump=dump)
     tokens_per_device = tc.batch_size * tc.seq_len / target.chips
     model_flops = config.model.training_flops_per_token(tc.seq_len) * tokens_per_device
     return Plan(target=target, config=config, mesh=sizes, compiled=compiled,
