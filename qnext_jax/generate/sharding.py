@@ -38,9 +38,9 @@ def generation_mesh(sizes: dict[str, int], devices=None):
 
 
 def generation_rules(config, mesh) -> ShardingRules:
-    """The training's table without ZeRO: a decode step would gather every dense weight
-    sharded over `expert` (or `data`) at every token. Dense weights are split by `tensor` alone;
-    routed experts by `expert` and `tensor`."""
+    """The training's table without ZeRO: training shards every weight's model width over
+    `expert` too, which a decode step would gather at every token. Here dense weights are
+    split by `tensor` alone, routed experts by `expert` and `tensor`."""
     rules = ShardingRules(config, mesh)
     rules.table["embed"] = None
     return rules

@@ -56,23 +56,20 @@ def linear_cross_entropy(hidden, weight, targets, *, vocab_major: bool,
                          chunk_tokens: int | None = None, sharding: HeadSharding | None = None):
     """-log softmax(hidden @ W)[target] per token, in fp32, without materialising the logits.
 
-    hidden: [..., B, T, E] (the compute dtype); targets: [..., B, T] int in [0, V). Leading
-        axes stack token sets that share the head (the main and MTP predictions): one call
-        holds one gathered weight and one fp32 weight-gradient accumulator for all of them,
-        where a call per set would hold one each (2 x 1.2 GB for the 80B with one MTP depth).
+    hidden: [B, T, E] (the compute dtype); targets: [B, T] int in [0, V).
     weight: [V, E] when `vocab_major` (a tied embedding table), else [E, V] (an LM head); the
         logits are accumulated in fp32 from operands in the compute dtype, as the plain head.
     chunk_tokens: tokens per chunk on each device; None keeps a chunk's logits near 64 MiB.
     sharding: how the ambient mesh splits tokens and vocabulary; None: one device.
-    Returns [..., B, T] fp32; differentiable in `hidden` and `weight`.
+    Returns [B, T] fp32; differentiable in `hidden` and `weight`.
     """
-    if hidden.ndim < 3 or targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"hidden must be [..., B, T, E] and targets [..., B, T]; got "
-                         f"{hidden.shape} and {targets.shape}")
+    if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be [B, T, E] and targets [B, T]; got {hidden.shape} "
+                         f"and {targets.shape}")
     width = weight.shape[1] if vocab_major else weight.shape[0]
-    if weight.ndim != 2 or width != hidden.shape[-1]:
+    if weight.ndim != 2 or width != hidden.shape[2]:
         layout = "[V, E]" if vocab_major else "[E, V]"
-        raise ValueError(f"weight must be {layout} with E = {hidden.shape[-1]}; got {weight.shape}")
+        raise ValueError(f"weight must be {layout} with E = {hidden.shape[2]}; got {weight.shape}")
     return _fused(hidden, weight, targets.astype(jnp.int32), vocab_major, chunk_tokens, sharding)
 
 
@@ -102,7 +99,7 @@ def _keeps_logits(hidden, weight, vocab_major, chunk_tokens, sharding) -> bool:
     """On one device, when every token fits in one chunk, the forward's logits are kept for
     the backward instead of recomputed: the peak is the same one chunk of logits (it just lives
     until the backward), and the head's matmuls drop from four to three."""
-    tokens = math.prod(hidden.shape[:-1])
+    tokens = hidden.shape[0] * hidden.shape[1]
     return (sharding is None
             and _chunk_size(tokens, _vocab(weight, vocab_major), chunk_tokens) == tokens)
 
@@ -110,8 +107,7 @@ def _keeps_logits(hidden, weight, vocab_major, chunk_tokens, sharding) -> bool:
 class _Axes:
     """Mesh axes the computation is split over (empty on one device)."""
 
-    def __init__(self, sharding: HeadSharding | None, stacked: int = 0):
-        """stacked: leading (unsharded) axes before [B, T] of the hidden states."""
+    def __init__(self, sharding: HeadSharding | None):
         if sharding is None:
             self.tokens, self.vocab, self.width = (), (), ()
             self.hidden = self.rows = self.weights = None
@@ -123,8 +119,8 @@ class _Axes:
         if not set(self.width) <= set(self.tokens):
             raise ValueError(f"the head weight's width axes {self.width} must split the tokens "
                              f"too ({self.tokens})")
-        self.hidden = PartitionSpec(*(None,) * stacked, rows, positions, None)
-        self.rows = PartitionSpec(*(None,) * stacked, rows, positions)
+        self.hidden = PartitionSpec(rows, positions, None)
+        self.rows = PartitionSpec(rows, positions)
         self.weights = {True: PartitionSpec(vocab, width), False: PartitionSpec(width, vocab)}
 
     def weight_spec(self, vocab_major):
@@ -160,7 +156,7 @@ class _Axes:
 
 def _forward(hidden, weight, targets, vocab_major, chunk_tokens, sharding, keep=False):
     """(loss, lse, the chunks' logits [N, C, V] when `keep`, else None)."""
-    axes = _Axes(sharding, hidden.ndim - 3)
+    axes = _Axes(sharding)
 
     def local(hidden, weight, targets):
         weight = axes.gather_width(weight, vocab_major)
@@ -189,7 +185,7 @@ def _forward(hidden, weight, targets, vocab_major, chunk_tokens, sharding, keep=
 def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens, sharding,
               kept=None):
     """kept: the forward's logits [N, C, V] (then not recomputed), or None."""
-    axes = _Axes(sharding, hidden.ndim - 3)
+    axes = _Axes(sharding)
 
     def local(hidden, weight, targets, lse, loss_grad):
         weight = axes.gather_width(weight, vocab_major)
@@ -252,24 +248,21 @@ def _chunk_size(tokens, vocab, chunk_tokens):
 
 
 def _chunker(hidden, weight, vocab_major, chunk_tokens):
-    """(chunk, unchunk): `chunk` flattens [..., B, T, ...] arrays of this device's tokens
-    (shaped as the hidden states without their width) into chunks [N, C, ...], padding the
-    last with zeros (token 0, whose loss is dropped and whose gradient is zero); `unchunk` is
-    its inverse for [N, C, ...]."""
-    token_shape = hidden.shape[:-1]
-    tokens = math.prod(token_shape)
+    """(chunk, unchunk): `chunk` flattens [B, T, ...] arrays of this device's tokens into
+    chunks [N, C, ...], padding the last with zeros (token 0, whose loss is dropped and whose
+    gradient is zero); `unchunk` is its inverse for [N, C, ...]."""
+    rows, length = hidden.shape[:2]
+    tokens = rows * length
     size = _chunk_size(tokens, _vocab(weight, vocab_major), chunk_tokens)
     count = -(-tokens // size)
 
     def chunk(x):
-        inner = x.shape[len(token_shape):]
-        flat = x.reshape(tokens, *inner)
-        flat = jnp.pad(flat, [(0, count * size - tokens)] + [(0, 0)] * len(inner))
-        return flat.reshape(count, size, *inner)
+        flat = x.reshape(tokens, *x.shape[2:])
+        flat = jnp.pad(flat, [(0, count * size - tokens)] + [(0, 0)] * (x.ndim - 2))
+        return flat.reshape(count, size, *x.shape[2:])
 
     def unchunk(x):
-        inner = x.shape[2:]
-        return x.reshape(count * size, *inner)[:tokens].reshape(*token_shape, *inner)
+        return x.reshape(count * size, *x.shape[2:])[:tokens].reshape(rows, length, *x.shape[2:])
 
     return chunk, unchunk
 

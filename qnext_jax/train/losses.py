@@ -201,25 +201,25 @@ def prediction_loss_sums(output, batch: Batch, config: LossConfig, head=None):
     depth [D]); each divided by its target count gives the mean (see `mtp_targets`). An
     `output` without logits (the model called with logits=False) needs `head`, the model's
     `head_weight()`."""
-    depths = max(len(output.mtp_logits), len(output.mtp_hidden))
-    shifted = [mtp_targets(batch, k) for k in range(1, depths + 1)]
-    targets = [batch.targets] + [t for t, _ in shifted]
-    masks = [batch.loss_mask] + [m for _, m in shifted]
-    if output.logits is not None:
-        logits = [output.logits] + list(output.mtp_logits)
-        losses = [token_cross_entropy(x, t) for x, t in zip(logits, targets)]
-    else:
+    def cross_entropy(logits, hidden, targets):
+        if logits is not None:
+            return token_cross_entropy(logits, targets)
         if head is None:
             raise ValueError("the model output has no logits: pass head=model.head_weight()")
         weight, vocab_major = head
-        # The main and MTP predictions share the head: one fused call over all of them holds
-        # one gathered weight and one fp32 gradient accumulator.
-        losses = linear_cross_entropy(
-            jnp.stack([output.hidden] + list(output.mtp_hidden)), weight, jnp.stack(targets),
-            vocab_major=vocab_major, chunk_tokens=config.head_chunk_tokens,
-            sharding=head_sharding())
-    sums = [jnp.sum(loss * mask) for loss, mask in zip(losses, masks)]
-    return sums[0], jnp.stack(sums[1:]) if depths else jnp.zeros((0,), jnp.float32)
+        return linear_cross_entropy(hidden, weight, targets, vocab_major=vocab_major,
+                                    chunk_tokens=config.head_chunk_tokens,
+                                    sharding=head_sharding())
+
+    ce = jnp.sum(cross_entropy(output.logits, output.hidden, batch.targets) * batch.loss_mask)
+    depths = max(len(output.mtp_logits), len(output.mtp_hidden))
+    mtp = []
+    for k in range(1, depths + 1):
+        targets, mask = mtp_targets(batch, k)
+        logits = output.mtp_logits[k - 1] if output.mtp_logits else None
+        hidden = output.mtp_hidden[k - 1] if output.mtp_hidden else None
+        mtp.append(jnp.sum(cross_entropy(logits, hidden, targets) * mask))
+    return ce, jnp.stack(mtp) if mtp else jnp.zeros((0,), jnp.float32)
 
 
 def loss_terms(output, batch: Batch, norms: Normalizers, config: LossConfig, lbl_coef: float,
