@@ -208,7 +208,7 @@ def part_four(depth: int, context: int = 512, repeats: int = 20):
     return rows
 
 
-def part_five(depths, new_tokens, context: int = 256):
+def part_five(depths, new_tokens, dtype: str = "bfloat16", context: int = 256):
     """Speculative decoding where it pays: a model large enough for a decode step to be
     memory-bound on this CPU (configs/gpu_1b.yaml, 1.03B parameters, bf16, batch 1), plain vs
     D drafts in the same run. Its MTP drafts are right about half the time (random weights
@@ -219,20 +219,23 @@ def part_five(depths, new_tokens, context: int = 256):
     from qnext_jax.generate.draftable import draftable_model
 
     config = ModelConfig.from_yaml(REPO_ROOT / "configs" / "gpu_1b.yaml").replace(
-        param_dtype="bfloat16", dtype="bfloat16", mtp_depth=max(depths))
+        param_dtype=dtype, dtype=dtype, mtp_depth=max(depths))
     model = draftable_model(config)
     prompt = [[int(t) for t in np.random.default_rng(3).integers(0, config.vocab_size, context)]]
-    rows, reference = [], None
+    rows, reference, step_ms = [], None, None
     for depth in (0, *depths):
         generator = Generator(model, speculative=depth)
         generator.generate(prompt, max_new_tokens=8)  # compile
         result = max((generator.generate(prompt, max_new_tokens=new_tokens) for _ in range(2)),
                      key=lambda r: r.tokens_per_second)
+        per_call = result.tokens_per_round if depth else 1.0
+        call_ms = 1e3 * per_call / result.tokens_per_second  # a step, or a round
         if depth == 0:
-            reference = result.tokens
-        row = {"model": "gpu_1b bf16", "drafts": depth,
-               "tokens_per_s": result.tokens_per_second,
-               "tokens_per_model_call": result.tokens_per_round if depth else 1.0,
+            reference, step_ms = result.tokens, call_ms
+        # A round beats a step once it keeps more tokens than it costs steps.
+        row = {"model": f"gpu_1b {dtype}", "drafts": depth,
+               "tokens_per_s": result.tokens_per_second, "ms_per_model_call": call_ms,
+               "tokens_per_model_call": per_call, "break_even_tokens": call_ms / step_ms,
                "acceptance_per_depth": result.acceptance,
                "same_tokens": result.tokens == reference}
         rows.append(row)
@@ -251,6 +254,8 @@ def main():
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="part 5's parameters and compute")
     args = parser.parse_args()
     import jax
 
@@ -266,7 +271,7 @@ def main():
         for depth in args.depths:
             part_four(depth)
     if 5 in args.parts:
-        part_five(args.depths, args.new_tokens)
+        part_five(args.depths, args.new_tokens, args.dtype)
 
 
 if __name__ == "__main__":
