@@ -64,15 +64,6 @@ def test_expert_parallel_equals_dense(mesh_name):
                                    err_msg=str(path))
 
 
-def test_expert_gradients_reduced_in_pieces_equal_dense(monkeypatch):
-    """The gathered experts' gradient reduce-scattered a slice of experts at a time (pieces
-    of 1 KiB here: every expert on its own) equals the dense MoE's, on fsdp 2 x expert 2."""
-    from qnext_jax.parallel import expert_parallel
-
-    monkeypatch.setattr(expert_parallel, "_REDUCE_PIECE_BYTES", 1024)
-    test_expert_parallel_equals_dense("data2_fsdp2_expert2")
-
-
 def dropped_weights(weights, experts, shards, local_experts, capacity, choices):
     """NumPy statement of the capacity rule: each device's tokens, in order, fill each
     destination's buffer; a token past `capacity` loses its choices on that destination. Each

@@ -100,35 +100,7 @@ def _gathered(mesh_axes) -> bool:
 def _gather_width(weight, mesh_axes, axis):
     if not _gathered(mesh_axes):
         return weight
-    return _all_gather(weight, tuple(mesh_axes), axis)
-
-
-# The gathered experts' gradient is reduce-scattered in pieces of at most this many bytes.
-_REDUCE_PIECE_BYTES = 256 << 20
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _all_gather(weight, mesh_axes, axis):
     return jax.lax.all_gather(weight, mesh_axes, axis=axis, tiled=True)
-
-
-def _all_gather_fwd(weight, mesh_axes, axis):
-    return _all_gather(weight, mesh_axes, axis), None
-
-
-def _all_gather_bwd(mesh_axes, axis, _, grad):
-    """psum_scatter, a slice of experts at a time: XLA:TPU lowers a reduce-scatter to an
-    all-reduce of the whole buffer and a slice, so reduced whole the 80B's gathered gate and up
-    gradient is held twice (2 GiB more at 262K tokens a row, where every device holds all 512
-    experts)."""
-    pieces = max(1, min(grad.shape[0], -(-grad.size * grad.dtype.itemsize
-                                          // _REDUCE_PIECE_BYTES)))
-    reduced = [jax.lax.psum_scatter(piece, mesh_axes, scatter_dimension=axis, tiled=True)
-               for piece in jnp.array_split(grad, pieces, axis=0)]
-    return (jnp.concatenate(reduced, axis=0),)
-
-
-_all_gather.defvjp(_all_gather_fwd, _all_gather_bwd)
 
 
 
