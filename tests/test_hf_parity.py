@@ -222,5 +222,19 @@ def test_command_line_check_and_reshard(hf_checkpoint, tmp_path, capsys):
     assert "tensors (F32) match the config" in capsys.readouterr().out
     assert main(["reshard", str(directory), str(tmp_path / "out")]) == 0
     assert main(["check", str(tmp_path / "out")]) == 0
+    # Read onto a mesh, tensor by tensor into the shards: the same files' contents.
+    assert main(["reshard", str(directory), str(tmp_path / "sharded"), "--mesh", "expert=2",
+                 "--mesh", "data=4"]) == 0
+    from safetensors.numpy import load_file
+    one, sharded = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+                    for d in (tmp_path / "out", tmp_path / "sharded"))
+    assert one.keys() == sharded.keys()
+    for name in one:
+        np.testing.assert_array_equal(one[name], sharded[name], err_msg=name)
+    assert main(["reshard", str(directory), str(tmp_path / "x"), "--mesh", "pipeline=2"]) == 2
+    assert "expected AXIS=SIZE" in capsys.readouterr().err
+    assert main(["reshard", str(directory), str(tmp_path / "x"), "--mesh", "tensor=2",
+                 "--mesh", "data=4"]) == 2
+    assert "is not divisible by mesh.tensor = 2" in capsys.readouterr().err
     assert main(["check", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err

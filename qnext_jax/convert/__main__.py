@@ -34,6 +34,10 @@ def main(argv=None) -> int:
     reshard.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                          help="parameter dtype of the loaded model and of the written tensors")
     reshard.add_argument("--max-shard-gb", type=float, default=2.0)
+    reshard.add_argument("--mesh", action="append", default=[], metavar="AXIS=SIZE",
+                         help="read the parameters onto a mesh of the devices (data, tensor, "
+                              "expert; as generation places them), each tensor into its shards, "
+                              "instead of onto one device (the 80B in bf16 needs 160 GB)")
     export = commands.add_parser("export", help="write a training run's checkpoint (the latest, "
                                  "or --step) as a HF directory with its tokenizer files")
     export.add_argument("run_dir")
@@ -60,7 +64,14 @@ def main(argv=None) -> int:
             print(f"{args.hf_dir}: {len(rules)} tensors ({', '.join(dtypes)}) match the config; "
                   f"{counts['main']:,} parameters + {counts['mtp']:,} in MTP")
             return 0
-        model = load_hf_checkpoint(_absolute(args.hf_dir), dtype=getattr(jnp, args.dtype))
+        shardings = None
+        if args.mesh:
+            from qnext_jax.generate.sharding import generation_mesh, mesh_sizes, shardings_by_path
+
+            config = read_hf_config(args.hf_dir, files, getattr(jnp, args.dtype))
+            shardings = shardings_by_path(config, generation_mesh(mesh_sizes(args.mesh)))
+        model = load_hf_checkpoint(_absolute(args.hf_dir), dtype=getattr(jnp, args.dtype),
+                                   shardings=shardings)
         save_hf_checkpoint(model, _absolute(args.out_dir), dtype=args.dtype,
                            max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
         print(f"wrote {args.out_dir}")

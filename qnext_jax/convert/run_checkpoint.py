@@ -45,8 +45,8 @@ def load_run_checkpoint(run_dir, step: int | None = None, *, param_dtype: str | 
     latest). param_dtype: the parameters' dtype (None: as trained; "float32" or "bfloat16":
     each array cast as orbax reads it, the whole model never held in the stored dtype; "auto":
     the run's compute dtype). rules: config -> the ShardingRules each parameter is read into
-    the shards of, straight from the files (None: one device). model_changes: ModelConfig fields to override (how to compute,
-    never shapes)."""
+    the shards of, straight from the files (None: one device). model_changes: ModelConfig
+    fields to override (how to compute, never shapes)."""
     run_dir = Path(run_dir).expanduser().absolute()  # orbax takes absolute paths only
     values = run_config_values(run_dir)
     config = ModelConfig.from_dict(values["model"], where=f"{run_dir / CONFIG} model").replace(

@@ -27,9 +27,8 @@ from qnext_jax.data.chat_template import ChatTemplate
 from qnext_jax.data.sources import DataError
 from qnext_jax.generate.generator import Generator
 from qnext_jax.generate.sampling import SamplingSettings
-from qnext_jax.generate.sharding import generation_mesh
+from qnext_jax.generate.sharding import generation_mesh, mesh_sizes
 from qnext_jax.generate.sources import load_for_generation
-from qnext_jax.parallel.mesh import MESH_AXES
 from qnext_jax.generate.stopping import (
     cut_at_stop_strings, read_generation_config, sampling_defaults, stop_token_ids,
 )
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
         settings = SamplingSettings(*(defaults[name] if value is None else value for name, value in
                                       (("temperature", args.temperature), ("top_k", args.top_k),
                                        ("top_p", args.top_p))))
-        mesh = generation_mesh(_mesh_sizes(args.mesh)) if args.mesh else None
+        mesh = generation_mesh(mesh_sizes(args.mesh)) if args.mesh else None
         model, tokenizer, source = load_for_generation(args.model_dir, step=args.step,
                                                        dtype=args.dtype, mesh=mesh)
         if tokenizer is None:
@@ -111,17 +110,6 @@ def main(argv=None) -> int:
         print(f"speculative: {result.tokens_per_round:.2f} tokens per verification; "
               f"acceptance {rates}")
     return 0
-
-
-def _mesh_sizes(entries: list[str]) -> dict[str, int]:
-    sizes = {}
-    for entry in entries:
-        name, _, size = entry.partition("=")
-        if name not in MESH_AXES or not size.isdigit() or int(size) < 1:
-            raise ConfigError(f"--mesh {entry!r}: expected AXIS=SIZE with AXIS one of "
-                              f"{', '.join(MESH_AXES)} and SIZE a positive integer")
-        sizes[name] = int(size)
-    return sizes
 
 
 def _prompts(args) -> list[str]:

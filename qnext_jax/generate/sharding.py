@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qnext_jax.generate.cache import AttentionCache, DeltaNetCache, StackCache
 from qnext_jax.generate.state import DecodeState
-from qnext_jax.parallel.axes import ShardingRules, logical_spec, spec_axes
-from qnext_jax.parallel.mesh import MeshConfig, MeshError, axis_size, make_mesh
+from qnext_jax.parallel.axes import ShardingRules, logical_spec, param_axes, spec_axes
+from qnext_jax.parallel.mesh import MESH_AXES, MeshConfig, MeshError, axis_size, make_mesh
 
 
 _NOT_SPLIT = {"fsdp": "it would gather every weight at every step",
@@ -35,6 +35,18 @@ def generation_mesh(sizes: dict[str, int], devices=None):
             raise MeshError(f"mesh.{name} = {sizes[name]}: decoding keeps {name} at 1 ({why}); "
                             "split over data, tensor and expert")
     return make_mesh(MeshConfig(**{"fsdp": 1, **sizes}), devices)
+
+
+def mesh_sizes(flags: list[str]) -> dict[str, int]:
+    """["tensor=4", "expert=2"] (the command lines' --mesh flags) -> {"tensor": 4, ...}."""
+    sizes = {}
+    for flag in flags:
+        name, _, size = flag.partition("=")
+        if name not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise MeshError(f"--mesh {flag!r}: expected AXIS=SIZE with AXIS one of "
+                            f"{', '.join(MESH_AXES)} and SIZE a positive integer")
+        sizes[name] = int(size)
+    return sizes
 
 
 def generation_rules(config, mesh) -> ShardingRules:
@@ -94,3 +106,17 @@ def _layer(cache, lead: int, named):
 def place_params(params, rules: ShardingRules):
     """Parameters on their shards (a no-op for arrays already placed so, as the loaders do)."""
     return jax.device_put(params, rules.param_shardings(params))
+
+
+def shardings_by_path(config, mesh):
+    """parameter path -> its NamedSharding on `mesh` by `generation_rules` (what the Hugging
+    Face loader takes to read each parameter straight into its shards)."""
+    from flax import nnx
+
+    from qnext_jax.model import abstract_model
+
+    rules = generation_rules(config, mesh)
+    _, state = nnx.split(abstract_model(config))
+    shardings = {path: rules.sharding(param_axes(variable))
+                 for path, variable in nnx.to_flat_state(state)}
+    return shardings.get

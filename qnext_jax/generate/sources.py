@@ -13,15 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax.numpy as jnp
-from flax import nnx
 
 from qnext_jax.config import ConfigError, ModelConfig
 from qnext_jax.convert import load_hf_checkpoint
 from qnext_jax.convert.run_checkpoint import CHECKPOINTS, load_run_checkpoint
 from qnext_jax.data.tokenizer import load_tokenizer
-from qnext_jax.model import abstract_model
-from qnext_jax.generate.sharding import generation_rules
-from qnext_jax.parallel.axes import param_axes
+from qnext_jax.generate.sharding import generation_rules, shardings_by_path
 
 TOKENIZER = "tokenizer.json"
 DTYPES = ("auto", "float32", "bfloat16")
@@ -53,17 +50,9 @@ def load_for_generation(path, *, step: int | None = None, dtype: str = "auto", m
         config = ModelConfig.from_hf(path).replace(**model_changes)
         if dtype == "auto":
             dtype = "bfloat16" if jnp.dtype(config.dtype) == jnp.bfloat16 else "float32"
-        shardings = None if mesh is None else _shardings_by_path(config, mesh)
+        shardings = None if mesh is None else shardings_by_path(config, mesh)
         model = load_hf_checkpoint(path, dtype, shardings=shardings, **model_changes)
         return model, tokenizer, f"{path}: Hugging Face weights in {dtype}"
     raise ConfigError(f"{path} holds neither {CHECKPOINTS}/ (a run directory) nor *.safetensors "
                       "(a Hugging Face directory)")
 
-
-def _shardings_by_path(config: ModelConfig, mesh):
-    """parameter path -> its NamedSharding on `mesh`, by the logical-axis table."""
-    rules = generation_rules(config, mesh)
-    _, state = nnx.split(abstract_model(config))
-    shardings = {path: rules.sharding(param_axes(variable))
-                 for path, variable in nnx.to_flat_state(state)}
-    return shardings.get

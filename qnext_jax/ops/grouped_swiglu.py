@@ -40,8 +40,9 @@ def grouped_swiglu(tokens, weights, experts, gate_up_w, down_w, impl: str = "aut
 
     tokens [N, E]; weights, experts [N, k] (expert ids >= the number of local experts, G, are
     choices that live elsewhere and are skipped); gate_up_w [G, E, 2F] (`fused_gate_up`), or
-    (gate_w, up_w) [G, E, F] each, fused here where a grouped GEMM kernel runs and kept apart
-    on CPU; down_w [G, F, E].
+    (gate_w, up_w) [G, E, F] each, fused here where a grouped GEMM kernel runs on enough rows
+    (FUSE_ROWS_PER_EXPERT) and kept apart on CPU; down_w [G, F, E]. Fewer rows than local
+    experts (a decode step) gather each choice's expert instead (`gathered_swiglu`).
     impl: the grouped matmul's (ops/grouped_matmul.py); "auto" on CPU is capacity buckets.
     max_choices: at most this many choices are not skipped (the caller guarantees it): the
         grouped matmuls then run on that many rows instead of N * k (the expert-parallel
