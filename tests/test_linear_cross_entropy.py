@@ -13,7 +13,7 @@ from qnext_jax.ops.linear_cross_entropy import linear_cross_entropy
 from qnext_jax.parallel.axes import head_sharding
 from qnext_jax.parallel.mesh import MeshConfig, make_mesh
 
-B, T, E, V = 4, 12, 16, 48
+B, T, E, V = 4, 12, 16, 50  # V: padded vocabulary blocks on the meshes
 
 
 def numpy_reference(hidden, weight, targets, loss_grad, vocab_major):

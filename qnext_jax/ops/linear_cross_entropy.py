@@ -17,12 +17,13 @@ vocabulary is sharded, so its gradients would be wrong under tensor parallelism.
 
 Under a mesh (`sharding`, which the caller reads off its sharding table) the forward and the
 backward are each one `shard_map`: every device takes its own tokens (batch and sequence
-shards) and its slice of the vocabulary (as the head weight is sharded), gathering the weight's
-width (FSDP); the logsumexp and the target logit are combined over `tensor` (a
-vocabulary-parallel cross-entropy), the hidden-state gradient is summed over `tensor`, and the
-weight gradient is accumulated locally over every chunk and, once, reduce-scattered over the
-axes that shard the weight's width and summed over the other token shards: each device ends
-with its own shard of the fp32 sum, never the whole [E, V/tensor] matrix (1.2 GB for the 80B).
+shards) and its slice of the vocabulary (as the head weight is sharded); the logsumexp and the
+target logit are combined over `tensor` (a vocabulary-parallel cross-entropy) and the
+hidden-state gradient is summed over `tensor`. When the weight's width is sharded too (FSDP and
+the other parameter axes) both passes walk over blocks of the vocabulary instead of chunks of
+tokens: each block of the weight is gathered, used, and its fp32 gradient reduce-scattered over
+the width axes (summed over the other token shards) on its own, so no device ever holds the
+whole weight or the whole fp32 [E, V/tensor] gradient sum (1.2 GB for the 80B).
 """
 
 from __future__ import annotations
@@ -177,6 +178,9 @@ def _forward(hidden, weight, targets, vocab_major, chunk_tokens, sharding, keep=
 
     if keep:  # on one device only
         return local(hidden, weight, targets)
+    if axes.width:
+        local = functools.partial(_forward_by_vocab_blocks, axes=axes, vocab_major=vocab_major,
+                                  chunk_tokens=chunk_tokens)
     weight_spec = axes.weight_spec(vocab_major)
     return axes.run(local, (axes.hidden, weight_spec, axes.rows), (axes.rows, axes.rows, None))(
         hidden, weight, targets)
@@ -214,10 +218,118 @@ def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens
         grad_weight = axes.reduce_weight_grad(grad_weight, vocab_major)
         return unchunk(grad_h).astype(hidden.dtype), grad_weight.astype(weight.dtype)
 
+    if axes.width:
+        local = functools.partial(_backward_by_vocab_blocks, axes=axes, vocab_major=vocab_major,
+                                  chunk_tokens=chunk_tokens)
     weight_spec = axes.weight_spec(vocab_major)
     rows = axes.rows
     return axes.run(local, (axes.hidden, weight_spec, rows, rows, rows),
                     (axes.hidden, weight_spec))(hidden, weight, targets, lse, loss_grad)
+
+
+# With the weight's width sharded (FSDP and the other parameter axes), the token chunks above
+# would gather the whole weight and accumulate a whole fp32 [E, V/tensor] gradient on every
+# device before reducing it: for the 80B 1.16 GiB a head, held by XLA:TPU past the head while
+# its reduction overlaps the last layers' backward (both heads' at the 262K peak). Walking
+# over blocks of the vocabulary instead, each block of the weight is gathered, used and
+# its gradient reduced on its own: no device holds more than one [E, block] of either. Every
+# block sees every token of the device, so the forward's logsumexp is accumulated online.
+
+
+def _vocab_blocks(tokens, vocab, chunk_tokens):
+    """(blocks, columns a block): about as many logits a block ([tokens, columns] fp32) as a
+    token chunk has ([chunk, vocab]); whole 128-lane tiles once the blocks are that wide."""
+    elements = vocab * chunk_tokens if chunk_tokens else _CHUNK_LOGITS_ELEMENTS
+    count = -(-vocab // max(1, elements // tokens))
+    columns = -(-vocab // count)
+    if columns >= 128:
+        columns = -(-columns // 128) * 128
+    return -(-vocab // columns), columns
+
+
+def _weight_blocks(weight, vocab_major, count, columns):
+    """The local weight [V, E_w] / [E_w, V] -> [count, columns, E_w] / [count, E_w, columns],
+    padded with zero columns past the vocabulary."""
+    vocab_axis = 0 if vocab_major else 1
+    pad = [(0, 0), (0, 0)]
+    pad[vocab_axis] = (0, count * columns - weight.shape[vocab_axis])
+    weight = jnp.pad(weight, pad)
+    if vocab_major:
+        return weight.reshape(count, columns, weight.shape[1])
+    return weight.reshape(weight.shape[0], count, columns).transpose(1, 0, 2)
+
+
+def _forward_by_vocab_blocks(hidden, weight, targets, *, axes, vocab_major, chunk_tokens):
+    rows, length, width = hidden.shape
+    h, target = hidden.reshape(-1, width), targets.reshape(-1)
+    vocab = _vocab(weight, vocab_major)
+    count, columns = _vocab_blocks(h.shape[0], vocab, chunk_tokens)
+    offset = axes.vocab_index() * vocab
+    mine = (target >= offset) & (target < offset + vocab)  # this vocabulary shard's targets
+
+    def block_step(carry, block):
+        top, total, target_logit = carry
+        index, w = block
+        logits = _logits(h, axes.gather_width(w, vocab_major), vocab_major)  # [n, columns]
+        start = index * columns
+        real = start + jnp.arange(columns) < vocab  # padding columns take no part
+        logits = jnp.where(real, logits, -jnp.inf)
+        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+        total = (total * jnp.exp(top - new_top)
+                 + jnp.sum(jnp.exp(logits - new_top[:, None]), axis=-1))
+        local = jnp.where(mine, target - offset - start, -1)
+        held = (local >= 0) & (local < columns)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, columns - 1)[:, None], axis=-1)
+        target_logit += jnp.where(held, picked[:, 0], 0.0)
+        return (new_top, total, target_logit), None
+
+    start = (jnp.full(h.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:1], jnp.float32),
+             jnp.zeros(h.shape[:1], jnp.float32))
+    (top, total, target_logit), _ = jax.lax.scan(
+        block_step, start,
+        (jnp.arange(count), _weight_blocks(weight, vocab_major, count, columns)))
+    # Combined over the vocabulary shards (tensor) as the token chunks do.
+    global_top = _max_over(axes.vocab, top)
+    lse = global_top + jnp.log(_sum_over(axes.vocab, total * jnp.exp(top - global_top)))
+    loss = lse - _sum_over(axes.vocab, target_logit)
+    return loss.reshape(rows, length), lse.reshape(rows, length), None
+
+
+def _backward_by_vocab_blocks(hidden, weight, targets, lse, loss_grad, *, axes, vocab_major,
+                              chunk_tokens):
+    rows, length, width = hidden.shape
+    h, target = hidden.reshape(-1, width), targets.reshape(-1)
+    lse, g = lse.reshape(-1), loss_grad.reshape(-1)
+    vocab = _vocab(weight, vocab_major)
+    count, columns = _vocab_blocks(h.shape[0], vocab, chunk_tokens)
+    offset = axes.vocab_index() * vocab
+    mine = (target >= offset) & (target < offset + vocab)  # this vocabulary shard's targets
+
+    def block_grads(grad_h, block):
+        index, w = block
+        w = axes.gather_width(w, vocab_major)
+        start = index * columns
+        logits = _logits(h, w, vocab_major)
+        real = start + jnp.arange(columns) < vocab
+        local = jnp.where(mine, target - offset - start, -1)
+        one_hot = (local[:, None] == jnp.arange(columns)[None, :]).astype(jnp.float32)
+        probs = jnp.where(real, jnp.exp(logits - lse[:, None]), 0.0)
+        grad_logits = ((probs - one_hot) * g[:, None]).astype(h.dtype)
+        spec = "CV,VE->CE" if vocab_major else "CV,EV->CE"
+        grad_h += jnp.einsum(spec, grad_logits, w, preferred_element_type=jnp.float32)
+        spec = "CV,CE->VE" if vocab_major else "CV,CE->EV"
+        grad_w = jnp.einsum(spec, grad_logits, h, preferred_element_type=jnp.float32)
+        return grad_h, axes.reduce_weight_grad(grad_w, vocab_major).astype(weight.dtype)
+
+    grad_h, grad_blocks = jax.lax.scan(
+        block_grads, jnp.zeros(h.shape, jnp.float32),
+        (jnp.arange(count), _weight_blocks(weight, vocab_major, count, columns)))
+    if vocab_major:  # [count, columns, E_w] -> [V, E_w]
+        grad_weight = grad_blocks.reshape(count * columns, -1)[:vocab]
+    else:  # [count, E_w, columns] -> [E_w, V]
+        grad_weight = grad_blocks.transpose(1, 0, 2).reshape(-1, count * columns)[:, :vocab]
+    grad_h = _sum_over(axes.vocab, grad_h)
+    return grad_h.astype(hidden.dtype).reshape(rows, length, width), grad_weight
 
 
 def _logits(h, weight, vocab_major):
