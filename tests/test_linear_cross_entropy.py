@@ -1,7 +1,8 @@
 """The fused LM head + cross-entropy against float64 NumPy: per-token losses and the gradients of
 a weighted sum of them, for both weight layouts, one chunk (whose logits the backward keeps)
-and chunk sizes that do and do not divide the token count (recomputed), and on 8-device meshes with the vocabulary split over `tensor` and the weight's width over
-the parameter axes."""
+and chunk sizes that do and do not divide the token count (recomputed), and on 8-device meshes
+with the vocabulary split over `tensor` and the weight's width over the parameter axes (padded
+vocabulary blocks), in fp32 and bf16."""
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,35 @@ def test_vocabulary_parallel_on_a_mesh_equals_one_device(inputs, vocab_major, la
     for name, a, b in zip(("loss", "grad hidden", "grad weight"), sharded(*placed), single):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
                                    err_msg=name)
+
+
+def test_bf16_on_a_mesh_matches_numpy(inputs):
+    """The dtype training uses: bf16 hidden states and head weight, the width sharded (vocabulary
+    blocks), against float64 NumPy on the same bf16 values. The products' operands are bf16
+    (the logits' gradient is rounded once), their sums fp32."""
+    hidden, weight, targets, loss_grad = inputs
+    hidden, weight = hidden.astype(jnp.bfloat16), weight.astype(jnp.bfloat16)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, sequence=2, tensor=1))
+    acts = NamedSharding(mesh, P(("data", "fsdp", "expert"), "sequence", None))
+    rows = NamedSharding(mesh, P(("data", "fsdp", "expert"), "sequence"))
+    weights = NamedSharding(mesh, P(("fsdp", "sequence", "expert"), "tensor"))
+
+    @jax.jit
+    def sharded(hidden, weight, targets, loss_grad):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return losses_and_grads(hidden, weight, targets, loss_grad, vocab_major=False,
+                                    chunk_tokens=5, sharding=head_sharding())
+
+    placed = [jax.device_put(x, s) for x, s in
+              zip((hidden, weight, targets, loss_grad), (acts, weights, rows, rows))]
+    got = sharded(*placed)
+    assert got[1].dtype == got[2].dtype == jnp.bfloat16
+    expected = numpy_reference(np.asarray(hidden, np.float64), np.asarray(weight, np.float64),
+                               np.asarray(targets), loss_grad, vocab_major=False)
+    for name, a, b in zip(("loss", "grad hidden", "grad weight"), got, expected):
+        a = np.asarray(a, np.float64)
+        scale = np.abs(b).max()
+        assert np.abs(a - b).max() <= 1e-2 * scale, name
 
 
 def test_bad_shapes_are_named(inputs):
