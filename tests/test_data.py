@@ -8,8 +8,17 @@ import pytest
 
 from qnext_jax.data.packing import pack_documents
 from qnext_jax.data.pipeline import ArrayRecordRows, InMemoryRows, batch_dataset, write_array_record_rows
-from qnext_jax.data.sources import DataError, jsonl_files, stdlib_corpus, text_files
+from qnext_jax.data.build import DataConfig, documents
+from qnext_jax.data.sources import DataError, stdlib_corpus
 from qnext_jax.data.tokenizer import END_OF_TEXT, load_tokenizer, train_byte_level_bpe
+
+
+def text_files(pattern, split="train", eval_percent=2.0):
+    return documents(DataConfig(source="text", paths=(pattern,), eval_percent=eval_percent), split)
+
+
+def jsonl_files(pattern, split="train", eval_percent=2.0):
+    return documents(DataConfig(source="jsonl", paths=(pattern,), eval_percent=eval_percent), split)
 
 
 def test_stdlib_corpus_is_split_by_name_deterministically():
@@ -26,15 +35,15 @@ def test_file_sources_and_their_errors(tmp_path):
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "b.txt").write_text("beta")
     docs = list(text_files(str(tmp_path / "*.txt"), eval_percent=0))
-    assert docs == [(str(tmp_path / "a.txt"), "alpha"), (str(tmp_path / "b.txt"), "beta")]
-    with pytest.raises(DataError, match="text file .*missing.txt' matches no file"):
+    assert docs == [("a.txt", "alpha"), ("b.txt", "beta")]
+    with pytest.raises(DataError, match="text input .*missing.txt' matches no file"):
         list(text_files(str(tmp_path / "missing.txt")))
 
     lines = [json.dumps({"text": "one"}), "", json.dumps({"text": "two", "id": 2})]
     (tmp_path / "d.jsonl").write_text("\n".join(lines))
     assert [t for _, t in jsonl_files(str(tmp_path / "d.jsonl"), eval_percent=0)] == ["one", "two"]
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with a string field 'text'"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with a field 'text'; it has \['body'\]"):
         list(jsonl_files(str(tmp_path / "bad.jsonl"), eval_percent=0))
     (tmp_path / "broken.jsonl").write_text('{"text": \n')
     with pytest.raises(DataError, match=r"broken.jsonl:1: not valid JSON"):

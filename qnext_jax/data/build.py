@@ -6,21 +6,27 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qnext_jax.config import check_known_keys
-from qnext_jax.data.packing import pack_documents
+from qnext_jax.data.packing import RowPacker
 from qnext_jax.data.pipeline import ArrayRecordRows, InMemoryRows
-from qnext_jax.data.sources import DataError, expand_paths, jsonl_files, stdlib_corpus, text_files
+from qnext_jax.data.readers import read_documents
+from qnext_jax.data.sources import DataError, expand_paths, in_split, stdlib_corpus
 from qnext_jax.data.tokenizer import TextTokenizer, load_tokenizer, train_byte_level_bpe
 
-SOURCES = ("stdlib", "text", "jsonl", "prepared")
+SOURCES = ("stdlib", "text", "jsonl", "parquet", "prepared")
+ENCODE_BATCH_DOCUMENTS = 256  # documents a batch encode at start-up (bounded memory)
 TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"  # stdlib (embedded) | text | jsonl | prepared (ArrayRecord rows)
-    paths: tuple[str, ...] = ()  # files or globs (text, jsonl); one directory (prepared)
-    jsonl_field: str = "text"
+    # stdlib (embedded) | text | jsonl (.jsonl, .gz, .zst) | parquet (files, or a dataset saved
+    # by save_to_disk) | prepared (ArrayRecord rows)
+    source: str = "stdlib"
+    paths: tuple[str, ...] = ()  # files, directories or globs; one directory (prepared)
+    field: str = "text"  # the text's JSONL field or Parquet column
     tokenizer: str | None = None  # a tokenizer.json; None trains the default byte-level BPE
     eval_percent: float = 2.0  # documents held out for evaluation, chosen by name hash
     seed: int = 0  # shuffling
@@ -53,8 +59,9 @@ class DataConfig:
                 )
             for split in ("train", "eval") if evaluate else ("train",):
                 ArrayRecordRows(directory / split)
-        elif self.source in ("text", "jsonl"):
-            expand_paths(list(self.paths), f"{self.source} file")
+        elif self.source in ("text", "jsonl", "parquet"):
+            expand_paths(list(self.paths), f"{self.source} input",
+                         directories=self.source == "parquet")
         if self.tokenizer is not None and not Path(self.tokenizer).exists():
             raise DataError(f"data.tokenizer {self.tokenizer} does not exist")
 
@@ -62,11 +69,18 @@ class DataConfig:
 def documents(config: DataConfig, split: str):
     if config.source == "stdlib":
         return stdlib_corpus(split, config.eval_percent)
-    if config.source == "text":
-        return text_files(list(config.paths), split, config.eval_percent)
-    if config.source == "jsonl":
-        return jsonl_files(list(config.paths), config.jsonl_field, split, config.eval_percent)
-    raise DataError("prepared data has no documents, only rows")
+    if config.source == "prepared":
+        raise DataError("prepared data has no documents, only rows")
+    return _file_documents(config, split)
+
+
+def _file_documents(config: DataConfig, split: str):
+    files = expand_paths(list(config.paths), f"{config.source} input",
+                         directories=config.source == "parquet")
+    for path, key in files:
+        for name, text in read_documents(path, key, config.source, config.field):
+            if in_split(name, split, config.eval_percent):
+                yield name, text
 
 
 def make_tokenizer(config: DataConfig, vocab_size: int | None, cached: Path | None = None, *,
@@ -103,10 +117,14 @@ def packed_rows(config: DataConfig, tokenizer: TextTokenizer, row_length: int, s
             raise DataError(f"prepared rows in {config.paths[0]} are {rows.row_length} tokens long; "
                             f"this run needs {row_length} (sequence length + 1)")
         return rows
-    texts = [text for _, text in documents(config, split)]
-    if not texts:
+    # Packed as the documents stream in: the corpus is held once, as int32 rows.
+    packer, parts, texts = RowPacker(row_length), [], []
+    for _, text in documents(config, split):
+        texts.append(text)
+        if len(texts) == ENCODE_BATCH_DOCUMENTS:
+            parts.append(packer.add(tokenizer.encode_documents(texts)))
+            texts = []
+    parts += [packer.add(tokenizer.encode_documents(texts)), packer.finish()]
+    if packer.tokens_in == 0:
         raise DataError(f"the {split} split of data source {config.source!r} has no documents")
-    ids = []
-    for start in range(0, len(texts), 256):  # bounded memory per encode call
-        ids += tokenizer.encode_documents(texts[start:start + 256])
-    return InMemoryRows(*pack_documents(ids, row_length))
+    return InMemoryRows(*(np.concatenate(arrays) for arrays in zip(*parts)))

@@ -4,6 +4,9 @@ Documents (each ending in end-of-text) are laid end to end and cut into rows of 
 tokens (T + 1: T inputs and the target of the last). Every row numbers its pieces 1, 2, ...;
 a document cut by a row boundary continues as segment 1 of the next row. No padding is needed
 except in the last row, whose tail is segment 0.
+
+`RowPacker` does this as a stream: documents go in a batch at a time and complete rows come
+out, so memory holds one batch and one partial row, never the corpus.
 """
 
 from __future__ import annotations
@@ -13,24 +16,56 @@ import numpy as np
 from qnext_jax.data.sources import DataError
 
 
+class RowPacker:
+    """Streaming packer: `add` a batch of documents, get the rows it completed; `finish` pads
+    and returns the last partial row. Rows are (tokens [R, L] int32, segment_ids [R, L] int32)."""
+
+    def __init__(self, row_length: int):
+        if row_length < 2:
+            raise DataError(f"row length must be >= 2, got {row_length}")
+        self.row_length = row_length
+        self._tokens = np.zeros(0, np.int32)  # the partial row: its tokens
+        self._owner = np.zeros(0, np.int64)  # and the document each belongs to
+        self._documents = 0
+        self.tokens_in = 0
+
+    def add(self, documents) -> tuple[np.ndarray, np.ndarray]:
+        documents = [np.asarray(d, np.int32) for d in documents]
+        documents = [d for d in documents if len(d)]
+        lengths = np.array([len(d) for d in documents], np.int64)
+        owner = self._documents + np.repeat(np.arange(len(documents)), lengths)
+        self._documents += len(documents)
+        self.tokens_in += int(lengths.sum())
+        tokens = np.concatenate([self._tokens, *documents])
+        owner = np.concatenate([self._owner, owner])
+        full = len(tokens) // self.row_length * self.row_length
+        self._tokens, self._owner = tokens[full:], owner[full:]
+        return self._rows(tokens[:full], owner[:full])
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """The partial row padded with token 0 in segment 0 (no rows if there is none)."""
+        pad = (-len(self._tokens)) % self.row_length
+        tokens = np.concatenate([self._tokens, np.zeros(pad, np.int32)])
+        owner = np.concatenate([self._owner, np.full(pad, -1, np.int64)])
+        self._tokens, self._owner = np.zeros(0, np.int32), np.zeros(0, np.int64)
+        return self._rows(tokens, owner)
+
+    def _rows(self, tokens, owner):
+        rows = len(tokens) // self.row_length
+        tokens = tokens.reshape(rows, self.row_length)
+        owner = owner.reshape(rows, self.row_length)
+        # Segment ids: 1 + the number of document changes so far within the row; padding is 0.
+        changes = np.concatenate([np.zeros((rows, 1), np.int64), np.diff(owner, axis=1) != 0],
+                                 axis=1)
+        segments = (1 + np.cumsum(changes, axis=1)).astype(np.int32)
+        segments[owner < 0] = 0
+        return tokens, segments
+
+
 def pack_documents(documents: list[list[int]], row_length: int):
-    """-> (tokens [R, row_length] int32, segment_ids [R, row_length] int32)."""
-    if row_length < 2:
-        raise DataError(f"row length must be >= 2, got {row_length}")
-    lengths = np.array([len(d) for d in documents], np.int64)
-    if lengths.sum() == 0:
+    """Every document at once -> (tokens [R, row_length] int32, segment_ids [R, row_length])."""
+    packer = RowPacker(row_length)
+    parts = [packer.add(documents), packer.finish()]
+    if packer.tokens_in == 0:
         raise DataError("the corpus has no tokens")
-    stream = np.concatenate([np.asarray(d, np.int32) for d in documents if len(d)])
-    document_index = np.repeat(np.arange(len(documents)), lengths)
-    rows = -(-len(stream) // row_length)
-    padded = rows * row_length
-    tokens = np.zeros(padded, np.int32)
-    tokens[: len(stream)] = stream
-    owner = np.full(padded, -1, np.int64)
-    owner[: len(stream)] = document_index
-    tokens, owner = tokens.reshape(rows, row_length), owner.reshape(rows, row_length)
-    # Segment ids: 1 + the number of document changes so far within the row; padding is 0.
-    changes = np.concatenate([np.zeros((rows, 1), np.int64), np.diff(owner, axis=1) != 0], axis=1)
-    segments = (1 + np.cumsum(changes, axis=1)).astype(np.int32)
-    segments[owner < 0] = 0
-    return tokens, segments
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))

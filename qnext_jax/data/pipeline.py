@@ -62,18 +62,36 @@ class ArrayRecordRows:
         return row[: self.row_length], row[self.row_length:]
 
 
+class ArrayRecordRowWriter:
+    """Writes packed rows to one ArrayRecord file as they come; the file appears under its
+    name only when closed complete (it is written beside it as `.partial`)."""
+
+    def __init__(self, path: str | Path):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._writer = ArrayRecordWriter(str(self._partial), "group_size:1")
+
+    def write(self, tokens: np.ndarray, segment_ids: np.ndarray) -> None:
+        for row in np.concatenate([tokens, segment_ids], axis=1).astype(np.int32):
+            self._writer.write(row.tobytes())
+
+    def close(self) -> None:
+        self._writer.close()
+        self._partial.replace(self.path)
+
+
 def write_array_record_rows(directory: str | Path, tokens: np.ndarray, segment_ids: np.ndarray,
                             *, rows_per_shard: int = 65_536, extra_metadata=None) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter
-
+    """Rows held in memory -> shards of `rows_per_shard` rows and their manifest."""
     directory = Path(directory).expanduser().absolute()
-    directory.mkdir(parents=True, exist_ok=True)
     shards = []
     for start in range(0, len(tokens), rows_per_shard):
         name = f"rows-{len(shards):05d}.array_record"
-        writer = ArrayRecordWriter(str(directory / name), "group_size:1")
-        for row in range(start, min(start + rows_per_shard, len(tokens))):
-            writer.write(np.concatenate([tokens[row], segment_ids[row]]).astype(np.int32).tobytes())
+        writer = ArrayRecordRowWriter(directory / name)
+        writer.write(tokens[start:start + rows_per_shard], segment_ids[start:start + rows_per_shard])
         writer.close()
         shards.append(name)
     metadata = {"row_length": int(tokens.shape[1]), "rows": int(len(tokens)), "shards": shards}
