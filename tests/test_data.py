@@ -207,3 +207,58 @@ def test_data_config_errors(tmp_path):
         DataConfig.from_dict({"path": "x"})
     with pytest.raises(DataError, match="holds no prepared rows"):
         DataConfig(source="prepared", paths=(str(tmp_path),)).check_paths()
+
+
+def prepared_corpus(directory, first_token, count, length=9):
+    """A prepared corpus whose row r starts with token first_token + r."""
+    tokens = np.add.outer(first_token + np.arange(count), np.zeros(length, np.int64)).astype(np.int32)
+    for split in ("train", "eval"):
+        write_array_record_rows(directory / split, tokens, np.ones_like(tokens))
+    (directory / "tokenizer.json").write_text("{}")
+    return str(directory)
+
+
+def test_mixture_proportions_and_exact_resume(tmp_path):
+    """Two prepared corpora mixed 3:1: each batch's rows come from both in proportion, every
+    component reshuffled by its own seed; the mixture resumes exactly from its state."""
+    from qnext_jax.data.build import DataConfig, packed_rows
+
+    paths = (prepared_corpus(tmp_path / "a", 0, 40), prepared_corpus(tmp_path / "b", 1000, 25))
+    config = DataConfig(source="prepared", paths=paths, weights=(3, 1))
+    config.check_paths()
+    rows = packed_rows(config, None, 9, "train")
+    drawn = [int(t) for batch, _ in zip(batch_dataset(rows, 8, seed=3), range(50))
+             for t in batch.input_ids[:, 0]]
+    from_b = sum(t >= 1000 for t in drawn)
+    assert abs(from_b / len(drawn) - 0.25) < 3 * np.sqrt(0.25 * 0.75 / len(drawn))
+    # Both corpora are read through whole epochs, each in its own shuffled order.
+    a_rows = [t for t in drawn if t < 1000]
+    assert sorted(a_rows[:40]) == list(range(40)) and a_rows[:40] != list(range(40))
+    assert sorted([t - 1000 for t in drawn if t >= 1000][:25]) == list(range(25))
+
+    iterator = iter(batch_dataset(rows, 8, seed=3))
+    for _ in range(9):
+        next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    expected = [next(iterator).input_ids for _ in range(4)]
+    resumed = iter(batch_dataset(packed_rows(config, None, 9, "train"), 8, seed=3))
+    resumed.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed).input_ids, want)
+
+
+def test_mixture_errors(tmp_path):
+    from qnext_jax.data.build import DataConfig
+
+    a, b = prepared_corpus(tmp_path / "a", 0, 4), prepared_corpus(tmp_path / "b", 100, 4)
+    with pytest.raises(DataError, match="names 2 prepared directories: a mixture needs data.weights"):
+        DataConfig(source="prepared", paths=(a, b))
+    with pytest.raises(DataError, match="one weight per directory in data.paths; got 3 weights"):
+        DataConfig(source="prepared", paths=(a, b), weights=(1, 2, 3))
+    (tmp_path / "b" / "tokenizer.json").write_text('{"other": 1}')
+    with pytest.raises(DataError, match="were tokenized with different tokenizers"):
+        DataConfig(source="prepared", paths=(a, b), weights=(1, 1)).check_paths()
+    from qnext_jax.data.pipeline import MixedRows
+
+    with pytest.raises(DataError, match="mixture weights must be positive"):
+        MixedRows([[1], [2]], [1, 0])

@@ -10,7 +10,7 @@ import numpy as np
 
 from qnext_jax.config import check_known_keys
 from qnext_jax.data.packing import RowPacker
-from qnext_jax.data.pipeline import ArrayRecordRows, InMemoryRows
+from qnext_jax.data.pipeline import ArrayRecordRows, InMemoryRows, MixedRows
 from qnext_jax.data.readers import read_documents
 from qnext_jax.data.sources import DataError, expand_paths, in_split, stdlib_corpus
 from qnext_jax.data.tokenizer import TextTokenizer, load_tokenizer, train_byte_level_bpe
@@ -25,7 +25,10 @@ class DataConfig:
     # stdlib (embedded) | text | jsonl (.jsonl, .gz, .zst) | parquet (files, or a dataset saved
     # by save_to_disk) | prepared (ArrayRecord rows)
     source: str = "stdlib"
-    paths: tuple[str, ...] = ()  # files, directories or globs; one directory (prepared)
+    # Files, directories or globs; for `prepared` one directory, or several with `weights` (a
+    # mixture: rows drawn from each in those proportions).
+    paths: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
     field: str = "text"  # the text's JSONL field or Parquet column
     tokenizer: str | None = None  # a tokenizer.json; None trains the default byte-level BPE
     eval_percent: float = 2.0  # documents held out for evaluation, chosen by name hash
@@ -33,12 +36,18 @@ class DataConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "paths", (self.paths,) if isinstance(self.paths, str) else tuple(self.paths))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
         if self.source not in SOURCES:
             raise DataError(f"data.source must be one of {SOURCES}, got {self.source!r}")
         if self.source != "stdlib" and not self.paths:
             raise DataError(f"data.source {self.source!r} needs data.paths")
-        if self.source == "prepared" and len(self.paths) != 1:
-            raise DataError("data.source 'prepared' takes one directory in data.paths")
+        if self.weights and (self.source != "prepared" or len(self.weights) != len(self.paths)):
+            raise DataError(f"data.weights weighs prepared corpora, one weight per directory in "
+                            f"data.paths; got {len(self.weights)} weights for source "
+                            f"{self.source!r} with {len(self.paths)} paths")
+        if self.source == "prepared" and len(self.paths) > 1 and not self.weights:
+            raise DataError(f"data.paths names {len(self.paths)} prepared directories: a mixture "
+                            "needs data.weights, one weight per directory")
         if not 0 <= self.eval_percent < 100:
             raise DataError(f"data.eval_percent must be in [0, 100), got {self.eval_percent}")
 
@@ -51,19 +60,31 @@ class DataConfig:
         """Fails before anything is compiled if a path is missing (the eval split's only
         when the run evaluates)."""
         if self.source == "prepared":
-            directory = Path(self.paths[0])
-            if evaluate and (directory / "train").is_dir() and not (directory / "eval").is_dir():
-                raise DataError(
-                    f"prepared data in {directory} has no eval split (prepared with "
-                    "--eval-percent 0); turn evaluation off with train.eval_every=0"
-                )
-            for split in ("train", "eval") if evaluate else ("train",):
-                ArrayRecordRows(directory / split)
+            for directory in map(Path, self.paths):
+                if evaluate and (directory / "train").is_dir() and not (directory / "eval").is_dir():
+                    raise DataError(
+                        f"prepared data in {directory} has no eval split (prepared with "
+                        "--eval-percent 0); turn evaluation off with train.eval_every=0"
+                    )
+                for split in ("train", "eval") if evaluate else ("train",):
+                    ArrayRecordRows(directory / split)
+            _check_same_tokenizer(self.paths)
         elif self.source in ("text", "jsonl", "parquet"):
             expand_paths(list(self.paths), f"{self.source} input",
                          directories=self.source == "parquet")
         if self.tokenizer is not None and not Path(self.tokenizer).exists():
             raise DataError(f"data.tokenizer {self.tokenizer} does not exist")
+
+
+def _check_same_tokenizer(directories) -> None:
+    """The corpora of a mixture were tokenized alike (their tokenizer.json are one file)."""
+    contents = {d: (Path(d) / TOKENIZER_FILE).read_bytes()
+                for d in directories if (Path(d) / TOKENIZER_FILE).is_file()}
+    first = next(iter(contents), None)
+    for directory, content in contents.items():
+        if content != contents[first]:
+            raise DataError(f"prepared corpora {first} and {directory} were tokenized with "
+                            f"different tokenizers ({TOKENIZER_FILE}); a mixture needs one")
 
 
 def documents(config: DataConfig, split: str):
@@ -112,11 +133,14 @@ def make_tokenizer(config: DataConfig, vocab_size: int | None, cached: Path | No
 def packed_rows(config: DataConfig, tokenizer: TextTokenizer, row_length: int, split: str):
     """Random-access rows of `row_length` tokens for one split."""
     if config.source == "prepared":
-        rows = ArrayRecordRows(Path(config.paths[0]) / split)
-        if rows.row_length != row_length:
-            raise DataError(f"prepared rows in {config.paths[0]} are {rows.row_length} tokens long; "
-                            f"this run needs {row_length} (sequence length + 1)")
-        return rows
+        corpora = []
+        for directory in config.paths:
+            rows = ArrayRecordRows(Path(directory) / split)
+            if rows.row_length != row_length:
+                raise DataError(f"prepared rows in {directory} are {rows.row_length} tokens long; "
+                                f"this run needs {row_length} (sequence length + 1)")
+            corpora.append(rows)
+        return corpora[0] if len(corpora) == 1 else MixedRows(corpora, config.weights)
     # Packed as the documents stream in: the corpus is held once, as int32 rows.
     packer, parts, texts = RowPacker(row_length), [], []
     for _, text in documents(config, split):

@@ -100,6 +100,41 @@ def write_array_record_rows(directory: str | Path, tokens: np.ndarray, segment_i
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
 
 
+class MixedRows:
+    """Rows drawn from several corpora in fixed proportions (`weights`, normalised): grain's
+    deterministic mixing of the components, each shuffled and repeated on its own, so a mixture
+    is reproducible from its seed and resumes exactly from one position like a single corpus.
+    Its length is the rows mixed before the first component runs out (evaluation)."""
+
+    def __init__(self, components, weights):
+        if len(components) != len(weights) or not components:
+            raise DataError(f"a mixture needs one weight per corpus: {len(components)} corpora, "
+                            f"{len(weights)} weights")
+        if any(not w > 0 for w in weights):
+            raise DataError(f"mixture weights must be positive, got {list(weights)}")
+        empty = [i for i, c in enumerate(components) if len(c) == 0]
+        if empty:
+            raise DataError(f"mixture corpora {empty} have no rows")
+        total = float(sum(weights))
+        self.components, self.weights = list(components), [w / total for w in weights]
+
+    def __len__(self) -> int:
+        ranges = [grain.MapDataset.range(len(c)) for c in self.components]
+        return len(grain.MapDataset.mix(ranges, self.weights))
+
+
+def _rows_dataset(rows, seed: int, shuffle: bool, repeat: bool):
+    if isinstance(rows, MixedRows):
+        parts = [_rows_dataset(c, seed + i, shuffle, repeat) for i, c in enumerate(rows.components)]
+        return grain.MapDataset.mix(parts, rows.weights)
+    dataset = grain.MapDataset.source(rows)
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    if repeat:
+        dataset = dataset.repeat()
+    return dataset
+
+
 class RowsOfBatches:
     """Random access to the rows `held` (global row indices, ascending) of every global batch
     of `batch_rows` consecutive items of `dataset`: item i is row held[i % h] of batch i // h."""
@@ -124,11 +159,7 @@ def batch_dataset(rows, batch_rows: int, *, seed: int, held_rows=None, shuffle: 
         raise DataError(f"the data has {len(rows)} rows, fewer than one global batch "
                         f"({batch_rows} rows)")
     held = range(batch_rows) if held_rows is None else held_rows
-    dataset = grain.MapDataset.source(rows)
-    if shuffle:
-        dataset = dataset.shuffle(seed=seed)
-    if repeat:
-        dataset = dataset.repeat()
+    dataset = _rows_dataset(rows, seed, shuffle, repeat)
     dataset = grain.MapDataset.source(RowsOfBatches(dataset, batch_rows, held))
     dataset = dataset.batch(len(held), drop_remainder=True)
     return dataset.map(_to_batch).to_iter_dataset()
