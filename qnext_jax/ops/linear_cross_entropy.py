@@ -178,11 +178,11 @@ def _forward(hidden, weight, targets, vocab_major, chunk_tokens, sharding, keep=
 
     if keep:  # on one device only
         return local(hidden, weight, targets)
-    if axes.width:
-        local = functools.partial(_forward_by_vocab_blocks, axes=axes, vocab_major=vocab_major,
-                                  chunk_tokens=chunk_tokens)
+    per_device = local if not axes.width else functools.partial(
+        _forward_by_vocab_blocks, axes=axes, vocab_major=vocab_major, chunk_tokens=chunk_tokens)
     weight_spec = axes.weight_spec(vocab_major)
-    return axes.run(local, (axes.hidden, weight_spec, axes.rows), (axes.rows, axes.rows, None))(
+    return axes.run(per_device, (axes.hidden, weight_spec, axes.rows),
+                    (axes.rows, axes.rows, None))(
         hidden, weight, targets)
 
 
@@ -218,12 +218,11 @@ def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens
         grad_weight = axes.reduce_weight_grad(grad_weight, vocab_major)
         return unchunk(grad_h).astype(hidden.dtype), grad_weight.astype(weight.dtype)
 
-    if axes.width:
-        local = functools.partial(_backward_by_vocab_blocks, axes=axes, vocab_major=vocab_major,
-                                  chunk_tokens=chunk_tokens)
+    per_device = local if not axes.width else functools.partial(
+        _backward_by_vocab_blocks, axes=axes, vocab_major=vocab_major, chunk_tokens=chunk_tokens)
     weight_spec = axes.weight_spec(vocab_major)
     rows = axes.rows
-    return axes.run(local, (axes.hidden, weight_spec, rows, rows, rows),
+    return axes.run(per_device, (axes.hidden, weight_spec, rows, rows, rows),
                     (axes.hidden, weight_spec))(hidden, weight, targets, lse, loss_grad)
 
 
