@@ -8,7 +8,6 @@ that make the peak and what would help."""
 
 from __future__ import annotations
 
-
 from qnext_jax.config import ConfigError
 from qnext_jax.parallel.mesh import MESH_AXES
 from qnext_jax.plan.trace import abstract_inputs
