@@ -262,6 +262,6 @@ def test_preemption_on_the_final_step_still_exports(corpus, tmp_path, monkeypatc
 
 def test_missing_data_path_fails_before_compiling(tmp_path):
     config = config_for(tmp_path / "nowhere", tmp_path / "run", 2)
-    with pytest.raises(DataError, match="text file .*nowhere/doc\\*.txt' matches no file"):
+    with pytest.raises(DataError, match="text input .*nowhere/doc\\*.txt' matches no file"):
         loop.train(config, tmp_path / "run", stream=io.StringIO())
     assert not (tmp_path / "run" / "checkpoints").exists()

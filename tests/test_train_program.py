@@ -197,7 +197,7 @@ def test_two_processes_preempted_on_one_save_together_and_resume_exactly(corpus,
 @pytest.mark.parametrize("args, message", [
     (["optimizer.lr=3e-4"], "unknown key optimizer.lr (did you mean optimizer.learning_rate?)"),
     (["data.source=text", "data.paths=[no/such/dir/*.txt]"],
-     "text file 'no/such/dir/*.txt' matches no file"),
+     "text input 'no/such/dir/*.txt' matches no file"),
     (["mesh.expert=3"], "expert: 3, sequence: 1, tensor: 1} cannot fill 8 devices: the fixed axes multiply "
                         "to 3, which does not divide 8"),
     # Found only once the tokenizer is built: still before the run directory is.

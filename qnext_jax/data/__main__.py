@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qnext_jax.data.build import TOKENIZER_FILE, DataConfig, make_tokenizer
+from qnext_jax.data.build import TOKENIZER_FILE, DataConfig, document_encoder, make_tokenizer
 from qnext_jax.data.prepare import PrepareJob, join, prepare_groups
 from qnext_jax.data.sources import DataError
 
@@ -36,7 +36,13 @@ def main(argv=None) -> int:
                          help="jsonl: .jsonl, .jsonl.gz, .jsonl.zst; parquet: .parquet files or "
                               "datasets saved with save_to_disk")
     prepare.add_argument("--paths", nargs="*", default=[], help="files, directories or globs")
-    prepare.add_argument("--field", default="text", help="the text's JSONL field or column")
+    prepare.add_argument("--format", default="text", choices=["text", "chat"],
+                         help="chat: conversations (a list of messages with roles) rendered by "
+                              "the chat template, the loss on the assistant's tokens alone")
+    prepare.add_argument("--field", default=None,
+                         help="the JSONL field or Parquet column (default: text, or messages)")
+    prepare.add_argument("--chat-template", default=None,
+                         help="model directory or Jinja file (default: the tokenizer's directory)")
     prepare.add_argument("--tokenizer", help="tokenizer.json (default: train a byte-level BPE)")
     prepare.add_argument("--vocab-size", type=int, default=None,
                          help=f"the default BPE's size (default {DEFAULT_BPE_VOCAB}); with "
@@ -62,6 +68,7 @@ def main(argv=None) -> int:
 
 def _prepare(args) -> int:
     config = DataConfig(source=args.source, paths=tuple(args.paths), field=args.field,
+                        format=args.format, chat_template=args.chat_template,
                         tokenizer=args.tokenizer, eval_percent=args.eval_percent)
     config.check_paths()
     if args.shard[1] > 1 and args.tokenizer is None:
@@ -75,10 +82,11 @@ def _prepare(args) -> int:
         vocab_size = DEFAULT_BPE_VOCAB
     tokenizer = make_tokenizer(config, vocab_size, vocab_setting="--vocab-size")
     tokenizer.save(out / TOKENIZER_FILE)  # atomic; every worker writes the same file
-    job = PrepareJob(source=args.source, paths=config.paths, field=args.field,
-                     row_length=args.seq_len + 1, eval_percent=args.eval_percent, out=out,
+    job = PrepareJob(source=args.source, paths=config.paths, field=config.record_field,
+                     format=args.format, row_length=args.seq_len + 1,
+                     eval_percent=args.eval_percent, out=out,
                      group_bytes=int(args.group_mib * (1 << 20)))
-    prepare_groups(job, tokenizer, args.shard)
+    prepare_groups(job, tokenizer, args.shard, encode=document_encoder(config, tokenizer))
     return _report_join(out, job.splits)
 
 

@@ -23,18 +23,22 @@ class Batch(NamedTuple):
         return self.segment_ids != 0
 
 
-def batch_from_packed_rows(tokens, segment_ids=None) -> Batch:
+def batch_from_packed_rows(tokens, segment_ids=None, assistant_mask=None) -> Batch:
     """Rows of T+1 packed tokens [B, T+1] (numpy) -> a Batch of length T.
 
     A target counts only where it continues the input token's document, so no document is
-    trained to predict its neighbour's first token.
+    trained to predict its neighbour's first token; with `assistant_mask` [B, T+1] (supervised
+    fine-tuning) only where the target is one of the assistant's tokens.
     """
     tokens = np.asarray(tokens, np.int32)
     if segment_ids is None:
         segment_ids = np.ones_like(tokens)
     segment_ids = np.asarray(segment_ids, np.int32)
     inputs, following = segment_ids[:, :-1], segment_ids[:, 1:]
-    loss_mask = ((following == inputs) & (inputs != 0)).astype(np.float32)
+    loss_mask = (following == inputs) & (inputs != 0)
+    if assistant_mask is not None:
+        loss_mask &= np.asarray(assistant_mask)[:, 1:] != 0
+    loss_mask = loss_mask.astype(np.float32)
     return Batch(
         input_ids=tokens[:, :-1],
         targets=tokens[:, 1:],

@@ -11,7 +11,9 @@ import numpy as np
 from qnext_jax.config import check_known_keys
 from qnext_jax.data.packing import RowPacker
 from qnext_jax.data.pipeline import ArrayRecordRows, InMemoryRows, MixedRows
+from qnext_jax.data.chat_template import ChatTemplate
 from qnext_jax.data.readers import read_documents
+from qnext_jax.data.sft import ConversationEncoder
 from qnext_jax.data.sources import DataError, expand_paths, in_split, stdlib_corpus
 from qnext_jax.data.tokenizer import TextTokenizer, load_tokenizer, train_byte_level_bpe
 
@@ -29,7 +31,11 @@ class DataConfig:
     # mixture: rows drawn from each in those proportions).
     paths: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
-    field: str = "text"  # the text's JSONL field or Parquet column
+    # text: documents to continue; chat: conversations (JSONL or Parquet, a list of messages
+    # with roles) rendered by the chat template, the loss on the assistant's tokens alone.
+    format: str = "text"
+    field: str | None = None  # the JSONL field or Parquet column: "text", or "messages" for chat
+    chat_template: str | None = None  # a model directory or Jinja file; default: the tokenizer's
     tokenizer: str | None = None  # a tokenizer.json; None trains the default byte-level BPE
     eval_percent: float = 2.0  # documents held out for evaluation, chosen by name hash
     seed: int = 0  # shuffling
@@ -48,8 +54,29 @@ class DataConfig:
         if self.source == "prepared" and len(self.paths) > 1 and not self.weights:
             raise DataError(f"data.paths names {len(self.paths)} prepared directories: a mixture "
                             "needs data.weights, one weight per directory")
+        if self.format not in ("text", "chat"):
+            raise DataError(f"data.format must be text or chat, got {self.format!r}")
+        if self.format == "chat" and self.source not in ("jsonl", "parquet", "prepared"):
+            raise DataError(f"data.format chat reads conversations from jsonl or parquet files "
+                            f"(or prepared rows), not data.source {self.source!r}")
+        if self.format == "chat" and self.source != "prepared" and self.tokenizer is None:
+            raise DataError("data.format chat needs data.tokenizer (the model's tokenizer.json or "
+                            "its directory, whose chat template renders the conversations)")
         if not 0 <= self.eval_percent < 100:
             raise DataError(f"data.eval_percent must be in [0, 100), got {self.eval_percent}")
+
+    @property
+    def record_field(self) -> str:
+        return self.field or ("messages" if self.format == "chat" else "text")
+
+    def chat_encoder(self, tokenizer: TextTokenizer) -> ConversationEncoder:
+        """Renders and masks conversations with the configured template (by default the one
+        beside the tokenizer)."""
+        path = self.chat_template
+        if path is None:
+            path = Path(self.tokenizer).expanduser()
+            path = path if path.is_dir() else path.parent
+        return ConversationEncoder(tokenizer, ChatTemplate.from_path(path))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
@@ -99,7 +126,8 @@ def _file_documents(config: DataConfig, split: str):
     files = expand_paths(list(config.paths), f"{config.source} input",
                          directories=config.source == "parquet")
     for path, key in files:
-        for name, text in read_documents(path, key, config.source, config.field):
+        for name, text in read_documents(path, key, config.source, config.record_field,
+                                         chat=config.format == "chat"):
             if in_split(name, split, config.eval_percent):
                 yield name, text
 
@@ -142,13 +170,23 @@ def packed_rows(config: DataConfig, tokenizer: TextTokenizer, row_length: int, s
             corpora.append(rows)
         return corpora[0] if len(corpora) == 1 else MixedRows(corpora, config.weights)
     # Packed as the documents stream in: the corpus is held once, as int32 rows.
-    packer, parts, texts = RowPacker(row_length), [], []
-    for _, text in documents(config, split):
-        texts.append(text)
-        if len(texts) == ENCODE_BATCH_DOCUMENTS:
-            parts.append(packer.add(tokenizer.encode_documents(texts)))
-            texts = []
-    parts += [packer.add(tokenizer.encode_documents(texts)), packer.finish()]
+    chat = config.format == "chat"
+    encode = document_encoder(config, tokenizer)
+    packer, parts, batch = RowPacker(row_length, with_mask=chat), [], []
+    for _, document in documents(config, split):
+        batch.append(document)
+        if len(batch) == ENCODE_BATCH_DOCUMENTS:
+            parts.append(packer.add(*encode(batch)))
+            batch = []
+    parts += [packer.add(*encode(batch)), packer.finish()]
     if packer.tokens_in == 0:
         raise DataError(f"the {split} split of data source {config.source!r} has no documents")
     return InMemoryRows(*(np.concatenate(arrays) for arrays in zip(*parts)))
+
+
+def document_encoder(config: DataConfig, tokenizer: TextTokenizer):
+    """documents -> the packer's arguments: (ids,) for text, (ids, assistant masks) for chat."""
+    if config.format != "chat":
+        return lambda texts: (tokenizer.encode_documents(texts),)
+    encoder = config.chat_encoder(tokenizer)
+    return lambda conversations: tuple(zip(*encoder.encode(conversations))) or ([], [])

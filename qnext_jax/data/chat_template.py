@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 from pathlib import Path
 
 from qnext_jax.data.sources import DataError
@@ -29,6 +30,30 @@ def _environment():
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class GenerationSpans(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks what the assistant says (templates
+        written for fine-tuning have it): rendered as its body, whose character span in the
+        output is recorded while `spans` is a list (render_with_spans)."""
+
+        tags = {"generation"}
+
+        def __init__(self, environment):
+            super().__init__(environment)
+            environment.extend(generation_spans=self)
+            self.spans = self.blocks = None
+
+        def parse(self, parser):
+            line = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_record"), [], [], body).set_lineno(line)
+
+        def _record(self, caller):
+            text = caller()
+            if self.spans is not None:
+                start = sum(len(block) for block in self.blocks)
+                self.spans.append((start, start + len(text)))
+            return text
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
@@ -37,7 +62,8 @@ def _environment():
                           sort_keys=sort_keys)
 
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
+                                                extensions=[jinja2.ext.loopcontrols,
+                                                            GenerationSpans])
     environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -91,16 +117,24 @@ class ChatTemplate:
                             f"\"chat_template\" string in {TOKENIZER_CONFIG}")
         return cls(source, special, f"the chat template of {config_path}")
 
+    @classmethod
+    def from_path(cls, path) -> "ChatTemplate":
+        """A model directory (as from_model_dir) or a Jinja file of the template alone."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            return cls.from_model_dir(path)
+        if not path.is_file():
+            raise DataError(f"chat template {path} does not exist (expected a model directory "
+                            f"or a Jinja file)")
+        return cls(path.read_text(), origin=str(path))
+
     def render(self, messages: list[dict], *, add_generation_prompt: bool = False, tools=None,
                documents=None, **variables) -> str:
         """The conversation as text. add_generation_prompt: end with the assistant's header, for
         the model to answer. variables: anything else the template reads (enable_thinking...)."""
         import jinja2
 
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m
-                                                      for m in messages):
-            raise DataError("a conversation is a list of messages, each a dict with a \"role\" "
-                            f"(and usually \"content\"); got {messages!r:.200}")
+        _check_messages(messages)
         try:
             return self._template.render(
                 messages=messages, tools=tools, documents=documents,
@@ -108,3 +142,37 @@ class ChatTemplate:
                 **{**self.special_tokens, **variables})
         except jinja2.exceptions.TemplateError as error:
             raise DataError(f"{self.origin} refused the conversation: {error}") from None
+
+    @property
+    def marks_generation(self) -> bool:
+        """Whether the template marks the assistant's text with {% generation %} blocks."""
+        return re.search(r"{%-?\s*generation\s*-?%}", self.source) is not None
+
+    def render_with_spans(self, messages: list[dict], **variables) -> tuple[str, list]:
+        """(text, [(start, end), ...]): the conversation and the character spans of its
+        {% generation %} blocks — what the assistant says, for a loss on it alone."""
+        import jinja2
+
+        _check_messages(messages)
+        tracker = self._template.environment.generation_spans
+        spans, blocks = [], []
+        tracker.spans, tracker.blocks = spans, blocks
+        try:
+            for block in self._template.generate(
+                    messages=messages, tools=variables.pop("tools", None),
+                    documents=variables.pop("documents", None),
+                    add_generation_prompt=variables.pop("add_generation_prompt", False),
+                    **{**self.special_tokens, **variables}):
+                blocks.append(block)
+        except jinja2.exceptions.TemplateError as error:
+            raise DataError(f"{self.origin} refused the conversation: {error}") from None
+        finally:
+            tracker.spans = tracker.blocks = None
+        return "".join(blocks), spans
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m
+                                                  for m in messages):
+        raise DataError("a conversation is a list of messages, each a dict with a \"role\" "
+                        f"(and usually \"content\"); got {messages!r:.200}")

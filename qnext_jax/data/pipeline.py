@@ -25,16 +25,20 @@ METADATA_FILE = "rows.json"
 
 
 class InMemoryRows:
-    """Random access to packed rows held as two [R, L] arrays."""
+    """Random access to packed rows held as [R, L] arrays: tokens, segment ids and, for
+    conversations, the mask of the assistant's tokens."""
 
-    def __init__(self, tokens: np.ndarray, segment_ids: np.ndarray):
-        self.tokens, self.segment_ids = tokens, segment_ids
+    def __init__(self, tokens: np.ndarray, segment_ids: np.ndarray,
+                 assistant_mask: np.ndarray | None = None):
+        self.tokens, self.segment_ids, self.assistant_mask = tokens, segment_ids, assistant_mask
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __getitem__(self, index):
-        return self.tokens[index], self.segment_ids[index]
+        if self.assistant_mask is None:
+            return self.tokens[index], self.segment_ids[index]
+        return self.tokens[index], self.segment_ids[index], self.assistant_mask[index]
 
 
 class ArrayRecordRows:
@@ -58,8 +62,9 @@ class ArrayRecordRows:
         return len(self.source)
 
     def __getitem__(self, index):
+        """(tokens, segment ids) or, for conversations, (tokens, segment ids, assistant mask)."""
         row = np.frombuffer(self.source[index], np.int32)
-        return row[: self.row_length], row[self.row_length:]
+        return tuple(row.reshape(-1, self.row_length))
 
 
 class ArrayRecordRowWriter:
@@ -74,8 +79,10 @@ class ArrayRecordRowWriter:
         self._partial = self.path.with_name(self.path.name + ".partial")
         self._writer = ArrayRecordWriter(str(self._partial), "group_size:1")
 
-    def write(self, tokens: np.ndarray, segment_ids: np.ndarray) -> None:
-        for row in np.concatenate([tokens, segment_ids], axis=1).astype(np.int32):
+    def write(self, tokens: np.ndarray, segment_ids: np.ndarray,
+              assistant_mask: np.ndarray | None = None) -> None:
+        fields = [tokens, segment_ids] + ([] if assistant_mask is None else [assistant_mask])
+        for row in np.concatenate(fields, axis=1).astype(np.int32):
             self._writer.write(row.tobytes())
 
     def close(self) -> None:
@@ -166,5 +173,4 @@ def batch_dataset(rows, batch_rows: int, *, seed: int, held_rows=None, shuffle: 
 
 
 def _to_batch(rows) -> Batch:
-    tokens, segment_ids = rows
-    return batch_from_packed_rows(tokens, segment_ids)
+    return batch_from_packed_rows(*rows)

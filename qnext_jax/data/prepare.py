@@ -49,6 +49,7 @@ class PrepareJob:
     row_length: int
     eval_percent: float
     out: Path
+    format: str = "text"  # or chat: conversations, packed with the assistant's mask
     group_bytes: int = 256 << 20
     batch_characters: int = BATCH_CHARACTERS  # text a batch encode
 
@@ -87,7 +88,7 @@ def group_documents(job: PrepareJob, group: Group) -> Iterator[tuple[str, str]]:
         yield from stdlib_documents()
         return
     for path, key in group.files:
-        yield from read_documents(path, key, job.source, job.field)
+        yield from read_documents(path, key, job.source, job.field, chat=job.format == "chat")
 
 
 def tokenizer_fingerprint(tokenizer: TextTokenizer) -> str:
@@ -95,8 +96,11 @@ def tokenizer_fingerprint(tokenizer: TextTokenizer) -> str:
 
 
 def prepare_groups(job: PrepareJob, tokenizer: TextTokenizer, shard: tuple[int, int] = (0, 1),
-                   report: Callable[[str], None] = print) -> int:
-    """Prepares this shard's groups (skipping finished ones); returns how many it prepared."""
+                   report: Callable[[str], None] = print, encode=None) -> int:
+    """Prepares this shard's groups (skipping finished ones); returns how many it prepared.
+    encode: a batch of documents -> the packer's arguments (default: text documents)."""
+    if encode is None:
+        encode = lambda texts: (tokenizer.encode_documents(texts),)  # noqa: E731
     index, count = shard
     if not 0 <= index < count:
         raise DataError(f"shard {index}/{count}: expected I/N with 0 <= I < N")
@@ -108,7 +112,7 @@ def prepare_groups(job: PrepareJob, tokenizer: TextTokenizer, shard: tuple[int, 
         if all(m.is_file() for m in markers):  # done by an earlier run of this shard
             _check_same_settings(markers, job, len(groups), fingerprint)
             continue
-        stats = _prepare_group(job, group, tokenizer)
+        stats = _prepare_group(job, group, encode)
         for split in job.splits:
             marker = dict(stats[split], row_length=job.row_length, groups=len(groups),
                           tokenizer=fingerprint, tokenizer_source=tokenizer.source)
@@ -129,21 +133,21 @@ def _check_same_settings(markers, job: PrepareJob, groups: int, fingerprint: str
                                 f"{value!r}: prepare into a new --out directory")
 
 
-def _prepare_group(job: PrepareJob, group: Group, tokenizer: TextTokenizer) -> dict:
+def _prepare_group(job: PrepareJob, group: Group, encode) -> dict:
     out = {split: _Output(job, split, group.index) for split in job.splits}
     batch = {split: [] for split in job.splits}
     characters = 0
-    for key, text in group_documents(job, group):
+    for key, document in group_documents(job, group):
         split = "eval" if in_split(key, "eval", job.eval_percent) else "train"
-        batch[split].append(text)
-        characters += len(text)
+        batch[split].append(document)
+        characters += len(document) if isinstance(document, str) else len(str(document))
         if characters >= job.batch_characters:
             for split in job.splits:
-                out[split].add(tokenizer.encode_documents(batch[split]))
+                out[split].add(batch[split], encode)
                 batch[split] = []
             characters = 0
     for split in job.splits:
-        out[split].add(tokenizer.encode_documents(batch[split]))
+        out[split].add(batch[split], encode)
     return {split: out[split].close() for split in job.splits}
 
 
@@ -152,20 +156,20 @@ class _Output:
 
     def __init__(self, job: PrepareJob, split: str, group: int):
         self.path = job.out / split / f"part-{group:05d}.array_record"
-        self.packer = RowPacker(job.row_length)
+        self.packer = RowPacker(job.row_length, with_mask=job.format == "chat")
         self.writer = None
         self.documents = self.rows = 0
 
-    def add(self, documents) -> None:
+    def add(self, documents, encode) -> None:
         self.documents += len(documents)
         if documents:
-            self._write(*self.packer.add(documents))
+            self._write(*self.packer.add(*encode(documents)))
 
-    def _write(self, tokens, segment_ids) -> None:
+    def _write(self, tokens, *fields) -> None:
         if len(tokens) and self.writer is None:
             self.writer = ArrayRecordRowWriter(self.path)
         if len(tokens):
-            self.writer.write(tokens, segment_ids)
+            self.writer.write(tokens, *fields)
             self.rows += len(tokens)
 
     def close(self) -> dict:

@@ -29,16 +29,20 @@ _COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _ROWS_PER_BATCH = 1024
 
 
-def read_documents(path: Path, key: str, format: str, field: str) -> Iterator[tuple[str, str]]:
-    """(key, text) of every document in one file (a directory for a saved HF dataset)."""
-    if format == "text":
+def read_documents(path: Path, key: str, format: str, field: str,
+                   chat: bool = False) -> Iterator[tuple[str, object]]:
+    """(key, document) of every document in one file (a directory for a saved HF dataset): its
+    text, or with `chat` its conversation (a list of messages with roles)."""
+    check = _conversation if chat else _text
+    if format == "text" and not chat:
         yield key, _check_text(path).read_text(encoding="utf-8", errors="replace")
     elif format == "jsonl":
-        yield from _jsonl(path, key, field)
+        yield from _jsonl(path, key, field, check)
     elif format == "parquet":
-        yield from _arrow_rows(path, key, field)
+        yield from _arrow_rows(path, key, field, check)
     else:
-        raise DataError(f"format must be one of {FORMATS}, got {format!r}")
+        kinds = ("jsonl", "parquet") if chat else FORMATS
+        raise DataError(f"format must be one of {kinds}, got {format!r}")
 
 
 def _leading_bytes(path: Path, count: int = 4) -> bytes:
@@ -80,7 +84,7 @@ def _open_lines(path: Path):
     return path.open(encoding="utf-8")
 
 
-def _jsonl(path: Path, key: str, field: str):
+def _jsonl(path: Path, key: str, field: str, check):
     with _open_lines(path) as lines:
         try:
             for number, line in enumerate(lines, start=1):
@@ -94,7 +98,7 @@ def _jsonl(path: Path, key: str, field: str):
                     raise DataError(f"{path}:{number}: expected an object with a field {field!r}"
                                     + (f"; it has {sorted(record)}" if isinstance(record, dict)
                                        else ""))
-                yield f"{key}:{number}", _text(record[field], f"{path}:{number}", field)
+                yield f"{key}:{number}", check(record[field], f"{path}:{number}", field)
         except _corrupt_data_errors() as error:  # truncated or corrupt compressed data
             raise DataError(f"{path}: cannot be read as JSONL ({error})") from None
 
@@ -111,13 +115,21 @@ def _text(value, where: str, field: str) -> str:
     return value
 
 
-def _arrow_rows(path: Path, key: str, field: str):
+def _conversation(value, where: str, field: str) -> list[dict]:
+    if not (isinstance(value, list) and value
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)):
+        raise DataError(f"{where}: field {field!r} is not a conversation (a list of messages, "
+                        f"each with a \"role\" and its \"content\"); got {value!r:.120}")
+    return value
+
+
+def _arrow_rows(path: Path, key: str, field: str, check):
     """Rows of a Parquet file or of a saved Hugging Face dataset, a record batch at a time."""
     row = 0
     for batch in _record_batches(path, field):
         for value in batch.column(0).to_pylist():
             row += 1
-            yield f"{key}:{row}", _text(value, f"{path} row {row}", field)
+            yield f"{key}:{row}", check(value, f"{path} row {row}", field)
 
 
 def _record_batches(path: Path, field: str):

@@ -131,13 +131,14 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -
             _check_section(section, where=str(path))
             if not isinstance(entries, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
-            if section == "model" and entries.get("preset") is not None:
-                # A file's preset is relative to the file, as in ModelConfig.from_yaml (a
-                # path relative to the working directory is still taken when that is where
-                # the preset is).
-                beside = Path(path).expanduser().parent / str(entries["preset"])
-                if beside.is_file():
-                    entries = {**entries, "preset": str(beside)}
+            key = {"model": "preset", "data": "chat_template"}.get(section)
+            if key is not None and entries.get(key) is not None:
+                # A file's preset (and chat template) is relative to the file, as in
+                # ModelConfig.from_yaml (a path relative to the working directory is still
+                # taken when that is where the file is).
+                beside = Path(path).expanduser().parent / str(entries[key])
+                if beside.exists():
+                    entries = {**entries, key: str(beside)}
             values[section].update(entries)
     for override in overrides:
         key, separator, text = override.partition("=")
