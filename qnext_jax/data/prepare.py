@@ -32,7 +32,7 @@ from qnext_jax.data.sources import DataError, SPLITS, expand_paths, in_split, st
 from qnext_jax.data.tokenizer import TextTokenizer
 
 # Text handed to one batch encode: large enough for the tokenizer's threads, small in memory.
-BATCH_CHARACTERS = 8 << 20
+BATCH_CHARACTERS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,8 @@ class TextTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        # The batch encoder without offsets (encode_batch_fast): every core, less memory.
+        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         return [e.ids + [self.end_of_text_id] for e in encodings]
 
     def decode(self, ids) -> str:
