@@ -13,7 +13,7 @@ import zstandard
 from qnext_jax.data.__main__ import main
 from qnext_jax.data.build import DataConfig, documents, packed_rows
 from qnext_jax.data.packing import RowPacker, pack_documents
-from qnext_jax.data.pipeline import ArrayRecordRows
+from qnext_jax.data.pipeline import ArrayRecordRows, batch_dataset
 from qnext_jax.data.prepare import PrepareJob, prepare_groups
 from qnext_jax.data.sources import DataError
 from qnext_jax.data.tokenizer import load_tokenizer, train_byte_level_bpe
@@ -161,6 +161,16 @@ def test_sharded_workers_equal_one_process(tmp_path, tokenizer_file, capsys):
         np.testing.assert_array_equal(one, three)
     manifest = json.loads((tmp_path / "one" / "train" / "rows.json").read_text())
     assert len(manifest["shards"]) >= 3  # several groups
+
+    # Read through the manifest as hosts read it: two processes holding rows {0, 2} and
+    # {1, 3} of each global batch of the three workers' rows see one process's batches.
+    whole = ArrayRecordRows(tmp_path / "one" / "train")
+    parts = ArrayRecordRows(tmp_path / "three" / "train")
+    batches = [b.input_ids for b, _ in zip(batch_dataset(whole, 4, seed=1), range(30))]
+    shares = [[b.input_ids for b, _ in zip(batch_dataset(parts, 4, seed=1, held_rows=held),
+                                           range(30))] for held in ([0, 2], [1, 3])]
+    for batch, first, second in zip(batches, *shares):
+        np.testing.assert_array_equal(batch, np.stack([first[0], second[0], first[1], second[1]]))
 
     # The rows hold the corpus: every training document's tokens, in order, once.
     tokenizer = load_tokenizer(tokenizer_file)
