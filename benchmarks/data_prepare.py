@@ -3,7 +3,7 @@
 1. `python -m qnext_jax.data prepare` on JSONL corpora of two sizes (10x apart), each in a
    process of its own: wall time, tokens/s (and per core), and peak RSS — which must not grow
    with the corpus (the streaming path holds one text batch and one partial row);
-2. the peer: the tokenizers library's own batch encoding (`Tokenizer.encode_batch`, all cores)
+2. the peer: the tokenizers library's own batch encoding (`Tokenizer.encode_batch_fast`, all cores)
    of the same text held in memory, nothing read, packed or written: prepare's ceiling;
 3. the loader: prepared ArrayRecord rows through the training's grain pipeline (shuffled,
    batched, masks built) in tokens/s, beside the default replica's train step (configs/small.yaml,

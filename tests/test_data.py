@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from qnext_jax.data.packing import pack_documents
-from qnext_jax.data.pipeline import ArrayRecordRows, InMemoryRows, batch_dataset, write_array_record_rows
+from qnext_jax.data.packing import RowPacker
+from qnext_jax.data.pipeline import ArrayRecordRowWriter, ArrayRecordRows, InMemoryRows, batch_dataset
 from qnext_jax.data.build import DataConfig, documents
 from qnext_jax.data.sources import DataError, stdlib_corpus
 from qnext_jax.data.tokenizer import END_OF_TEXT, load_tokenizer, train_byte_level_bpe
@@ -82,12 +82,27 @@ def test_default_tokenizer_round_trips_and_saves_as_tokenizer_json(tmp_path):
     assert END_OF_TEXT in loaded.tokenizer.get_vocab()
 
 
+def write_array_record_rows(directory, tokens, segment_ids, *, rows_per_shard=65_536):
+    """Rows held in memory -> ArrayRecord shards and the manifest `prepare` writes."""
+    shards = []
+    for start in range(0, len(tokens), rows_per_shard):
+        shards.append(f"rows-{len(shards):05d}.array_record")
+        writer = ArrayRecordRowWriter(directory / shards[-1])
+        writer.write(tokens[start:start + rows_per_shard], segment_ids[start:start + rows_per_shard])
+        writer.close()
+    (directory / "rows.json").write_text(json.dumps(
+        {"row_length": int(tokens.shape[1]), "rows": len(tokens), "shards": shards}))
+
+
 def test_packing_cuts_documents_into_rows_with_segments():
-    tokens, segments = pack_documents([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]], row_length=4)
-    np.testing.assert_array_equal(tokens, [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 0]])
-    np.testing.assert_array_equal(segments, [[1, 1, 1, 2], [1, 2, 2, 2], [1, 1, 1, 0]])
-    with pytest.raises(DataError, match="the corpus has no tokens"):
-        pack_documents([[], []], row_length=4)
+    packer = RowPacker(4)
+    full = packer.add([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]])
+    last = packer.finish()
+    np.testing.assert_array_equal(np.concatenate([full[0], last[0]]),
+                                  [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 0]])
+    np.testing.assert_array_equal(np.concatenate([full[1], last[1]]),
+                                  [[1, 1, 1, 2], [1, 2, 2, 2], [1, 1, 1, 0]])
+    assert packer.tokens_in == 11 and len(RowPacker(4).finish()[0]) == 0
 
 
 @pytest.fixture
@@ -143,6 +158,10 @@ def test_array_record_rows_equal_the_rows_written(rows, tmp_path):
         np.testing.assert_array_equal(stored[index][1], rows.segment_ids[index])
     with pytest.raises(DataError, match="holds no prepared rows"):
         ArrayRecordRows(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "rows.json").write_text('{"row_length": 9, "rows": 0, "shards": []}')
+    with pytest.raises(DataError, match="are empty"):
+        ArrayRecordRows(tmp_path / "empty")
     with pytest.raises(DataError, match="fewer than one global batch"):
         batch_dataset(stored, 60, seed=0, held_rows=[0, 1])
 

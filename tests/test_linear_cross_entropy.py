@@ -95,13 +95,15 @@ def test_vocabulary_parallel_on_a_mesh_equals_one_device(inputs, vocab_major, la
                                    err_msg=name)
 
 
-def test_bf16_on_a_mesh_matches_numpy(inputs):
+@pytest.mark.parametrize("layout", [dict(data=1, fsdp=2, expert=2, sequence=2, tensor=1),
+                                    dict(data=2, fsdp=2, expert=1, tensor=2)])
+def test_bf16_on_a_mesh_matches_numpy(inputs, layout):
     """The dtype training uses: bf16 hidden states and head weight, the width sharded (vocabulary
     blocks), against float64 NumPy on the same bf16 values. The products' operands are bf16
     (the logits' gradient is rounded once), their sums fp32."""
     hidden, weight, targets, loss_grad = inputs
     hidden, weight = hidden.astype(jnp.bfloat16), weight.astype(jnp.bfloat16)
-    mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, sequence=2, tensor=1))
+    mesh = make_mesh(MeshConfig(**layout))
     acts = NamedSharding(mesh, P(("data", "fsdp", "expert"), "sequence", None))
     rows = NamedSharding(mesh, P(("data", "fsdp", "expert"), "sequence"))
     weights = NamedSharding(mesh, P(("fsdp", "sequence", "expert"), "tensor"))

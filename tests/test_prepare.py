@@ -12,7 +12,7 @@ import zstandard
 
 from qnext_jax.data.__main__ import main
 from qnext_jax.data.build import DataConfig, documents, packed_rows
-from qnext_jax.data.packing import RowPacker, pack_documents
+from qnext_jax.data.packing import RowPacker
 from qnext_jax.data.pipeline import ArrayRecordRows, batch_dataset
 from qnext_jax.data.prepare import PrepareJob, prepare_groups
 from qnext_jax.data.sources import DataError
@@ -55,16 +55,36 @@ def stored_rows(directory):
     return np.stack([np.concatenate(rows[i]) for i in range(len(rows))])
 
 
-def test_streaming_packer_equals_packing_at_once():
+def packed_by_definition(documents, masks, row_length):
+    """Token by token: documents end to end, rows of row_length, each row numbering its pieces
+    from 1 (a document cut by a row boundary is piece 1 of the next), padding 0."""
+    rows, row = [], []
+    for number, (document, mask) in enumerate(zip(documents, masks)):
+        for token, flag in zip(document, mask):
+            if len(row) == row_length:
+                rows.append(row)
+                row = []
+            piece = 1 if not row else row[-1][1] + (row[-1][2] != number)
+            row.append((token, piece, number, flag))
+    rows.append(row + [(0, 0, -1, 0)] * (row_length - len(row)))
+    table = np.array([[(t, p, f) for t, p, _, f in r] for r in rows])
+    return table[..., 0], table[..., 1], table[..., 2]
+
+
+def test_streaming_packer_against_the_definition():
+    """Batches cut anywhere, masks carried alongside: the rows of the packing's definition."""
     rng = np.random.default_rng(1)
     docs = [list(rng.integers(1, 50, rng.integers(1, 40))) for _ in range(60)]
-    packer, parts = RowPacker(17), []
-    for start in range(0, len(docs), 7):  # batches cut anywhere
-        parts.append(packer.add(docs[start:start + 7]))
+    masks = [list(rng.integers(0, 2, len(d))) for d in docs]
+    packer, parts = RowPacker(17, with_mask=True), []
+    for start in range(0, len(docs), 7):
+        parts.append(packer.add(docs[start:start + 7], masks[start:start + 7]))
     parts.append(packer.finish())
     streamed = [np.concatenate(a) for a in zip(*parts)]
-    for got, expected in zip(streamed, pack_documents(docs, 17)):
+    for got, expected in zip(streamed, packed_by_definition(docs, masks, 17)):
         np.testing.assert_array_equal(got, expected)
+    with pytest.raises(ValueError, match="every mask must have its document's length"):
+        RowPacker(4, with_mask=True).add([[1, 2]], [[1]])
 
 
 def test_every_format_reads_back(tmp_path):
@@ -133,9 +153,17 @@ def test_bad_inputs_are_named(tmp_path, tokenizer_file):
     with pytest.raises(SystemExit):
         main(common + ["--shard", "2/2", "--tokenizer", str(tokenizer_file)])
     assert main(common + ["--tokenizer", str(tokenizer_file), "--eval-percent", "0"]) == 0
-    # The same directory again with another row length: refused, not mixed.
+    # The same directory again with another row length or split: refused, not mixed; the
+    # tokenizer the rows were made with stays.
+    tokenizer_json = (tmp_path / "out" / "tokenizer.json").read_text()
+    assert main(common + ["--tokenizer", str(tokenizer_file), "--eval-percent", "5"]) == 2
     common[common.index("8")] = "9"
     assert main(common + ["--tokenizer", str(tokenizer_file), "--eval-percent", "0"]) == 2
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == tokenizer_json
+    # Chat rows are not text rows.
+    text_rows = DataConfig(source="prepared", paths=(out,), format="chat")
+    with pytest.raises(DataError, match="are text data .* but data.format is 'chat'"):
+        packed_rows(text_rows, None, 9, "train")
 
 
 def corpus(tmp_path, files=9, per_file=40):

@@ -118,6 +118,7 @@ def test_packed_conversations_train_on_the_answers_alone(tmp_path, tokenizer):
         config = DataConfig(source=source, paths=(str(tmp_path / name),), format="chat",
                             tokenizer=str(model), eval_percent=0)
         rows[source] = packed_rows(config, tokenizer, 24, "train")
+    assert len(rows["jsonl"]) == len(rows["parquet"])
     for a, b in zip(rows["jsonl"][:len(rows["jsonl"])], rows["parquet"][:len(rows["parquet"])]):
         np.testing.assert_array_equal(a, b)
 

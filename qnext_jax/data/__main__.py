@@ -81,12 +81,14 @@ def _prepare(args) -> int:
     if vocab_size is None and args.tokenizer is None:
         vocab_size = DEFAULT_BPE_VOCAB
     tokenizer = make_tokenizer(config, vocab_size, vocab_setting="--vocab-size")
-    tokenizer.save(out / TOKENIZER_FILE)  # atomic; every worker writes the same file
     job = PrepareJob(source=args.source, paths=config.paths, field=config.record_field,
                      format=args.format, row_length=args.seq_len + 1,
                      eval_percent=args.eval_percent, out=out,
                      group_bytes=int(args.group_mib * (1 << 20)))
     prepare_groups(job, tokenizer, args.shard, encode=document_encoder(config, tokenizer))
+    # After the groups, whose markers a rerun with another tokenizer fails on before this
+    # could replace the one the rows were made with; every worker writes the same file.
+    tokenizer.save(out / TOKENIZER_FILE)
     return _report_join(out, job.splits)
 
 

@@ -167,6 +167,10 @@ def packed_rows(config: DataConfig, tokenizer: TextTokenizer, row_length: int, s
             if rows.row_length != row_length:
                 raise DataError(f"prepared rows in {directory} are {rows.row_length} tokens long; "
                                 f"this run needs {row_length} (sequence length + 1)")
+            if rows.format != config.format:
+                raise DataError(f"prepared rows in {directory} are {rows.format} data "
+                                f"(prepare --format {rows.format}) but data.format is "
+                                f"{config.format!r}")
             corpora.append(rows)
         return corpora[0] if len(corpora) == 1 else MixedRows(corpora, config.weights)
     # Packed as the documents stream in: the corpus is held once, as int32 rows.

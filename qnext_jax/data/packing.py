@@ -36,8 +36,12 @@ class RowPacker:
     def add(self, documents, masks=None) -> tuple[np.ndarray, ...]:
         if self.with_mask != (masks is not None):
             raise ValueError("masks go with every batch of a packer made with_mask, and only then")
+        if masks is not None and len(masks) != len(documents):
+            raise ValueError(f"{len(documents)} documents but {len(masks)} masks")
         pairs = [(np.asarray(d, np.int32), None if masks is None else np.asarray(m, np.int32))
                  for d, m in zip(documents, masks if masks is not None else documents)]
+        if masks is not None and any(len(d) != len(m) for d, m in pairs):
+            raise ValueError("every mask must have its document's length")
         pairs = [(d, m) for d, m in pairs if len(d)]
         lengths = np.array([len(d) for d, _ in pairs], np.int64)
         owner = self._documents + np.repeat(np.arange(len(pairs)), lengths)
@@ -75,11 +79,3 @@ class RowPacker:
             return tokens, segments, mask.reshape(rows, self.row_length)
         return tokens, segments
 
-
-def pack_documents(documents: list[list[int]], row_length: int):
-    """Every document at once -> (tokens [R, row_length] int32, segment_ids [R, row_length])."""
-    packer = RowPacker(row_length)
-    parts = [packer.add(documents), packer.finish()]
-    if packer.tokens_in == 0:
-        raise DataError("the corpus has no tokens")
-    return tuple(np.concatenate(arrays) for arrays in zip(*parts))

@@ -42,7 +42,8 @@ class InMemoryRows:
 
 
 class ArrayRecordRows:
-    """Random access to the rows of a directory written by `write_array_record_rows`."""
+    """Random access to the rows of a directory written by `python -m qnext_jax.data prepare`
+    (its manifest, rows.json, lists the ArrayRecord files in order)."""
 
     def __init__(self, directory: str | Path):
         directory = Path(directory).expanduser().absolute()
@@ -56,6 +57,10 @@ class ArrayRecordRows:
         if missing:
             raise DataError(f"prepared rows in {directory}: shard files missing: {missing}")
         self.row_length = int(self.metadata["row_length"])
+        self.format = self.metadata.get("format", "text")  # chat rows carry the assistant mask
+        if not shards:
+            raise DataError(f"prepared rows in {directory} are empty (no document of the corpus "
+                            "fell in this split)")
         self.source = grain.sources.ArrayRecordDataSource(shards)
 
     def __len__(self) -> int:
@@ -88,23 +93,6 @@ class ArrayRecordRowWriter:
     def close(self) -> None:
         self._writer.close()
         self._partial.replace(self.path)
-
-
-def write_array_record_rows(directory: str | Path, tokens: np.ndarray, segment_ids: np.ndarray,
-                            *, rows_per_shard: int = 65_536, extra_metadata=None) -> None:
-    """Rows held in memory -> shards of `rows_per_shard` rows and their manifest."""
-    directory = Path(directory).expanduser().absolute()
-    shards = []
-    for start in range(0, len(tokens), rows_per_shard):
-        name = f"rows-{len(shards):05d}.array_record"
-        writer = ArrayRecordRowWriter(directory / name)
-        writer.write(tokens[start:start + rows_per_shard], segment_ids[start:start + rows_per_shard])
-        writer.close()
-        shards.append(name)
-    metadata = {"row_length": int(tokens.shape[1]), "rows": int(len(tokens)), "shards": shards}
-    metadata.update(extra_metadata or {})
-    # Written last: a directory without it is an interrupted `prepare`, never read as complete.
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
 
 
 class MixedRows:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -91,10 +93,6 @@ def group_documents(job: PrepareJob, group: Group) -> Iterator[tuple[str, str]]:
         yield from read_documents(path, key, job.source, job.field, chat=job.format == "chat")
 
 
-def tokenizer_fingerprint(tokenizer: TextTokenizer) -> str:
-    return hashlib.sha256(tokenizer.tokenizer.to_str().encode()).hexdigest()[:16]
-
-
 def prepare_groups(job: PrepareJob, tokenizer: TextTokenizer, shard: tuple[int, int] = (0, 1),
                    report: Callable[[str], None] = print, encode=None) -> int:
     """Prepares this shard's groups (skipping finished ones); returns how many it prepared.
@@ -105,17 +103,20 @@ def prepare_groups(job: PrepareJob, tokenizer: TextTokenizer, shard: tuple[int, 
     if not 0 <= index < count:
         raise DataError(f"shard {index}/{count}: expected I/N with 0 <= I < N")
     groups = input_groups(job)
-    fingerprint = tokenizer_fingerprint(tokenizer)
+    fingerprint = tokenizer.fingerprint()
+    settings = job_fingerprint(job, groups)
     done = 0
     for group in groups[index::count]:
         markers = [_marker(job, split, group.index) for split in job.splits]
-        if all(m.is_file() for m in markers):  # done by an earlier run of this shard
-            _check_same_settings(markers, job, len(groups), fingerprint)
+        existing = [m for m in markers if m.is_file()]
+        _check_same_settings(existing, job, len(groups), fingerprint, settings)
+        if len(existing) == len(markers):  # done by an earlier run of this shard
             continue
         stats = _prepare_group(job, group, encode)
         for split in job.splits:
             marker = dict(stats[split], row_length=job.row_length, groups=len(groups),
-                          tokenizer=fingerprint, tokenizer_source=tokenizer.source)
+                          tokenizer=fingerprint, tokenizer_source=tokenizer.source,
+                          settings=settings, format=job.format)
             _write_atomically(_marker(job, split, group.index), json.dumps(marker))
         report(f"group {group.index + 1}/{len(groups)}: " + ", ".join(
             f"{split} {stats[split]['rows']} rows" for split in job.splits))
@@ -123,10 +124,20 @@ def prepare_groups(job: PrepareJob, tokenizer: TextTokenizer, shard: tuple[int, 
     return done
 
 
-def _check_same_settings(markers, job: PrepareJob, groups: int, fingerprint: str) -> None:
+def job_fingerprint(job: PrepareJob, groups: list[Group]) -> str:
+    """What decides a group's rows besides the tokenizer: the inputs (keys and sizes), how they
+    are read and split, and the grouping."""
+    inputs = [(key, _size(path)) for group in groups for path, key in group.files]
+    settings = [job.source, job.field, job.format, job.eval_percent, job.group_bytes, inputs]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+
+
+def _check_same_settings(markers, job: PrepareJob, groups: int, fingerprint: str,
+                         settings: str) -> None:
     for path in markers:
         part = json.loads(path.read_text())
-        expected = {"row_length": job.row_length, "groups": groups, "tokenizer": fingerprint}
+        expected = {"row_length": job.row_length, "groups": groups, "tokenizer": fingerprint,
+                    "settings": settings}
         for field, value in expected.items():
             if part[field] != value:
                 raise DataError(f"{path} was prepared with {field} {part[field]!r}, this run has "
@@ -184,9 +195,11 @@ def _marker(job: PrepareJob, split: str, group: int) -> Path:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
+    """Under a name of its own first (workers finishing together may write the same file)."""
+    descriptor, partial = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    os.replace(partial, path)
 
 
 def join(out: Path, splits=SPLITS) -> dict[str, int] | None:
@@ -205,13 +218,15 @@ def join(out: Path, splits=SPLITS) -> dict[str, int] | None:
         parts = [(m, json.loads(m.read_text())) for m in markers]
         first = parts[0][1]
         for path, part in parts:
-            for field in ("row_length", "groups", "tokenizer"):
+            for field in ("row_length", "groups", "tokenizer", "settings"):
                 if part[field] != first[field]:
                     raise DataError(f"{path} was prepared with {field} {part[field]!r}, "
                                     f"{markers[0]} with {first[field]!r}: prepare every shard "
                                     "of a corpus with the same settings")
         if len(parts) < first["groups"]:
             return None
+        if split == "train" and not any(part["tokens"] for _, part in parts):
+            raise DataError(f"{out}: the corpus has no tokens in its training split")
         complete[split] = parts
     totals = {}
     for split, parts in complete.items():
@@ -220,6 +235,7 @@ def join(out: Path, splits=SPLITS) -> dict[str, int] | None:
             "row_length": first["row_length"], "rows": sum(part["rows"] for _, part in parts),
             "shards": [m.with_suffix(".array_record").name for m, part in parts if part["rows"]],
             "tokenizer": first["tokenizer_source"], "tokenizer_fingerprint": first["tokenizer"],
+            "format": first["format"],
             "documents": sum(part["documents"] for _, part in parts),
             "tokens": sum(part["tokens"] for _, part in parts),
         }

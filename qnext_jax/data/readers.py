@@ -138,20 +138,23 @@ def _record_batches(path: Path, field: str):
 
     if path.is_dir():
         for file in _saved_dataset_files(path):
-            with pa.memory_map(str(file)) as source:
-                reader = pa.ipc.open_stream(source)
-                _check_column(reader.schema, field, file)
-                for batch in reader:
-                    yield batch.select([field])
+            try:
+                with pa.memory_map(str(file)) as source:
+                    reader = pa.ipc.open_stream(source)
+                    _check_column(reader.schema, field, file)
+                    for batch in reader:
+                        yield batch.select([field])
+            except (pa.ArrowException, OSError) as error:
+                raise DataError(f"{file}: cannot be read as an Arrow stream ({error})") from None
         return
     if _leading_bytes(path) != _MAGIC["parquet"]:
         raise DataError(f"{path} is not a Parquet file (no Parquet magic bytes)")
     try:
         parquet = pq.ParquetFile(str(path))
-    except pa.ArrowException as error:
+        _check_column(parquet.schema_arrow, field, path)
+        yield from parquet.iter_batches(batch_size=_ROWS_PER_BATCH, columns=[field])
+    except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: cannot be read as Parquet ({error})") from None
-    _check_column(parquet.schema_arrow, field, path)
-    yield from parquet.iter_batches(batch_size=_ROWS_PER_BATCH, columns=[field])
 
 
 def _check_column(schema, field: str, path: Path) -> None:
@@ -168,7 +171,11 @@ def _saved_dataset_files(directory: Path) -> list[Path]:
     state = directory / "state.json"
     if not state.is_file():
         raise DataError(f"{directory} is not a saved Hugging Face dataset (no state.json)")
-    files = [directory / entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
+    try:
+        files = [directory / entry["filename"]
+                 for entry in json.loads(state.read_text())["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DataError(f"{state} does not list the dataset's Arrow files (_data_files)") from None
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise DataError(f"saved dataset {directory}: data files missing: {missing}")

@@ -63,6 +63,8 @@ class ConversationEncoder:
                 first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
                 if first is None:
                     break
+                # transformers' rule, kept to give its masks: a span whose last character has
+                # no token (or lies in token 0) runs to the end of the text.
                 mask[first:(last + 1 if last else len(encoding.ids))] = 1
             out.append((ids, mask))
         return out

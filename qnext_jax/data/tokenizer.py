@@ -3,6 +3,9 @@ pretraining), or the project's default — a byte-level BPE trained on the train
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -37,11 +40,17 @@ class TextTokenizer:
         return self.tokenizer.decode(list(ids))
 
     def save(self, path: Path) -> None:
-        """Atomically: a reader (a resumed run, another process) never sees half a file."""
+        """Atomically: a reader (a resumed run, another process) never sees half a file, and
+        writers at the same time (the workers of a prepare) each write a file of their own."""
         path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        self.tokenizer.save(str(partial))
-        partial.replace(path)
+        descriptor, partial = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+        os.close(descriptor)
+        self.tokenizer.save(partial)
+        os.replace(partial, path)
+
+    def fingerprint(self) -> str:
+        """A short hash of the whole tokenizer (vocabulary, merges, normalisation, specials)."""
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:

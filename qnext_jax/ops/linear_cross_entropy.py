@@ -7,7 +7,8 @@ for the backward pass: for Qwen3-Next's 151,936-token vocabulary that is 2.4 GB 
 row, once more per MTP depth. Here the forward walks over chunks of tokens, keeping only each
 token's logsumexp; the backward recomputes one chunk's logits at a time and turns them into
 the chunk's hidden-state gradient and its share of the weight gradient. Peak memory is one
-chunk's logits, [chunk, V] fp32, whatever the sequence length. When every token fits in one
+chunk's logits, [chunk, V] fp32, whatever the sequence length (with the weight's width sharded,
+one vocabulary block's: below). When every token fits in one
 chunk (on one device) the backward reuses the forward's logits instead of recomputing them.
 
 Our own custom VJP, because no maintained library does this where we run: tokamax's
@@ -61,9 +62,13 @@ def linear_cross_entropy(hidden, weight, targets, *, vocab_major: bool,
     weight: [V, E] when `vocab_major` (a tied embedding table), else [E, V] (an LM head); the
         logits are accumulated in fp32 from operands in the compute dtype, as the plain head.
     chunk_tokens: tokens per chunk on each device; None keeps a chunk's logits near 64 MiB.
+        With the weight's width sharded it sizes the vocabulary blocks instead (a block's
+        logits, [tokens, columns], about as many as a chunk's, [chunk_tokens, V]).
     sharding: how the ambient mesh splits tokens and vocabulary; None: one device.
     Returns [B, T] fp32; differentiable in `hidden` and `weight`.
     """
+    if chunk_tokens is not None and chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be [B, T, E] and targets [B, T]; got {hidden.shape} "
                          f"and {targets.shape}")
@@ -159,8 +164,7 @@ def _forward(hidden, weight, targets, vocab_major, chunk_tokens, sharding, keep=
     """(loss, lse, the chunks' logits [N, C, V] when `keep`, else None)."""
     axes = _Axes(sharding)
 
-    def local(hidden, weight, targets):
-        weight = axes.gather_width(weight, vocab_major)
+    def local(hidden, weight, targets):  # the weight's width whole here (unsharded)
         chunk, unchunk = _chunker(hidden, weight, vocab_major, chunk_tokens)
         offset = axes.vocab_index() * _vocab(weight, vocab_major)
 
@@ -191,8 +195,7 @@ def _backward(hidden, weight, targets, lse, loss_grad, vocab_major, chunk_tokens
     """kept: the forward's logits [N, C, V] (then not recomputed), or None."""
     axes = _Axes(sharding)
 
-    def local(hidden, weight, targets, lse, loss_grad):
-        weight = axes.gather_width(weight, vocab_major)
+    def local(hidden, weight, targets, lse, loss_grad):  # the weight's width whole here
         chunk, unchunk = _chunker(hidden, weight, vocab_major, chunk_tokens)
         vocab = _vocab(weight, vocab_major)
         offset = axes.vocab_index() * vocab
@@ -353,8 +356,6 @@ def _chunk_size(tokens, vocab, chunk_tokens):
     if chunk_tokens is None:
         chunk_tokens = max(_MIN_CHUNK_TOKENS,
                            1 << int(math.log2(max(_CHUNK_LOGITS_ELEMENTS // vocab, 1))))
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     return min(chunk_tokens, tokens)
 
 
