@@ -92,6 +92,31 @@ def test_unmarked_templates_by_prefixes(tokenizer):
         ConversationEncoder(tokenizer, ChatTemplate(LAST_TURN_DIFFERS)).encode(CONVERSATIONS[:1])
 
 
+def test_parquet_structs_render_as_jsonl(tmp_path, tokenizer):
+    """A Parquet column of messages gives every message every key (None where it had none);
+    those are dropped, as transformers drops them, so a template testing `is defined` renders
+    the conversation as from JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    template = MARKED.replace("{{- '<|im_start|>' + message.role + '\\n' }}",
+                              "{{- '<|im_start|>' + message.role + ('/' + message.name if "
+                              "message.name is defined else '') + '\\n' }}")
+    conversation = [{"role": "user", "content": "hello", "name": "ann"},
+                    {"role": "assistant", "content": "hi there"}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
+    pq.write_table(pa.table({"messages": [conversation]}), tmp_path / "chat.parquet")
+    model = write_model_dir(tmp_path / "model", tokenizer, template)
+    rows = []
+    for source, name in (("jsonl", "chat.jsonl"), ("parquet", "chat.parquet")):
+        config = DataConfig(source=source, paths=(str(tmp_path / name),), format="chat",
+                            tokenizer=str(model), eval_percent=0)
+        rows.append(packed_rows(config, tokenizer, 64, "train")[0])
+    for a, b in zip(*rows):
+        np.testing.assert_array_equal(a, b)
+    assert "/ann" in tokenizer.decode(rows[0][0]) and "assistant/" not in tokenizer.decode(rows[0][0])
+
+
 def write_model_dir(directory, tokenizer, template):
     directory.mkdir()
     tokenizer.save(directory / "tokenizer.json")

@@ -32,6 +32,10 @@ class ConversationEncoder:
 
     def spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of the assistant's text."""
+        # Keys set to None are left out, as apply_chat_template leaves them out: Parquet gives
+        # every message every key of its struct column (None where a message has none), which
+        # a template testing `is defined` would otherwise see.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         if self.template.marks_generation:
             return self.template.render_with_spans(messages)
         text = self.template.render(messages)
