@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from qnext_jax.data.__main__ import main
-from qnext_jax.data.build import DataConfig, documents, packed_rows
+from qnext_jax.data.build import DataConfig, document_encoder, documents, packed_rows
 from qnext_jax.data.packing import RowPacker
 from qnext_jax.data.pipeline import ArrayRecordRows, batch_dataset
 from qnext_jax.data.prepare import PrepareJob, prepare_groups
@@ -83,7 +83,7 @@ def test_streaming_packer_against_the_definition():
     streamed = [np.concatenate(a) for a in zip(*parts)]
     for got, expected in zip(streamed, packed_by_definition(docs, masks, 17)):
         np.testing.assert_array_equal(got, expected)
-    with pytest.raises(ValueError, match="every mask must have its document's length"):
+    with pytest.raises(ValueError, match="every document needs a mask of its length"):
         RowPacker(4, with_mask=True).add([[1, 2]], [[1]])
 
 
@@ -243,8 +243,9 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path, tokenizer_file):
         job = PrepareJob(source="jsonl", paths=(str(directory / "*.jsonl"),), field="text",
                          row_length=257, eval_percent=0, out=directory / "out",
                          batch_characters=64 << 10)
+        encode = document_encoder(DataConfig(), tokenizer)
         tracemalloc.start()
-        prepare_groups(job, tokenizer, report=lambda _: None)
+        prepare_groups(job, tokenizer, encode, report=lambda _: None)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     corpus_bytes = [sum(p.stat().st_size for p in (tmp_path / f"c{n}").glob("*.jsonl"))

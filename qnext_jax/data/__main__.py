@@ -85,7 +85,7 @@ def _prepare(args) -> int:
                      format=args.format, row_length=args.seq_len + 1,
                      eval_percent=args.eval_percent, out=out,
                      group_bytes=int(args.group_mib * (1 << 20)))
-    prepare_groups(job, tokenizer, args.shard, encode=document_encoder(config, tokenizer))
+    prepare_groups(job, tokenizer, document_encoder(config, tokenizer), args.shard)
     # After the groups, whose markers a rerun with another tokenizer fails on before this
     # could replace the one the rows were made with; every worker writes the same file.
     tokenizer.save(out / TOKENIZER_FILE)

@@ -36,20 +36,20 @@ class RowPacker:
     def add(self, documents, masks=None) -> tuple[np.ndarray, ...]:
         if self.with_mask != (masks is not None):
             raise ValueError("masks go with every batch of a packer made with_mask, and only then")
-        if masks is not None and len(masks) != len(documents):
-            raise ValueError(f"{len(documents)} documents but {len(masks)} masks")
-        pairs = [(np.asarray(d, np.int32), None if masks is None else np.asarray(m, np.int32))
-                 for d, m in zip(documents, masks if masks is not None else documents)]
-        if masks is not None and any(len(d) != len(m) for d, m in pairs):
-            raise ValueError("every mask must have its document's length")
-        pairs = [(d, m) for d, m in pairs if len(d)]
-        lengths = np.array([len(d) for d, _ in pairs], np.int64)
-        owner = self._documents + np.repeat(np.arange(len(pairs)), lengths)
-        self._documents += len(pairs)
+        documents = [np.asarray(d, np.int32) for d in documents]
+        if masks is not None:
+            masks = [np.asarray(m, np.int32) for m in masks]
+            if len(masks) != len(documents) or any(map(lambda d, m: len(d) != len(m),
+                                                       documents, masks)):
+                raise ValueError("every document needs a mask of its length")
+        lengths = np.array([len(d) for d in documents], np.int64)
+        # Empty documents take no segment number (they own no token).
+        owner = self._documents + np.repeat(np.cumsum(lengths > 0) - 1, lengths)
+        self._documents += int(np.sum(lengths > 0))
         self.tokens_in += int(lengths.sum())
-        tokens = np.concatenate([self._tokens] + [d for d, _ in pairs])
+        tokens = np.concatenate([self._tokens, *documents])
         owner = np.concatenate([self._owner, owner])
-        mask = np.concatenate([self._mask] + [m for _, m in pairs]) if self.with_mask else None
+        mask = np.concatenate([self._mask, *masks]) if self.with_mask else None
         full = len(tokens) // self.row_length * self.row_length
         self._tokens, self._owner = tokens[full:], owner[full:]
         if self.with_mask:

@@ -93,12 +93,10 @@ def group_documents(job: PrepareJob, group: Group) -> Iterator[tuple[str, str]]:
         yield from read_documents(path, key, job.source, job.field, chat=job.format == "chat")
 
 
-def prepare_groups(job: PrepareJob, tokenizer: TextTokenizer, shard: tuple[int, int] = (0, 1),
-                   report: Callable[[str], None] = print, encode=None) -> int:
+def prepare_groups(job: PrepareJob, tokenizer: TextTokenizer, encode,
+                   shard: tuple[int, int] = (0, 1), report: Callable[[str], None] = print) -> int:
     """Prepares this shard's groups (skipping finished ones); returns how many it prepared.
-    encode: a batch of documents -> the packer's arguments (default: text documents)."""
-    if encode is None:
-        encode = lambda texts: (tokenizer.encode_documents(texts),)  # noqa: E731
+    encode: a batch of documents -> the packer's arguments (build.document_encoder)."""
     index, count = shard
     if not 0 <= index < count:
         raise DataError(f"shard {index}/{count}: expected I/N with 0 <= I < N")
