@@ -261,25 +261,46 @@ def _weight_blocks(weight, vocab_major, count, columns):
     return weight.reshape(weight.shape[0], count, columns).transpose(1, 0, 2)
 
 
-def _forward_by_vocab_blocks(hidden, weight, targets, *, axes, vocab_major, chunk_tokens):
-    rows, length, width = hidden.shape
-    h, target = hidden.reshape(-1, width), targets.reshape(-1)
+class _Blocks(NamedTuple):
+    """One device's tokens and its vocabulary shard cut into blocks of columns."""
+
+    h: jnp.ndarray  # [n, E] the device's hidden states
+    column: jnp.ndarray  # [n] each target's column in this vocabulary shard, -1 if elsewhere
+    vocab: int  # the shard's columns (without padding)
+    count: int
+    columns: int
+    weights: jnp.ndarray  # the weight shard in blocks (_weight_blocks)
+
+    def in_block(self, index):
+        """(which columns of block `index` are real, each target's column in it or -1)."""
+        start = index * self.columns
+        real = start + jnp.arange(self.columns) < self.vocab  # padding takes no part
+        return real, jnp.where(self.column >= 0, self.column - start, -1)
+
+
+def _blocks(hidden, weight, targets, axes, vocab_major, chunk_tokens) -> _Blocks:
+    h, target = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     vocab = _vocab(weight, vocab_major)
     count, columns = _vocab_blocks(h.shape[0], vocab, chunk_tokens)
     offset = axes.vocab_index() * vocab
-    mine = (target >= offset) & (target < offset + vocab)  # this vocabulary shard's targets
+    column = jnp.where((target >= offset) & (target < offset + vocab), target - offset, -1)
+    return _Blocks(h, column, vocab, count, columns,
+                   _weight_blocks(weight, vocab_major, count, columns))
+
+
+def _forward_by_vocab_blocks(hidden, weight, targets, *, axes, vocab_major, chunk_tokens):
+    blocks = _blocks(hidden, weight, targets, axes, vocab_major, chunk_tokens)
+    h, columns = blocks.h, blocks.columns
 
     def block_step(carry, block):
         top, total, target_logit = carry
         index, w = block
         logits = _logits(h, axes.gather_width(w, vocab_major), vocab_major)  # [n, columns]
-        start = index * columns
-        real = start + jnp.arange(columns) < vocab  # padding columns take no part
+        real, local = blocks.in_block(index)
         logits = jnp.where(real, logits, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
         total = (total * jnp.exp(top - new_top)
                  + jnp.sum(jnp.exp(logits - new_top[:, None]), axis=-1))
-        local = jnp.where(mine, target - offset - start, -1)
         held = (local >= 0) & (local < columns)
         picked = jnp.take_along_axis(logits, jnp.clip(local, 0, columns - 1)[:, None], axis=-1)
         target_logit += jnp.where(held, picked[:, 0], 0.0)
@@ -288,32 +309,25 @@ def _forward_by_vocab_blocks(hidden, weight, targets, *, axes, vocab_major, chun
     start = (jnp.full(h.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:1], jnp.float32),
              jnp.zeros(h.shape[:1], jnp.float32))
     (top, total, target_logit), _ = jax.lax.scan(
-        block_step, start,
-        (jnp.arange(count), _weight_blocks(weight, vocab_major, count, columns)))
+        block_step, start, (jnp.arange(blocks.count), blocks.weights))
     # Combined over the vocabulary shards (tensor) as the token chunks do.
     global_top = _max_over(axes.vocab, top)
     lse = global_top + jnp.log(_sum_over(axes.vocab, total * jnp.exp(top - global_top)))
     loss = lse - _sum_over(axes.vocab, target_logit)
-    return loss.reshape(rows, length), lse.reshape(rows, length), None
+    return loss.reshape(targets.shape), lse.reshape(targets.shape), None
 
 
 def _backward_by_vocab_blocks(hidden, weight, targets, lse, loss_grad, *, axes, vocab_major,
                               chunk_tokens):
-    rows, length, width = hidden.shape
-    h, target = hidden.reshape(-1, width), targets.reshape(-1)
+    blocks = _blocks(hidden, weight, targets, axes, vocab_major, chunk_tokens)
+    h, count, columns, vocab = blocks.h, blocks.count, blocks.columns, blocks.vocab
     lse, g = lse.reshape(-1), loss_grad.reshape(-1)
-    vocab = _vocab(weight, vocab_major)
-    count, columns = _vocab_blocks(h.shape[0], vocab, chunk_tokens)
-    offset = axes.vocab_index() * vocab
-    mine = (target >= offset) & (target < offset + vocab)  # this vocabulary shard's targets
 
     def block_grads(grad_h, block):
         index, w = block
         w = axes.gather_width(w, vocab_major)
-        start = index * columns
         logits = _logits(h, w, vocab_major)
-        real = start + jnp.arange(columns) < vocab
-        local = jnp.where(mine, target - offset - start, -1)
+        real, local = blocks.in_block(index)
         one_hot = (local[:, None] == jnp.arange(columns)[None, :]).astype(jnp.float32)
         probs = jnp.where(real, jnp.exp(logits - lse[:, None]), 0.0)
         grad_logits = ((probs - one_hot) * g[:, None]).astype(h.dtype)
@@ -324,14 +338,13 @@ def _backward_by_vocab_blocks(hidden, weight, targets, lse, loss_grad, *, axes, 
         return grad_h, axes.reduce_weight_grad(grad_w, vocab_major).astype(weight.dtype)
 
     grad_h, grad_blocks = jax.lax.scan(
-        block_grads, jnp.zeros(h.shape, jnp.float32),
-        (jnp.arange(count), _weight_blocks(weight, vocab_major, count, columns)))
+        block_grads, jnp.zeros(h.shape, jnp.float32), (jnp.arange(count), blocks.weights))
     if vocab_major:  # [count, columns, E_w] -> [V, E_w]
         grad_weight = grad_blocks.reshape(count * columns, -1)[:vocab]
     else:  # [count, E_w, columns] -> [E_w, V]
         grad_weight = grad_blocks.transpose(1, 0, 2).reshape(-1, count * columns)[:, :vocab]
     grad_h = _sum_over(axes.vocab, grad_h)
-    return grad_h.astype(hidden.dtype).reshape(rows, length, width), grad_weight
+    return grad_h.astype(hidden.dtype).reshape(hidden.shape), grad_weight
 
 
 def _logits(h, weight, vocab_major):
